@@ -1,0 +1,37 @@
+# `make run` and `make test` set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= config.example.toml
+
+.PHONY: run test lint typecheck certs clean
+
+run: $(STAMP) certs/server.crt
+	$(BIN)/securechat server --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/ruff check securechat tests
+	$(BIN)/ruff format --check securechat tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+certs: certs/server.crt
+
+certs/server.crt: | $(STAMP)
+	$(BIN)/securechat gen-certs --out certs --client alice --client bob
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "securechat needs Python >= 3.11 ($(PYTHON) is older)"; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { \
+		echo "python3 -m venv failed; installing Debian's python3-venv"; \
+		apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

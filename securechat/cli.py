@@ -1,0 +1,349 @@
+"""The ``securechat`` command: argument parsing and turning failures into exit codes.
+
+``main(argv)`` returns the exit code: 0 ok, 1 runtime failure (cannot
+connect, login refused, address in use), 2 usage or configuration error.
+Every failure a user can cause is reported as one line on stderr, never a
+traceback. Passwords are read from a no-echo prompt, stdin or the
+``SECURECHAT_PASSWORD`` environment variable, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+from pydantic import SecretStr
+
+from . import __version__, tls
+from .auth import check_new_password, hash_password
+from .certs import CertError, generate
+from .client import ChatConnection, ChatSession, ClientError
+from .config import ClientSection, ConfigError, load_config
+from .console import open_console
+from .protocol import NAME_PATTERN, json_schemas
+from .server import ChatServer, raise_open_file_limit
+
+log = logging.getLogger("securechat")
+
+DEFAULT_SERVER_CONFIG = Path("securechat.toml")
+PASSWORD_ENV = "SECURECHAT_PASSWORD"  # noqa: S105 (a variable name)
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called (exit code 2)."""
+
+
+class RuntimeFailure(Exception):
+    """The command was fine but could not do its job (exit code 1)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the error
+        return exc.code if isinstance(exc.code, int) else 2
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except (UsageError, ConfigError, CertError) as exc:
+        _fail(str(exc))
+        return 2
+    except (RuntimeFailure, ClientError) as exc:
+        _fail(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> None:
+    print(f"securechat: error: {message}", file=sys.stderr, flush=True)
+
+
+# --- argument parsing ------------------------------------------------------------
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range (0-65535): {port}")
+    return port
+
+
+def _username(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"invalid username {value!r}: lowercase letters, digits, '_', '.', '-'"
+            " (at most 32, not starting with '.' or '-')"
+        )
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="securechat",
+        description="A secure chat server and client: TLS everywhere, authenticated users.",
+    )
+    parser.add_argument("--version", action="version", version=f"securechat {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser(
+        "gen-certs",
+        help="make a private CA, a server certificate and client certificates",
+        description=(
+            "Write ca.crt/ca.key, server.crt/server.key and <user>.crt/<user>.key into the"
+            " output directory (ECDSA P-256; keys mode 0600). Existing files are kept and an"
+            " existing CA signs new certificates; --force makes everything anew. The server"
+            " certificate is valid for localhost, 127.0.0.1, ::1 and this machine's hostname."
+        ),
+    )
+    gen.add_argument("--out", type=Path, default=Path("certs"), help="directory (default: certs)")
+    gen.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address for the server certificate (repeatable)",
+    )
+    gen.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="USER",
+        type=_username,
+        help="make a client certificate whose CN is USER (repeatable)",
+    )
+    gen.add_argument("--force", action="store_true", help="replace existing files")
+    gen.set_defaults(command=_cmd_gen_certs)
+
+    hasher = commands.add_parser(
+        "hash-password",
+        help="print an Argon2id hash for a [users.NAME] password_hash entry",
+        description=(
+            "Read a password (without echo on a terminal, or one line from stdin when piped)"
+            " and print its Argon2id PHC string (m=19456 KiB, t=2, p=1) for the config file."
+        ),
+    )
+    hasher.set_defaults(command=_cmd_hash_password)
+
+    server = commands.add_parser(
+        "server",
+        help="run the chat server",
+        description=(
+            "Run the TLS chat server. Settings come from the config file; the flags below"
+            " override it. Stop with Ctrl-C or SIGTERM: clients are told and the server exits 0."
+        ),
+    )
+    server.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SERVER_CONFIG,
+        help=f"TOML config file (default: {DEFAULT_SERVER_CONFIG}; see config.example.toml)",
+    )
+    server.add_argument("--host", help="address to listen on ([server] host)")
+    server.add_argument("--port", type=_port, help="port to listen on ([server] port)")
+    server.add_argument("--cert", type=Path, help="server certificate ([server] cert)")
+    server.add_argument("--key", type=Path, help="server private key ([server] key)")
+    server.add_argument("--ca", type=Path, help="CA for client certificates ([server] ca)")
+    server.add_argument(
+        "--client-certs",
+        choices=["none", "optional", "required"],
+        help="whether clients may or must present a certificate ([server] client_certs)",
+    )
+    server.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="log verbosity (default: info)",
+    )
+    server.set_defaults(command=_cmd_server)
+
+    client = commands.add_parser(
+        "client",
+        help="connect to a server and chat",
+        description=(
+            "Connect over TLS, verify the server against the CA, log in and chat at the"
+            " send>>> prompt. The password comes from a no-echo prompt or the"
+            f" {PASSWORD_ENV} environment variable; with --cert/--key the certificate"
+            " logs you in. With stdin not a terminal, each line is sent and the client"
+            " exits once every line is acknowledged."
+        ),
+    )
+    client.add_argument("--config", type=Path, help="TOML file with a [client] section")
+    client.add_argument("--host", help="server name or address (default: localhost)")
+    client.add_argument("--port", type=_port, help="server port (default: 8000)")
+    client.add_argument("--user", type=_username, help="your username")
+    client.add_argument("--ca", type=Path, help="CA certificate to trust (default: certs/ca.crt)")
+    client.add_argument("--cert", type=Path, help="client certificate (with --key)")
+    client.add_argument("--key", type=Path, help="client private key (with --cert)")
+    client.add_argument(
+        "--ask-password",
+        action="store_true",
+        help="also send a password when logging in with a certificate",
+    )
+    client.set_defaults(command=_cmd_client)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the wire protocol",
+        description="Print the JSON Schema of every envelope, in both directions.",
+    )
+    schema.set_defaults(command=_cmd_schema)
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def _cmd_gen_certs(args: argparse.Namespace) -> int:
+    try:
+        report = generate(args.out, sans=args.san, clients=args.client, force=args.force)
+    except OSError as exc:
+        raise RuntimeFailure(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    for path in report.written:
+        print(f"wrote {path}")
+    for path in report.kept:
+        if path.suffix == ".crt":
+            print(f"kept  {path} (exists; --force replaces it)")
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise UsageError("the passwords do not match")
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    try:
+        check_new_password(password)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(hash_password(password))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schemas(), indent=2))
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    if args.config == DEFAULT_SERVER_CONFIG and not args.config.exists():
+        raise UsageError(
+            f"{args.config}: file not found"
+            " (pass --config FILE; config.example.toml shows every key)"
+        )
+    config = load_config(args.config)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "cert", "key", "ca", "client_certs")
+        if getattr(args, name) is not None
+    }
+    config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    _setup_logging(args.log_level)
+    raise_open_file_limit()
+    server = ChatServer(config)
+    return trio.run(_serve, server)
+
+
+async def _serve(server: ChatServer) -> int:
+    settings = server.config.server
+    try:
+        await server.listen()
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_shutdown_on_signal, server)
+        await server.serve()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _shutdown_on_signal(
+    server: ChatServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            server.request_shutdown()
+            return
+
+
+def _setup_logging(level: str) -> None:
+    formatter = logging.Formatter(
+        "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    settings = load_config(args.config).client if args.config else ClientSection()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "ca", "cert", "key")
+        if getattr(args, name) is not None
+    }
+    if args.user is not None:
+        overrides["user"] = args.user
+    settings = settings.model_copy(update=overrides)
+    if settings.user is None:
+        raise UsageError("no username: pass --user NAME (or set [client] user in --config)")
+    ssl_context = tls.client_context(settings.ca, settings.cert, settings.key)
+    password = _client_password(settings, ask=args.ask_password)
+    return trio.run(_chat, settings, settings.user, password, ssl_context)
+
+
+def _client_password(settings: ClientSection, *, ask: bool) -> SecretStr | None:
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env:
+        return SecretStr(from_env)
+    if settings.cert is not None and not ask:
+        return None
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"no password: set {PASSWORD_ENV} or log in with a client certificate (--cert/--key)"
+        )
+    return SecretStr(getpass.getpass(f"password for {settings.user}: "))
+
+
+async def _chat(
+    settings: ClientSection, username: str, password: SecretStr | None, context: ssl.SSLContext
+) -> int:
+    connection = await ChatConnection.open(settings.host, settings.port, context)
+    print("[CONNECTED]", flush=True)
+    async with connection:
+        welcome = await connection.login(username, password)
+        session: ChatSession
+        console = open_console(lambda: session.prompt())
+        session = ChatSession(connection, console, username)
+        try:
+            console.show(
+                f"logged in as {welcome.username} ({welcome.server}); rooms: "
+                f"{', '.join(welcome.rooms)}. Type /help for commands."
+            )
+            return await session.run()
+        finally:
+            await console.aclose()

@@ -1,0 +1,149 @@
+"""The TOML configuration file: its schema (pydantic models) and its loading.
+
+Every key is documented in ``config.example.toml``. Unknown keys and bad
+values are errors that name the file and the key. Relative paths in the
+file are relative to the file's own directory, so a config works from any
+working directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import auth
+from .protocol import DEFAULT_MAX_FRAME_BYTES, Name
+
+ConfigPath = Annotated[Path, Field(strict=False)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message is one line naming file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ServerSection(_Section):
+    host: str = Field("localhost", min_length=1)
+    port: Port = 8000
+    cert: ConfigPath = Path("certs/server.crt")
+    key: ConfigPath = Path("certs/server.key")
+    ca: ConfigPath = Path("certs/ca.crt")
+    client_certs: auth.ClientCertMode = "optional"
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=16 * 1024 * 1024)
+
+
+class LimitsSection(_Section):
+    handshake_timeout: Seconds = 10.0
+    login_timeout: Seconds = 10.0
+    max_outbound_queue: int = Field(1000, ge=1)
+    max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=65536)
+    auth_workers: int = Field(2, ge=1, le=64)
+    shutdown_grace: Seconds = 2.0
+
+
+class UserSection(_Section):
+    password_hash: str | None = None
+    admin: bool = False
+
+    @field_validator("password_hash")
+    @classmethod
+    def _valid_phc(cls, value: str | None) -> str | None:
+        return None if value is None else auth.check_phc(value)
+
+
+class ClientSection(_Section):
+    host: str = Field("localhost", min_length=1)
+    port: Port = 8000
+    ca: ConfigPath = Path("certs/ca.crt")
+    user: Name | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+
+class Config(_Section):
+    server: ServerSection = ServerSection()
+    limits: LimitsSection = LimitsSection()
+    users: dict[Name, UserSection] = {}
+    client: ClientSection = ClientSection()
+
+    def accounts(self) -> dict[str, auth.Account]:
+        return {
+            name: auth.Account(password_hash=user.password_hash, admin=user.admin)
+            for name, user in self.users.items()
+        }
+
+
+_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "server": ("cert", "key", "ca"),
+    "client": ("ca", "cert", "key"),
+}
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raises :class:`ConfigError`."""
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    """Validate parsed TOML; ``path`` names the file in errors and anchors relative paths."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_errors(exc)}") from None
+    return _anchor_paths(config, path.parent)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        key = _dotted(error["loc"])
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        elif error["type"] == "missing":
+            parts.append(f"{key}: missing")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            parts.append(f"{key}: {message}")
+    return "; ".join(parts)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    # ('users', 'Alice', '[key]') is how pydantic reports a bad dict key.
+    if loc and loc[-1] == "[key]":
+        return ".".join(str(part) for part in loc[:-1]) + " (name)"
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _anchor_paths(config: Config, base: Path) -> Config:
+    updates: dict[str, Any] = {}
+    for section_name, fields in _PATH_FIELDS.items():
+        section = getattr(config, section_name)
+        changed = {
+            field: base / value
+            for field in fields
+            if isinstance(value := getattr(section, field), Path) and not value.is_absolute()
+        }
+        if changed:
+            updates[section_name] = section.model_copy(update=changed)
+    return config.model_copy(update=updates)

@@ -1,0 +1,383 @@
+"""Wire protocol v1: envelopes, framing and errors, with no I/O.
+
+This module is the single source of truth for what crosses the wire
+(`docs/protocol.md` describes the same thing for people). Each envelope is
+one UTF-8 JSON object on one line, terminated by ``\\n``. Envelopes are strict
+pydantic models: unknown fields, wrong types and unknown ``type`` tags are
+errors, never silently dropped or coerced.
+
+The server and the client are thin I/O layers on top: they feed received
+bytes to a :class:`FrameDecoder`, turn each frame into an envelope with
+:func:`parse_client_frame` / :func:`parse_server_frame`, and write the bytes
+:func:`encode` returns. Anything that goes wrong with the peer's input is a
+:class:`ProtocolError` carrying the ``error`` code to send back.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, NoReturn
+
+import pydantic_core
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+)
+
+PROTOCOL_VERSION = 1
+ALPN_PROTOCOL = "securechat/1"
+DEFAULT_MAX_FRAME_BYTES = 65536
+MAX_TEXT_CHARS = 4000
+MAX_PASSWORD_CHARS = 1024
+LOBBY = "lobby"
+
+NAME_PATTERN = r"^[a-z0-9_][a-z0-9_.-]{0,31}$"
+# Visible ASCII only: ids are echoed back and shown in logs.
+ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
+# Message text: any Unicode except C0/C1 control characters (tab and newline
+# are allowed). Lone surrogates never get this far: the JSON parser rejects them.
+TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{1,4000}$"
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+"""A username or a room name."""
+ClientId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Text = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN)
+]
+
+
+class ErrorCode(enum.StrEnum):
+    """Every code an ``error`` envelope can carry."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_ENVELOPE = "bad_envelope"
+    AUTH_REQUIRED = "auth_required"
+    AUTH_FAILED = "auth_failed"
+    FRAME_TOO_LARGE = "frame_too_large"
+    NOT_MEMBER = "not_member"
+    SLOW_CONSUMER = "slow_consumer"
+    TIMEOUT = "timeout"
+    SERVER_SHUTDOWN = "server_shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; ``code`` is the ``error`` code to send back.
+
+    ``fatal`` errors close the connection after the error envelope is sent.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, ref: str | None = None, fatal: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+        self.fatal = fatal
+
+    def to_envelope(self) -> Error:
+        return Error(code=self.code, message=self.message, ref=self.ref)
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+
+# --- client -> server -------------------------------------------------------
+
+
+class Hello(_Envelope):
+    """First envelope of every connection: who the client is."""
+
+    type: Literal["hello"] = "hello"
+    username: Name
+    password: SecretStr | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PASSWORD_CHARS,
+        description="Omitted when a client certificate authenticates the user.",
+    )
+    id: ClientId | None = None
+
+    @field_serializer("password")
+    def _reveal_password(self, password: SecretStr | None) -> str | None:
+        # Only the encoder ever dumps a Hello; repr() and logs still show '**********'.
+        return None if password is None else password.get_secret_value()
+
+
+class Say(_Envelope):
+    """Send ``text`` to everyone in ``room``."""
+
+    type: Literal["say"] = "say"
+    room: Name
+    text: Text
+    id: ClientId | None = None
+
+
+class Ping(_Envelope):
+    """Liveness check; answered by ``pong``."""
+
+    type: Literal["ping"] = "ping"
+    id: ClientId | None = None
+
+
+class Bye(_Envelope):
+    """The client is leaving; the server closes the connection cleanly."""
+
+    type: Literal["bye"] = "bye"
+    id: ClientId | None = None
+
+
+ClientEnvelope = Annotated[Hello | Say | Ping | Bye, Field(discriminator="type")]
+
+
+# --- server -> client -------------------------------------------------------
+
+
+class Welcome(_Envelope):
+    """Login succeeded."""
+
+    type: Literal["welcome"] = "welcome"
+    username: Name
+    rooms: list[Name]
+    server: str
+    ref: ClientId | None = None
+
+
+class Message(_Envelope):
+    """A chat message, delivered to every member of ``room`` (the sender too)."""
+
+    type: Literal["message"] = "message"
+    id: int = Field(ge=1, description="Server-assigned, increasing.")
+    room: Name
+    sender: Name = Field(alias="from")
+    text: Text
+    ts: str = Field(description="UTC time the server accepted it, ISO 8601 with milliseconds.")
+
+
+class Ack(_Envelope):
+    """The server accepted the ``say`` whose ``id`` was ``ref`` as message ``id``."""
+
+    type: Literal["ack"] = "ack"
+    ref: ClientId | None = None
+    id: int = Field(ge=1)
+
+
+class Pong(_Envelope):
+    """Answer to ``ping``."""
+
+    type: Literal["pong"] = "pong"
+    ref: ClientId | None = None
+
+
+class Error(_Envelope):
+    """Something the client sent was refused, or the server is closing the connection."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    ref: ClientId | None = None
+
+
+ServerEnvelope = Annotated[Welcome | Message | Ack | Pong | Error, Field(discriminator="type")]
+
+_CLIENT_ADAPTER: TypeAdapter[Hello | Say | Ping | Bye] = TypeAdapter(ClientEnvelope)
+_SERVER_ADAPTER: TypeAdapter[Welcome | Message | Ack | Pong | Error] = TypeAdapter(ServerEnvelope)
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schema of both directions, as printed by ``securechat schema``."""
+    return {
+        "client_to_server": _CLIENT_ADAPTER.json_schema(),
+        "server_to_client": _SERVER_ADAPTER.json_schema(),
+    }
+
+
+# --- encoding and parsing ---------------------------------------------------
+
+
+def encode(envelope: _Envelope) -> bytes:
+    """One envelope as a complete frame (JSON + newline); absent optional fields are left out."""
+    return envelope.__pydantic_serializer__.to_json(envelope, exclude_none=True) + b"\n"
+
+
+def utc_timestamp(now: datetime | None = None) -> str:
+    """``2026-11-24T07:00:00.123Z``: the form of every ``ts`` field."""
+    now = now or datetime.now(UTC)
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def parse_client_frame(frame: bytes) -> Hello | Say | Ping | Bye:
+    """Validate one frame from a client; raises :class:`ProtocolError`."""
+    try:
+        envelope = _CLIENT_ADAPTER.validate_json(frame)
+    except ValidationError as exc:
+        _raise_invalid(frame, exc)
+    _reject_duplicate_keys(frame, envelope.id)
+    return envelope
+
+
+def parse_server_frame(frame: bytes) -> Welcome | Message | Ack | Pong | Error:
+    """Validate one frame from the server; raises :class:`ProtocolError`."""
+    try:
+        return _SERVER_ADAPTER.validate_json(frame)
+    except ValidationError as exc:
+        _raise_invalid(frame, exc)
+
+
+def _raise_invalid(frame: bytes, exc: ValidationError) -> NoReturn:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame is not valid UTF-8 JSON") from None
+    if first["type"] in ("dict_type", "model_type", "model_attributes_type"):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame is not a JSON object") from None
+    ref = _salvage_id(frame)
+    raise ProtocolError(ErrorCode.BAD_ENVELOPE, _describe(errors), ref=ref) from None
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for error in errors[:3]:
+        kind = error["type"]
+        # loc starts with the union tag ("say", "text"); the tag is not a field name.
+        field = ".".join(str(part) for part in error["loc"][1:]) or "type"
+        if kind == "union_tag_not_found":
+            parts.append("type: missing")
+        elif kind == "union_tag_invalid":
+            parts.append("type: unknown envelope type")
+        elif kind == "extra_forbidden":
+            parts.append(f"{field}: unknown field")
+        elif kind == "missing":
+            parts.append(f"{field}: missing")
+        elif kind == "string_pattern_mismatch":
+            parts.append(f"{field}: {_PATTERN_HINTS.get(field, 'invalid characters')}")
+        else:
+            parts.append(f"{field}: {error['msg']}")
+    if len(errors) > 3:
+        parts.append(f"and {len(errors) - 3} more")
+    # Field names come from the peer (unknown fields); keep the reply small.
+    return "; ".join(parts)[:300]
+
+
+_PATTERN_HINTS = {
+    "username": "must match " + NAME_PATTERN,
+    "room": "must match " + NAME_PATTERN,
+    "id": "must be 1-64 visible ASCII characters",
+    "text": "control characters are not allowed",
+}
+
+
+def _salvage_id(frame: bytes) -> str | None:
+    """The client's ``id`` from an envelope that failed validation, if it is a valid id."""
+    try:
+        value = pydantic_core.from_json(frame)
+    except ValueError:
+        return None
+    candidate = value.get("id") if isinstance(value, dict) else None
+    try:
+        return _ID_ADAPTER.validate_python(candidate)
+    except ValidationError:
+        return None
+
+
+_ID_ADAPTER: TypeAdapter[str] = TypeAdapter(ClientId)
+
+
+def _reject_duplicate_keys(frame: bytes, ref: str | None) -> None:
+    # pydantic keeps the last of duplicate keys; a frame such as
+    # {"type":"say",...,"type":"bye"} must not mean different things to
+    # different parsers. The frame already validated, so it is a flat object
+    # and this second parse is cheap and cannot recurse deeply.
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ProtocolError(ErrorCode.BAD_ENVELOPE, "duplicate key in envelope", ref=ref)
+        return dict(pairs)
+
+    try:
+        json.loads(frame, object_pairs_hook=check)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame is not valid UTF-8 JSON") from None
+
+
+# --- framing ------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """Splits a byte stream into newline-terminated frames.
+
+    ``feed`` the bytes as they arrive, then call ``next_frame`` until it
+    returns ``None`` (more data needed). A frame longer than
+    ``max_frame_bytes`` raises a fatal ``frame_too_large`` error, and the
+    decoder never holds more than ``max_frame_bytes`` of an unfinished frame.
+    Empty lines are skipped; a trailing ``\\r`` is removed.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of _buffer known to hold no newline
+
+    def feed(self, data: bytes | bytearray) -> None:
+        last_newline = data.rfind(b"\n")
+        if last_newline < 0:
+            unfinished = len(self._buffer) - self._last_frame_end() + len(data)
+        else:
+            unfinished = len(data) - last_newline - 1
+        if unfinished > self.max_frame_bytes:
+            self._buffer.clear()
+            raise self._too_large()
+        self._buffer += data
+
+    def _last_frame_end(self) -> int:
+        return self._buffer.rfind(b"\n") + 1
+
+    def next_frame(self) -> bytes | None:
+        while True:
+            newline = self._buffer.find(b"\n", self._scanned)
+            if newline < 0:
+                self._scanned = len(self._buffer)
+                return None
+            if newline > self.max_frame_bytes:
+                self._buffer.clear()
+                raise self._too_large()
+            frame = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            self._scanned = 0
+            if frame.endswith(b"\r"):
+                frame = frame[:-1]
+            if frame:
+                return frame
+
+    def __iter__(self) -> FrameDecoder:
+        return self
+
+    def __next__(self) -> bytes:
+        frame = self.next_frame()
+        if frame is None:
+            raise StopIteration
+        return frame
+
+    def _too_large(self) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame longer than {self.max_frame_bytes} bytes",
+            fatal=True,
+        )

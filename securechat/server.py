@@ -1,0 +1,318 @@
+"""The TLS chat server: accepting connections and driving each one.
+
+This is the I/O layer. Each connection gets a TLS handshake under a
+deadline, then two tasks: a reader that decodes frames and dispatches
+envelopes (login first, then chat), and a writer that drains the
+connection's outbox. Rooms and fan-out live in :mod:`securechat.hub`,
+envelopes and framing in :mod:`securechat.protocol`, login decisions in
+:mod:`securechat.auth`. A failure in one connection is logged and never
+reaches the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+import trio
+
+from . import __version__, tls
+from .auth import Account, Authenticator, AuthFailed
+from .certs import common_name
+from .config import Config
+from .hub import Hub, Member, Outbox
+from .protocol import (
+    Ack,
+    Bye,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    ProtocolError,
+    Say,
+    Welcome,
+    encode,
+    parse_client_frame,
+)
+
+log = logging.getLogger("securechat.server")
+
+RECEIVE_BYTES = 65536
+# After the reader stops (bye, EOF, fatal error), how long the writer may
+# take to flush what is queued before the connection is dropped.
+FLUSH_TIMEOUT = 5.0
+SERVER_NAME = f"securechat/{__version__}"
+
+
+def raise_open_file_limit() -> None:
+    """Allow as many sockets as the hard limit does: every connection is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class ChatServer:
+    """Listens, accepts, and runs every connection until :meth:`request_shutdown`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.limits = config.limits
+        settings = config.server
+        self.ssl_context = tls.server_context(
+            settings.cert, settings.key, settings.ca, settings.client_certs
+        )
+        self.authenticator = Authenticator(
+            config.accounts(),
+            config.server.client_certs,
+            max_concurrent_checks=config.limits.auth_workers,
+        )
+        self.hub = Hub()
+        self.addresses: list[tuple[str, int]] = []
+        self._listeners: list[trio.SocketListener] = []
+        self._connections: set[_Connection] = set()
+        self._shutdown = trio.Event()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def listen(self) -> list[tuple[str, int]]:
+        """Bind the listening sockets (OSError when the address is taken); returns the addresses."""
+        settings = self.config.server
+        self._listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+        self.addresses = [listener.socket.getsockname()[:2] for listener in self._listeners]
+        return self.addresses
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until shutdown is requested; ``task_status`` reports the bound addresses."""
+        settings = self.config.server
+        if not self._listeners:
+            await self.listen()
+        listeners = self._listeners
+        log.info(
+            "[SEARCHING] listening on %s (TLS, client_certs=%s, users=%d)",
+            ", ".join(_format_address(address) for address in self.addresses),
+            settings.client_certs,
+            len(self.authenticator.accounts),
+        )
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept_loop, listener, connections)
+                task_status.started(self.addresses)
+                await self._shutdown.wait()
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            log.info("shutting down: %d connections", len(self._connections))
+            farewell = encode(Error(code=ErrorCode.SERVER_SHUTDOWN, message="server shutting down"))
+            for connection in list(self._connections):
+                connection.finish(farewell)
+            connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
+        log.info("server stopped")
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS: out of descriptors or memory for now;
+                # keep serving those already connected and retry shortly.
+                log.warning("accept failed: %s", exc.strerror or exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._handle, stream)
+
+    async def _handle(self, tcp_stream: trio.SocketStream) -> None:
+        peer = _format_address(tcp_stream.socket.getpeername())
+        stream = trio.SSLStream(tcp_stream, self.ssl_context, server_side=True)
+        connection: _Connection | None = None
+        try:
+            try:
+                with trio.fail_after(self.limits.handshake_timeout):
+                    await stream.do_handshake()
+            except trio.TooSlowError:
+                log.warning("handshake timeout peer=%s", peer)
+                return
+            except trio.BrokenResourceError as exc:
+                log.info("handshake failed peer=%s reason=%s", peer, tls.failure_reason(exc))
+                return
+            log.info("[CONNECTION ESTABLISHED] %s", peer)
+            connection = _Connection(self, stream, peer)
+            self._connections.add(connection)
+            await connection.run()
+        except Exception:
+            log.exception("connection failed peer=%s", peer)
+        finally:
+            if connection is not None:
+                self._connections.discard(connection)
+            await tls.close(stream, graceful=connection is not None and connection.clean)
+
+
+class _Connection:
+    """One TLS connection after its handshake: login, then chat."""
+
+    def __init__(self, server: ChatServer, stream: trio.SSLStream[trio.SocketStream], peer: str):
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.outbox = Outbox(
+            server.limits.max_outbound_queue, server.limits.max_outbound_bytes, self._overflowed
+        )
+        self.member: Member | None = None
+        self.clean = True  # False when the stream may be mid-write and cannot say goodbye
+        self._scope = trio.CancelScope()
+
+    def send(self, envelope: Welcome | Ack | Pong | Error) -> None:
+        self.outbox.put(encode(envelope))
+
+    def finish(self, farewell: bytes) -> None:
+        """Send ``farewell`` after what is queued, then close."""
+        self.outbox.put(farewell)
+        self.outbox.close()
+
+    def _overflowed(self) -> None:
+        log.warning(
+            "slow consumer disconnected user=%s peer=%s",
+            self.member.username if self.member else "-",
+            self.peer,
+        )
+        self.clean = False
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                try:
+                    await self._read_loop()
+                finally:
+                    self.outbox.close()
+                    nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+        if self.member is not None:
+            self.server.hub.detach(self.member)
+            log.info("logout user=%s peer=%s", self.member.username, self.peer)
+
+    async def _write_loop(self, scope: trio.CancelScope) -> None:
+        try:
+            while (batch := await self.outbox.get_batch()) is not None:
+                await self.stream.send_all(batch)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.Cancelled:
+            self.clean = False
+            raise
+        finally:
+            # Writer done (farewell sent, or the peer is gone): stop reading too.
+            scope.cancel()
+
+    async def _read_loop(self) -> None:
+        decoder = FrameDecoder(self.server.config.server.max_frame_bytes)
+        frames = _Frames(self.stream, decoder)
+        try:
+            with trio.move_on_after(self.server.limits.login_timeout) as login_deadline:
+                self.member = await self._login(frames)
+            if login_deadline.cancelled_caught:
+                log.warning("login timeout peer=%s", self.peer)
+                self.send(Error(code=ErrorCode.TIMEOUT, message="no hello before the deadline"))
+                return
+            if self.member is None:
+                return
+            while (frame := await frames.next()) is not None:
+                try:
+                    envelope = parse_client_frame(frame)
+                except ProtocolError as exc:
+                    self.send(exc.to_envelope())
+                    continue
+                if not self._dispatch(self.member, envelope):
+                    return
+        except ProtocolError as exc:  # from the decoder: always fatal
+            log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
+            self.send(exc.to_envelope())
+        except trio.BrokenResourceError:
+            pass  # the peer left without close_notify: an ordinary disconnect
+
+    async def _login(self, frames: _Frames) -> Member | None:
+        frame = await frames.next()
+        if frame is None:
+            return None
+        try:
+            hello = parse_client_frame(frame)
+        except ProtocolError as exc:
+            self.send(exc.to_envelope())
+            return None
+        if not isinstance(hello, Hello):
+            self.send(Error(code=ErrorCode.AUTH_REQUIRED, message="send hello first", ref=hello.id))
+            return None
+        peer_cert = self.stream.getpeercert()
+        cert_user = common_name(peer_cert.get("subject")) if peer_cert else None
+        try:
+            account: Account = await self.server.authenticator.authenticate(
+                hello.username, hello.password, cert_user
+            )
+        except AuthFailed as exc:
+            log.warning("auth failed user=%s peer=%s reason=%s", hello.username, self.peer, exc)
+            self.send(
+                Error(
+                    code=ErrorCode.AUTH_FAILED,
+                    message="invalid username, password or certificate",
+                    ref=hello.id,
+                )
+            )
+            return None
+        member = Member(hello.username, self.outbox)
+        rooms = self.server.hub.attach(member)
+        self.send(Welcome(username=hello.username, rooms=rooms, server=SERVER_NAME, ref=hello.id))
+        log.info(
+            "login user=%s peer=%s method=%s admin=%s",
+            hello.username,
+            self.peer,
+            "certificate" if cert_user == hello.username and hello.password is None else "password",
+            account.admin,
+        )
+        return member
+
+    def _dispatch(self, member: Member, envelope: Hello | Say | Ping | Bye) -> bool:
+        """Act on one envelope; False when the connection should close."""
+        if isinstance(envelope, Say):
+            try:
+                message = self.server.hub.publish(member, envelope.room, envelope.text)
+            except ProtocolError as exc:
+                exc.ref = envelope.id
+                self.send(exc.to_envelope())
+            else:
+                self.send(Ack(ref=envelope.id, id=message.id))
+        elif isinstance(envelope, Ping):
+            self.send(Pong(ref=envelope.id))
+        elif isinstance(envelope, Bye):
+            return False
+        else:
+            self.send(
+                Error(code=ErrorCode.BAD_ENVELOPE, message="already logged in", ref=envelope.id)
+            )
+        return True
+
+
+class _Frames:
+    """Frames from a stream: reads only when the decoder has no complete frame left."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], decoder: FrameDecoder):
+        self._stream = stream
+        self._decoder = decoder
+
+    async def next(self) -> bytes | None:
+        """The next frame, or None at end of stream; raises ProtocolError (fatal)."""
+        while (frame := self._decoder.next_frame()) is None:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return None
+            self._decoder.feed(data)
+        return frame
+
+
+def _format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
