@@ -111,6 +111,8 @@ class Authenticator:
     * A verified client certificate whose CN equals the ``hello`` username
       authenticates that user without a password, unless the mode is
       ``required`` and the user has a password hash: then both are needed.
+      A password sent with the certificate must be right whenever the user
+      has a password hash.
     * A certificate whose CN differs from the username authenticates nobody:
       the login fails.
     * Without a certificate, the password must match the user's hash.
@@ -139,8 +141,12 @@ class Authenticator:
                 raise AuthFailed(f"certificate is for {cert_user!r}, hello says {username!r}")
             if account is None:
                 raise AuthFailed("certificate user is not configured")
-            if self.client_certs == "optional" or account.password_hash is None:
+            if account.password_hash is None:
                 return account
+            if self.client_certs == "optional" and password is None:
+                return account
+            # A password sent along with the certificate is checked too: a
+            # wrong credential never logs anyone in.
         elif self.client_certs == "required":
             raise AuthFailed("no client certificate")
 

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 from pydantic import SecretStr
@@ -93,8 +94,16 @@ def _username(value: str) -> str:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="securechat",
         description="A secure chat server and client: TLS everywhere, authenticated users.",
     )
@@ -255,9 +264,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    server = ChatServer(config)
     _setup_logging(args.log_level)
     raise_open_file_limit()
-    server = ChatServer(config)
     return trio.run(_serve, server)
 
 
@@ -292,11 +301,12 @@ def _setup_logging(level: str) -> None:
         "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
     )
     formatter.converter = time.gmtime
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if not root.handlers:  # keep a host's handlers (pytest's, an embedding app's)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

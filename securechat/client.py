@@ -76,9 +76,7 @@ class ChatConnection:
         except trio.TooSlowError:
             raise ClientError(f"cannot connect to {where}: timed out") from None
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            hint = " (is the server running?)" if isinstance(exc, ConnectionRefusedError) else ""
-            raise ClientError(f"cannot connect to {where}: {reason}{hint}") from None
+            raise ClientError(f"cannot connect to {where}: {_connect_failure(exc)}") from None
         stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -98,13 +96,20 @@ class ChatConnection:
             try:
                 reply = await self.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientError(tls.describe_failure(exc, "the server")) from None
+                if not tls.is_unexpected_eof(exc):
+                    raise ClientError(tls.describe_failure(exc, "the server")) from None
+                reply = None
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):
                 raise ClientError(f"login refused: {reply.message} ({reply.code})")
             if reply is None:
-                raise ClientError("the server closed the connection during login")
+                # With TLS 1.3 the server checks our certificate after the
+                # handshake, and trio drops the alert that would say why.
+                raise ClientError(
+                    "the server closed the connection during login: it may require a client"
+                    " certificate signed by its CA (--cert and --key)"
+                )
             raise ClientError(f"unexpected {reply.type!r} from the server during login")
         raise ClientError("login timed out: no answer from the server")
 
@@ -139,6 +144,17 @@ class ChatConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _connect_failure(exc: OSError) -> str:
+    # trio tries every address of the host and chains their errors as a group.
+    causes: list[BaseException] = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        causes = list(exc.__cause__.exceptions)
+    if all(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        return "connection refused (is the server running?)"
+    first = causes[0]
+    return (first.strerror if isinstance(first, OSError) else None) or str(first)
 
 
 # --- input and output, without I/O --------------------------------------------

@@ -126,9 +126,3 @@ class Hub:
         for member in list(members):
             member.outbox.put(frame)
         return message
-
-    def close_all(self, farewell: bytes) -> None:
-        """Queue ``farewell`` for every connection and close their outboxes."""
-        for member in list(self.members()):
-            member.outbox.put(farewell)
-            member.outbox.close()

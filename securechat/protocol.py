@@ -32,7 +32,6 @@ from pydantic import (
     field_serializer,
 )
 
-PROTOCOL_VERSION = 1
 ALPN_PROTOCOL = "securechat/1"
 DEFAULT_MAX_FRAME_BYTES = 65536
 MAX_TEXT_CHARS = 4000
@@ -63,10 +62,8 @@ class ErrorCode(enum.StrEnum):
     AUTH_FAILED = "auth_failed"
     FRAME_TOO_LARGE = "frame_too_large"
     NOT_MEMBER = "not_member"
-    SLOW_CONSUMER = "slow_consumer"
     TIMEOUT = "timeout"
     SERVER_SHUTDOWN = "server_shutdown"
-    INTERNAL_ERROR = "internal_error"
 
 
 class ProtocolError(Exception):
@@ -333,30 +330,31 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
-        self._scanned = 0  # bytes of _buffer known to hold no newline
+        self._scanned = 0  # bytes at the start of _buffer known to hold no newline
+        self._overflowed = False
 
     def feed(self, data: bytes | bytearray) -> None:
-        last_newline = data.rfind(b"\n")
-        if last_newline < 0:
-            unfinished = len(self._buffer) - self._last_frame_end() + len(data)
-        else:
-            unfinished = len(data) - last_newline - 1
-        if unfinished > self.max_frame_bytes:
-            self._buffer.clear()
-            raise self._too_large()
+        if self._overflowed:
+            return
         self._buffer += data
-
-    def _last_frame_end(self) -> int:
-        return self._buffer.rfind(b"\n") + 1
+        end_of_complete = self._buffer.rfind(b"\n") + 1
+        if len(self._buffer) - end_of_complete > self.max_frame_bytes:
+            # Keep the complete frames before the oversize one; next_frame
+            # hands them out, then raises.
+            del self._buffer[end_of_complete:]
+            self._overflowed = True
 
     def next_frame(self) -> bytes | None:
         while True:
             newline = self._buffer.find(b"\n", self._scanned)
             if newline < 0:
                 self._scanned = len(self._buffer)
+                if self._overflowed:
+                    raise self._too_large()
                 return None
             if newline > self.max_frame_bytes:
                 self._buffer.clear()
+                self._overflowed = True
                 raise self._too_large()
             frame = bytes(self._buffer[:newline])
             del self._buffer[: newline + 1]

@@ -99,14 +99,16 @@ class ChatServer:
             len(self.authenticator.accounts),
         )
         async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as acceptors:
+            try:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, connections)
+                    task_status.started(self.addresses)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+            finally:
                 for listener in listeners:
-                    acceptors.start_soon(self._accept_loop, listener, connections)
-                task_status.started(self.addresses)
-                await self._shutdown.wait()
-                acceptors.cancel_scope.cancel()
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+                    await trio.aclose_forcefully(listener)
             log.info("shutting down: %d connections", len(self._connections))
             farewell = encode(Error(code=ErrorCode.SERVER_SHUTDOWN, message="server shutting down"))
             for connection in list(self._connections):
@@ -253,6 +255,9 @@ class _Connection:
             account: Account = await self.server.authenticator.authenticate(
                 hello.username, hello.password, cert_user
             )
+            # The check runs in a thread that cancellation cannot interrupt: a
+            # login that overran its deadline must still fail.
+            await trio.lowlevel.checkpoint_if_cancelled()
         except AuthFailed as exc:
             log.warning("auth failed user=%s peer=%s reason=%s", hello.username, self.peer, exc)
             self.send(

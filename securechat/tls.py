@@ -113,6 +113,14 @@ def describe_failure(exc: BaseException, where: str) -> str:
     return f"connection to {where} lost"
 
 
+def is_unexpected_eof(exc: BaseException) -> bool:
+    """The peer closed the TCP connection without a TLS close_notify."""
+    return isinstance(exc.__cause__, ssl.SSLEOFError) or (
+        isinstance(exc.__cause__, ssl.SSLError)
+        and exc.__cause__.reason == "UNEXPECTED_EOF_WHILE_READING"
+    )
+
+
 def failure_reason(exc: BaseException) -> str:
     """A short reason for logs: the OpenSSL reason code when there is one."""
     cause = exc.__cause__

@@ -1,0 +1,419 @@
+"""The ``securechat`` command as a user runs it: exit codes, one-line errors, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from securechat.auth import verify_password
+from securechat.cli import main
+from securechat.protocol import Error, ErrorCode, Message, Say
+
+from .conftest import (
+    PASSWORDS,
+    WAIT,
+    Endpoint,
+    Pki,
+    RunningServer,
+    config_data,
+    receive_closed,
+    receive_type,
+)
+
+EXAMPLE_CONFIG = Path(__file__).parent.parent / "config.example.toml"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        nested = {key: value for key, value in values.items() if isinstance(value, dict)}
+        lines.extend(
+            f"{key} = {toml_value(value)}" for key, value in values.items() if key not in nested
+        )
+        for key, value in nested.items():
+            table(f"{name}.{key}", value)
+
+    for name, values in data.items():
+        table(name, values)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "securechat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("securechat: error: ")
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- help and simple commands ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ([], "gen-certs"),
+        (["gen-certs"], "--client"),
+        (["hash-password"], "Argon2id"),
+        (["server"], "--config"),
+        (["client"], "send>>>"),
+        (["schema"], "JSON Schema"),
+    ],
+)
+def test_help(command: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--help"]) == 0
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["no-such-command"], "invalid choice"),
+        ([], "required"),
+        (["server", "--port", "70000"], "port out of range"),
+        (["client", "--user", "Bob"], "invalid username"),
+        (["server", "--client-certs", "maybe"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, fragment)
+
+
+def test_schema_prints_both_directions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema) == {"client_to_server", "server_to_client"}
+    assert "hello" in json.dumps(schema["client_to_server"])
+    assert "welcome" in json.dumps(schema["server_to_client"])
+
+
+def test_gen_certs_writes_and_keeps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out), "--client", "zed", "--san", "chat.example"]) == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["ca.crt", "ca.key", "server.crt", "server.key", "zed.crt", "zed.key"]
+    assert all(
+        (out / name).stat().st_mode & 0o777 == 0o600 for name in names if name.endswith(".key")
+    )
+    before = (out / "server.key").read_bytes()
+    capsys.readouterr()
+    assert main(["gen-certs", "--out", str(out)]) == 0
+    assert "kept" in capsys.readouterr().out
+    assert (out / "server.key").read_bytes() == before
+    assert main(["gen-certs", "--out", str(out), "--force"]) == 0
+    assert (out / "server.key").read_bytes() != before
+
+
+def test_gen_certs_rejects_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gen-certs", "--out", str(tmp_path), "--client", "Bad Name"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--client", "invalid username")
+    assert main(["gen-certs", "--out", str(tmp_path), "--san", "not a name!"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--san")
+    assert list(tmp_path.iterdir()) == []  # nothing written on error
+
+
+def test_hash_password_from_stdin() -> None:
+    result = run_cli("hash-password", stdin="correct horse battery\n")
+    assert result.returncode == 0, result.stderr
+    phc = result.stdout.strip()
+    assert phc.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert verify_password("correct horse battery", phc)
+    assert "correct horse" not in result.stderr
+
+
+def test_hash_password_refuses_short_password() -> None:
+    result = run_cli("hash-password", stdin="short\n")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "too short")
+    assert "short" not in result.stdout
+
+
+# --- server configuration errors ---------------------------------------------------
+
+
+def server_config(tmp_path: Path, pki: Pki, hashes: dict[str, str], **server: Any) -> Path:
+    return write_toml(tmp_path / "server.toml", config_data(pki, hashes, **server))
+
+
+def test_server_without_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["server", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "missing.toml", "not found")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[server\nport = 1", ["invalid TOML"]),
+        ("[server]\nprot = 8000\n", ["server.prot", "unknown key"]),
+        ("[server]\nport = 70000\n", ["server.port"]),
+        ("[server]\nport = '8000'\n", ["server.port"]),
+        ("[server]\nclient_certs = 'maybe'\n", ["server.client_certs"]),
+        ("[users.Alice]\n", ["users.Alice"]),
+        ("[users.bob]\npassword_hash = 'hunter2'\n", ["users.bob.password_hash", "PHC"]),
+        ("[limits]\nlogin_timeout = -1\n", ["limits.login_timeout"]),
+    ],
+)
+def test_server_config_errors_name_file_and_key(
+    tmp_path: Path, text: str, fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["server", "--config", str(path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(path), *fragments)
+
+
+def test_server_refuses_a_key_others_can_read(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "server.key"
+    shutil.copy(pki.key("server"), key)
+    key.chmod(0o644)
+    config = server_config(tmp_path, pki, password_hashes, key=str(key))
+    assert main(["server", "--config", str(config)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"chmod 600 {key}")
+
+
+def test_server_reports_port_in_use(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["server", "--config", str(config), "--port", str(port)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    # Validate the shipped example without starting anything: a bad port flag
+    # is checked after the file, so exit code 2 here must come from the flag.
+    assert main(["server", "--config", str(EXAMPLE_CONFIG), "--port", "-1"]) == 2
+    assert "port out of range" in capsys.readouterr().err
+
+
+# --- the client as a user runs it ------------------------------------------------------
+
+
+def client_args(server: RunningServer, *extra: str) -> list[str]:
+    return [
+        "client",
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--ca",
+        str(server.pki.ca),
+        *extra,
+    ]
+
+
+async def run_client(
+    args: list[str], stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(WAIT * 3):
+        return await trio.run_process(
+            [sys.executable, "-m", "securechat", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "NO_COLOR": "1", **(env or {})},
+        )
+
+
+async def test_piped_client_delivers_lines_and_exits_0(server: RunningServer) -> None:
+    bob = await server.login("bob")
+    result = await run_client(
+        client_args(server, "--user", "alice"),
+        stdin=b"hello from a pipe\n/help\nsecond line\n",
+        env={"SECURECHAT_PASSWORD": PASSWORDS["alice"]},
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout.decode()
+    assert output.startswith("[CONNECTED]\n")
+    assert "alice: hello from a pipe" in output
+    assert "alice: second line" in output
+    assert "/quit" in output  # /help was answered locally, not sent
+    received = [await receive_type(bob, Message) for _ in range(2)]
+    assert [(m.sender, m.text) for m in received] == [
+        ("alice", "hello from a pipe"),
+        ("alice", "second line"),
+    ]
+
+
+async def test_client_with_certificate_from_config_file(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    config = write_toml(
+        tmp_path / "client.toml",
+        {
+            "client": {
+                "host": server.host,
+                "port": server.port,
+                "ca": str(server.pki.ca),
+                "user": "carol",
+                "cert": str(server.pki.cert("carol")),
+                "key": str(server.pki.key("carol")),
+            }
+        },
+    )
+    result = await run_client(["client", "--config", str(config)], stdin=b"via config\n")
+    assert result.returncode == 0, result.stderr
+    assert "carol: via config" in result.stdout.decode()
+
+
+async def test_client_wrong_password(server: RunningServer) -> None:
+    result = await run_client(
+        client_args(server, "--user", "bob"),
+        env={"SECURECHAT_PASSWORD": "Wrong-Password-123"},
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr.decode(), "login refused", "auth_failed")
+    assert b"Wrong-Password-123" not in result.stderr + result.stdout
+
+
+async def test_client_without_password_source(server: RunningServer) -> None:
+    result = await run_client(client_args(server, "--user", "bob"), env={"SECURECHAT_PASSWORD": ""})
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr.decode(), "SECURECHAT_PASSWORD")
+
+
+async def test_client_server_not_running(pki: Pki) -> None:
+    port = free_port()
+    result = await run_client(
+        [
+            "client",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ca",
+            str(pki.ca),
+            "--user",
+            "bob",
+        ],
+        env={"SECURECHAT_PASSWORD": PASSWORDS["bob"]},
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr.decode(), "is the server running?")
+
+
+async def test_client_untrusted_server(server: RunningServer, rogue_pki: Pki) -> None:
+    result = await run_client(
+        [
+            "client",
+            "--host",
+            server.host,
+            "--port",
+            str(server.port),
+            "--ca",
+            str(rogue_pki.ca),
+            "--user",
+            "bob",
+        ],
+        env={"SECURECHAT_PASSWORD": PASSWORDS["bob"]},
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr.decode(), "not trusted")
+
+
+async def test_client_refuses_missing_ca(tmp_path: Path) -> None:
+    result = await run_client(
+        ["client", "--ca", str(tmp_path / "nope.crt"), "--user", "bob"],
+        env={"SECURECHAT_PASSWORD": "x"},
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr.decode(), "nope.crt", "not found")
+
+
+# --- the server as a process ------------------------------------------------------------
+
+
+async def test_server_process_serves_and_shuts_down_on_sigterm(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "securechat", "server", "--config", str(config)],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log = b""
+    endpoint: Endpoint | None = None
+    try:
+        with trio.fail_after(WAIT):
+            while (match := re.search(rb"\[SEARCHING\] listening on 127.0.0.1:(\d+)", log)) is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, log
+                log += chunk
+        endpoint = Endpoint("127.0.0.1", int(match[1]), pki)
+        bob = await endpoint.login("bob")
+        await bob.send(Say(room="lobby", text="over a real process", id="p1"))
+        assert (await receive_type(bob, Message)).text == "over a real process"
+
+        process.send_signal(signal.SIGTERM)
+        received = await receive_closed(bob)
+        assert [e.code for e in received if isinstance(e, Error)] == [ErrorCode.SERVER_SHUTDOWN]
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+            while chunk := await process.stderr.receive_some():
+                log += chunk
+    finally:
+        if endpoint is not None:
+            await endpoint.aclose()
+        process.kill()
+        await process.wait()
+        await process.stderr.aclose()
+    text = log.decode()
+    assert "[CONNECTION ESTABLISHED] 127.0.0.1:" in text
+    assert "login user=bob" in text
+    assert "server stopped" in text
+    assert PASSWORDS["bob"] not in text
