@@ -91,9 +91,16 @@ def generate(
 
     for stem, extra, usage in leaves:
         cert_path, key_path = out / f"{stem}.crt", out / f"{stem}.key"
-        if not force and (cert_path.exists() or key_path.exists()):
+        if not force and cert_path.exists() and key_path.exists():
             report.kept += [cert_path, key_path]
             continue
+        if not force and (cert_path.exists() or key_path.exists()):
+            present, missing = (
+                (cert_path, key_path) if cert_path.exists() else (key_path, cert_path)
+            )
+            raise CertError(
+                f"{present} exists but {missing} does not; pass --force to replace both"
+            )
         key = ec.generate_private_key(ec.SECP256R1())
         common_name = "securechat server" if stem == "server" else stem
         cert = _make_leaf(key, common_name, extra, usage, ca_cert, ca_key, now)

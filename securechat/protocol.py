@@ -331,17 +331,21 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
         self._scanned = 0  # bytes at the start of _buffer known to hold no newline
+        self._unfinished = 0  # bytes after the last newline in _buffer
         self._overflowed = False
 
     def feed(self, data: bytes | bytearray) -> None:
         if self._overflowed:
             return
         self._buffer += data
-        end_of_complete = self._buffer.rfind(b"\n") + 1
-        if len(self._buffer) - end_of_complete > self.max_frame_bytes:
+        # Only the new data is searched: feeding a frame in tiny pieces stays linear.
+        newline = data.rfind(b"\n")
+        self._unfinished = self._unfinished + len(data) if newline < 0 else len(data) - newline - 1
+        if self._unfinished > self.max_frame_bytes:
             # Keep the complete frames before the oversize one; next_frame
             # hands them out, then raises.
-            del self._buffer[end_of_complete:]
+            del self._buffer[len(self._buffer) - self._unfinished :]
+            self._unfinished = 0
             self._overflowed = True
 
     def next_frame(self) -> bytes | None:
@@ -354,6 +358,7 @@ class FrameDecoder:
                 return None
             if newline > self.max_frame_bytes:
                 self._buffer.clear()
+                self._unfinished = 0
                 self._overflowed = True
                 raise self._too_large()
             frame = bytes(self._buffer[:newline])

@@ -1,0 +1,265 @@
+"""Unit tests for securechat.config: loading and validating the TOML file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from securechat import auth
+from securechat.config import Config, ConfigError, load_config
+from securechat.protocol import DEFAULT_MAX_FRAME_BYTES
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+# A real PHC string, computed once for the module (Argon2 costs ~30 ms per hash).
+PASSWORD_HASH = auth.hash_password("correct horse battery")
+
+
+def write(tmp_path: Path, text: str, name: str = "securechat.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> str:
+    """The message of the ConfigError that loading ``path`` raises; it is always one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    return message
+
+
+# --- the example file ---------------------------------------------------------------
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.server.host == "localhost"
+    assert config.server.port == 8000
+    assert config.server.client_certs == "optional"
+    assert config.server.max_frame_bytes == 65536
+    assert config.limits.max_outbound_queue == 1000
+    assert set(config.users) == {"alice", "bob"}
+    assert config.users["alice"].admin is True
+    assert config.users["bob"].admin is False
+    assert config.users["bob"].password_hash is None
+    assert config.client.user == "alice"
+
+
+def test_example_config_relative_paths_resolve_against_its_directory(tmp_path: Path) -> None:
+    copy = tmp_path / "elsewhere" / "example.toml"
+    copy.parent.mkdir()
+    shutil.copy(EXAMPLE, copy)
+    config = load_config(copy)
+    base = copy.parent
+    assert config.server.cert == base / "certs/server.crt"
+    assert config.server.key == base / "certs/server.key"
+    assert config.server.ca == base / "certs/ca.crt"
+    assert config.client.ca == base / "certs/ca.crt"
+    assert config.client.cert == base / "certs/alice.crt"
+    assert config.client.key == base / "certs/alice.key"
+    original = load_config(EXAMPLE)
+    assert original.server.cert == EXAMPLE.parent / "certs/server.crt"
+
+
+def test_example_config_documents_every_default(tmp_path: Path) -> None:
+    # The example claims to show every key with its default: apart from the
+    # users and the client section, it must equal an empty file.
+    example = load_config(EXAMPLE)
+    empty = load_config(write(tmp_path, ""))
+    base = EXAMPLE.parent
+
+    def relative(config: Config, root: Path) -> tuple[object, ...]:
+        server = config.server
+        return (
+            server.model_copy(
+                update={
+                    "cert": server.cert.relative_to(root),
+                    "key": server.key.relative_to(root),
+                    "ca": server.ca.relative_to(root),
+                }
+            ),
+            config.limits,
+        )
+
+    assert relative(example, base) == relative(empty, tmp_path)
+
+
+# --- defaults and paths -------------------------------------------------------------
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    config = load_config(path)
+    assert config.server.host == "localhost"
+    assert config.server.port == 8000
+    assert config.server.client_certs == "optional"
+    assert config.server.max_frame_bytes == DEFAULT_MAX_FRAME_BYTES
+    assert config.server.cert == tmp_path / "certs/server.crt"
+    assert config.server.key == tmp_path / "certs/server.key"
+    assert config.server.ca == tmp_path / "certs/ca.crt"
+    assert config.limits.handshake_timeout == 10.0
+    assert config.limits.login_timeout == 10.0
+    assert config.limits.max_outbound_queue == 1000
+    assert config.limits.max_outbound_bytes == 4 * 1024 * 1024
+    assert config.limits.auth_workers == 2
+    assert config.limits.shutdown_grace == 2.0
+    assert config.users == {}
+    assert config.accounts() == {}
+    assert config.client.host == "localhost"
+    assert config.client.port == 8000
+    assert config.client.ca == tmp_path / "certs/ca.crt"
+    assert config.client.user is None
+    assert config.client.cert is None
+    assert config.client.key is None
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ncert = "/etc/securechat/server.crt"\n')
+    assert load_config(path).server.cert == Path("/etc/securechat/server.crt")
+
+
+def test_relative_paths_resolve_against_the_file_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[server]\nkey = "keys/s.key"\n[client]\ncert = "me.crt"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.server.key == conf_dir / "keys/s.key"
+    assert config.client.cert == conf_dir / "me.crt"
+
+
+def test_users_become_accounts(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[users.carol]\npassword_hash = "{PASSWORD_HASH}"\n[users.dave]\nadmin = true\n',
+    )
+    config = load_config(path)
+    assert config.accounts() == {
+        "carol": auth.Account(password_hash=PASSWORD_HASH, admin=False),
+        "dave": auth.Account(password_hash=None, admin=True),
+    }
+
+
+def test_integer_seconds_are_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nhandshake_timeout = 5\n")
+    assert load_config(path).limits.handshake_timeout == 5.0
+
+
+# --- bad values name the file and the key ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("bogus = 1\n", "bogus", id="unknown-top-level-key"),
+        pytest.param("[extras]\nx = 1\n", "extras", id="unknown-section"),
+        pytest.param("[server]\nbogus = 1\n", "server.bogus", id="unknown-server-key"),
+        pytest.param("[limits]\ntimeout = 1\n", "limits.timeout", id="unknown-limits-key"),
+        pytest.param("[users.bob]\npassword = 'x'\n", "users.bob.password", id="unknown-user-key"),
+    ],
+)
+def test_unknown_keys_are_errors(tmp_path: Path, text: str, key: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert f"{key}: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("[server]\nport = 70000\n", "server.port", id="port-70000"),
+        pytest.param("[server]\nport = -1\n", "server.port", id="port-negative"),
+        pytest.param('[server]\nport = "8000"\n', "server.port", id="port-string"),
+        pytest.param("[server]\nport = true\n", "server.port", id="port-bool"),
+        pytest.param("[server]\nport = 8000.0\n", "server.port", id="port-float"),
+        pytest.param("[client]\nport = 70000\n", "client.port", id="client-port"),
+        pytest.param('[server]\nclient_certs = "sometimes"\n', "server.client_certs", id="certs"),
+        pytest.param("[server]\nclient_certs = true\n", "server.client_certs", id="certs-bool"),
+        pytest.param('[server]\nhost = ""\n', "server.host", id="empty-host"),
+        pytest.param("[server]\nmax_frame_bytes = 10\n", "server.max_frame_bytes", id="frame"),
+        pytest.param("[limits]\nlogin_timeout = 0\n", "limits.login_timeout", id="timeout-0"),
+        pytest.param('[limits]\nauth_workers = "2"\n', "limits.auth_workers", id="workers-str"),
+        pytest.param("[server]\ncert = 1\n", "server.cert", id="path-int"),
+        pytest.param("server = 1\n", "server", id="section-not-table"),
+        pytest.param('[users.bob]\nadmin = "yes"\n', "users.bob.admin", id="admin-string"),
+    ],
+)
+def test_bad_values_are_errors_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert f"{key}: " in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "hunter2",
+        "$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
+        "$argon2id$v=19$m=19456,t=2,p=1$short$hash",
+        "$argon2id$v=19$m=99999999,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA",
+    ],
+)
+def test_bad_password_hash_is_an_error(tmp_path: Path, value: str) -> None:
+    message = config_error(write(tmp_path, f'[users.carol]\npassword_hash = "{value}"\n'))
+    assert "users.carol.password_hash: " in message
+
+
+def test_bad_password_hash_message_says_how_to_make_one(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, '[users.carol]\npassword_hash = "hunter2"\n'))
+    assert "not an Argon2id PHC string" in message
+    assert "securechat hash-password" in message
+
+
+@pytest.mark.parametrize("name", ["Alice", "al ice", ".alice", "a" * 33, "al\u202eice"])
+def test_bad_user_name_is_an_error(tmp_path: Path, name: str) -> None:
+    message = config_error(write(tmp_path, f'[users."{name}"]\nadmin = true\n'))
+    assert f"users.{name} (name): " in message
+
+
+def test_bad_client_user_is_an_error(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, '[client]\nuser = "Alice"\n'))
+    assert "client.user: " in message
+
+
+def test_several_errors_are_all_reported_on_one_line(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "bogus = 1\n[server]\nport = 70000\n"))
+    assert "bogus: unknown key" in message
+    assert "server.port: " in message
+
+
+# --- unreadable files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("[server\nport = 1\n", id="unclosed-table"),
+        pytest.param("port = \n", id="missing-value"),
+        pytest.param('host = "unterminated\n', id="unterminated-string"),
+        pytest.param("[server]\nport = 1\nport = 2\n", id="duplicate-key"),
+    ],
+)
+def test_bad_toml_syntax_is_a_one_line_error(tmp_path: Path, text: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert "invalid TOML" in message
+
+
+def test_non_utf8_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    assert "invalid TOML" in config_error(path)
+
+
+def test_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
+    message = config_error(tmp_path / "nope.toml")
+    assert "not found" in message
+
+
+def test_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    message = config_error(tmp_path)
+    assert "directory" in message
