@@ -32,7 +32,7 @@ from .certs import CertError, generate
 from .client import ChatConnection, ChatSession, ClientError
 from .config import ClientSection, ConfigError, load_config
 from .console import open_console
-from .protocol import NAME_PATTERN, json_schemas
+from .protocol import NAME_PATTERN, Welcome, json_schemas
 from .server import ChatServer, raise_open_file_limit
 
 log = logging.getLogger("securechat")
@@ -342,18 +342,26 @@ def _client_password(settings: ClientSection, *, ask: bool) -> SecretStr | None:
 async def _chat(
     settings: ClientSection, username: str, password: SecretStr | None, context: ssl.SSLContext
 ) -> int:
-    connection = await ChatConnection.open(settings.host, settings.port, context)
-    print("[CONNECTED]", flush=True)
-    async with connection:
-        welcome = await connection.login(username, password)
-        session: ChatSession
-        console = open_console(lambda: session.prompt())
-        session = ChatSession(connection, console, username)
+    async def connect(*, first: bool = False) -> tuple[ChatConnection, Welcome]:
+        connection = await ChatConnection.open(settings.host, settings.port, context)
+        if first:
+            print("[CONNECTED]", flush=True)
         try:
-            console.show(
-                f"logged in as {welcome.username} ({welcome.server}); rooms: "
-                f"{', '.join(welcome.rooms)}. Type /help for commands."
-            )
-            return await session.run()
-        finally:
-            await console.aclose()
+            return connection, await connection.login(username, password)
+        except BaseException:
+            await trio.aclose_forcefully(connection.stream)
+            raise
+
+    connection, welcome = await connect(first=True)
+    session: ChatSession
+    console = open_console(lambda: session.prompt())
+    session = ChatSession(connection, welcome, console, reconnect=connect)
+    try:
+        console.show(
+            f"logged in as {welcome.username} ({welcome.server}); rooms: "
+            f"{', '.join(welcome.rooms)}. Type /help for commands."
+        )
+        return await session.run()
+    finally:
+        await console.aclose()
+        await session.connection.aclose()

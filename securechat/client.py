@@ -4,13 +4,20 @@
 log in, send and receive envelopes); tests and benchmarks use it directly.
 :class:`ChatSession` is the interactive loop behind ``securechat client``:
 lines typed at the ``send>>>`` prompt become ``say`` envelopes, slash
-commands are handled locally, and incoming messages are shown as they arrive.
-Input parsing and message formatting are plain functions.
+commands become the other requests, and what arrives is shown as it
+arrives. When the connection drops, the session reconnects with backoff,
+catches up on the history it missed (showing nothing twice) and re-sends
+unacknowledged messages with their original ids, which the server
+recognises. Input parsing and formatting are plain functions.
 """
 
 from __future__ import annotations
 
+import random
+import re
 import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,18 +32,34 @@ from .console import Console
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     LOBBY,
+    MAX_HISTORY_LIMIT,
     MAX_TEXT_CHARS,
+    NAME_PATTERN,
     Ack,
     Bye,
+    ClientEnvelope,
+    Dm,
     Error,
+    ErrorCode,
     FrameDecoder,
     Hello,
+    History,
+    HistoryEnd,
+    Join,
+    Joined,
+    Kicked,
+    Leave,
+    Left,
+    Members,
     Message,
-    Ping,
-    Pong,
+    Presence,
     ProtocolError,
+    RoomList,
+    Rooms,
     Say,
+    ServerEnvelope,
     Welcome,
+    Who,
     encode,
     parse_server_frame,
 )
@@ -45,13 +68,15 @@ CONNECT_TIMEOUT = 10.0
 LOGIN_TIMEOUT = 15.0
 ACK_TIMEOUT = 30.0
 RECEIVE_BYTES = 65536
-
-ServerEnvelope = Welcome | Message | Ack | Pong | Error
-ClientEnvelope = Hello | Say | Ping | Bye
+HISTORY_DEFAULT = 20
 
 
 class ClientError(Exception):
     """Connecting or logging in failed; the message is one line for the user."""
+
+
+class LoginRefused(ClientError):
+    """The server said no to our credentials: trying again will not help."""
 
 
 class ChatConnection:
@@ -102,7 +127,7 @@ class ChatConnection:
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):
-                raise ClientError(f"login refused: {reply.message} ({reply.code})")
+                raise LoginRefused(f"login refused: {reply.message} ({reply.code})")
             if reply is None:
                 # With TLS 1.3 the server checks our certificate after the
                 # handshake, and trio drops the alert that would say why.
@@ -162,7 +187,27 @@ def _connect_failure(exc: OSError) -> str:
 
 @dataclass(frozen=True)
 class SendText:
+    """A line for the current room."""
+
     text: str
+
+
+@dataclass(frozen=True)
+class SendDirect:
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Switch:
+    room: str
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A request that goes to the server as it is."""
+
+    envelope: Join | Leave | Who | Rooms | History
 
 
 @dataclass(frozen=True)
@@ -180,37 +225,77 @@ class Invalid:
     reason: str
 
 
-Command = SendText | Quit | ShowHelp | Invalid
+Command = SendText | SendDirect | Switch | Ask | Quit | ShowHelp | Invalid
 
 HELP = """\
 Type a line and press Enter to send it to the current room.
-  /help          this help
-  /quit          leave (also Ctrl-D)
-  //text         send a line that starts with '/'"""
+  /join ROOM        join (or create) a room and switch to it
+  /leave ROOM       leave a room
+  /switch ROOM      send plain lines to ROOM from now on
+  /msg USER TEXT    direct message to USER (delivered later if they are offline)
+  /who [ROOM]       members of ROOM (default: the current room), and who is online
+  /rooms            the rooms you can join
+  /history [N]      the last N messages of the current room (default 20)
+  /help             this help
+  /quit             leave (also Ctrl-D)
+  //text            send a line that starts with '/'"""
+
+_NAME = re.compile(NAME_PATTERN)
 
 
-def parse_input(line: str) -> Command | None:
-    """What a line typed at the prompt asks for; None for a blank line."""
+def parse_input(line: str, room: str) -> Command | None:
+    """What a line typed at the prompt asks for, given the current ``room``; None if blank."""
     if not line.strip():
         return None
     if line.startswith("//"):
-        return _text(line[1:])
+        return _text(line[1:], lambda text: SendText(text))
     if not line.startswith("/"):
-        return _text(line)
-    name = line[1:].split(maxsplit=1)[0].lower() if line[1:].strip() else ""
+        return _text(line, lambda text: SendText(text))
+    name, _, rest = line[1:].partition(" ")
+    name = name.lower()
+    args = rest.split()
     if name == "quit":
         return Quit()
     if name == "help":
         return ShowHelp()
+    if name == "rooms":
+        return Ask(Rooms())
+    if name in ("join", "leave", "switch", "who"):
+        target = args[0] if args else (room if name == "who" else None)
+        if target is None or len(args) > 1:
+            return Invalid(f"usage: /{name} ROOM")
+        if not _NAME.fullmatch(target):
+            return Invalid(f"{target!r} is not a valid room name")
+        if name == "join":
+            return Ask(Join(room=target))
+        if name == "leave":
+            return Ask(Leave(room=target))
+        if name == "who":
+            return Ask(Who(room=target))
+        return Switch(target)
+    if name == "history":
+        if len(args) > 1 or (args and not args[0].isdigit()):
+            return Invalid("usage: /history [N]")
+        limit = int(args[0]) if args else HISTORY_DEFAULT
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            return Invalid(f"N must be between 1 and {MAX_HISTORY_LIMIT}")
+        return Ask(History(room=room, limit=limit))
+    if name == "msg":
+        to, _, text = rest.strip().partition(" ")
+        if not to or not text.strip():
+            return Invalid("usage: /msg USER TEXT")
+        if not _NAME.fullmatch(to):
+            return Invalid(f"{to!r} is not a valid username")
+        return _text(text, lambda checked: SendDirect(to, checked))
     return Invalid(f"unknown command /{name}; /help lists the commands")
 
 
-def _text(text: str) -> Command:
+def _text(text: str, make: Callable[[str], Command]) -> Command:
     if len(text) > MAX_TEXT_CHARS:
         return Invalid(f"message too long ({len(text)} characters, at most {MAX_TEXT_CHARS})")
     if any(_is_control(char) for char in text):
         return Invalid("message contains control characters")
-    return SendText(text)
+    return make(text)
 
 
 def _is_control(char: str) -> bool:
@@ -225,84 +310,202 @@ def sanitize(text: str) -> str:
     ).replace("\n", "\n    ")
 
 
-_RESET, _BOLD, _DIM, _RED, _CYAN = "\x1b[0m", "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[36m"
+_RESET, _BOLD, _DIM, _RED = "\x1b[0m", "\x1b[1m", "\x1b[2m", "\x1b[31m"
+_CYAN, _MAGENTA = "\x1b[36m", "\x1b[35m"
 
 
-def format_message(message: Message, *, colour: bool, me: str | None = None) -> str:
-    """``08:00:00 [lobby] alice: hi`` in local time."""
-    try:
-        clock = datetime.fromisoformat(message.ts).astimezone().strftime("%H:%M:%S")
-    except ValueError:
-        clock = "--:--:--"
-    text = sanitize(message.text)
-    if not colour:
-        return f"{clock} [{message.room}] {message.sender}: {text}"
-    name_colour = _CYAN if message.sender == me else _BOLD
-    return f"{_DIM}{clock}{_RESET} [{message.room}] {name_colour}{message.sender}{_RESET}: {text}"
+class Formatter:
+    """Turns server envelopes into lines for the screen; colour only when asked."""
 
+    def __init__(self, *, me: str, colour: bool) -> None:
+        self.me = me
+        self.colour = colour
 
-def format_error(error: Error, *, colour: bool) -> str:
-    line = f"error: {sanitize(error.message)} ({error.code})"
-    return f"{_RED}{line}{_RESET}" if colour else line
+    def _paint(self, code: str, text: str) -> str:
+        return f"{code}{text}{_RESET}" if self.colour else text
 
+    def message(self, message: Message) -> str:
+        """``08:00:00 [lobby] alice: hi`` or ``08:00:00 [dm] alice -> bob: hi``, in local time."""
+        try:
+            clock = datetime.fromisoformat(message.ts).astimezone().strftime("%H:%M:%S")
+        except ValueError:
+            clock = "--:--:--"
+        sender = self._paint(_CYAN if message.sender == self.me else _BOLD, message.sender)
+        if message.to is not None:
+            where = self._paint(_MAGENTA, "[dm]")
+            sender = f"{sender} -> {message.to}"
+        else:
+            where = f"[{message.room}]"
+        return f"{self._paint(_DIM, clock)} {where} {sender}: {sanitize(message.text)}"
 
-def format_notice(text: str, *, colour: bool) -> str:
-    return f"{_DIM}{text}{_RESET}" if colour else text
+    def error(self, error: Error) -> str:
+        return self._paint(_RED, f"error: {sanitize(error.message)} ({error.code})")
+
+    def notice(self, text: str) -> str:
+        return self._paint(_DIM, text)
+
+    def describe(self, envelope: ServerEnvelope) -> str | None:
+        """A line for anything but messages, acks and history ends (None: nothing to show)."""
+        if isinstance(envelope, Presence):
+            return self.notice(f"[{envelope.room}] * {envelope.username} {envelope.state}")
+        if isinstance(envelope, Joined):
+            topic = f" ({sanitize(envelope.topic)})" if envelope.topic else ""
+            members = ", ".join(envelope.members)
+            return self.notice(f"joined {envelope.room}{topic}; members: {members}")
+        if isinstance(envelope, Left):
+            return self.notice(f"left {envelope.room}")
+        if isinstance(envelope, Members):
+            return (
+                f"[{envelope.room}] online: {', '.join(envelope.online) or '-'};"
+                f" members: {', '.join(envelope.members) or '-'}"
+            )
+        if isinstance(envelope, RoomList):
+            lines = [
+                f"  {room.name} ({room.members} members)"
+                + (f" {sanitize(room.topic)}" if room.topic else "")
+                for room in envelope.rooms
+            ]
+            return "\n".join(["rooms:", *lines])
+        if isinstance(envelope, Kicked):
+            return self.notice(f"kicked {envelope.username}")
+        if isinstance(envelope, Error):
+            return self.error(envelope)
+        return None
 
 
 # --- the interactive session ----------------------------------------------------
 
+Connect = Callable[[], Awaitable[tuple[ChatConnection, Welcome]]]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: exponential with jitter, capped; give up after ``give_up`` seconds."""
+
+    first: float = 0.5
+    cap: float = 30.0
+    give_up: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.cap, self.first * 2.0**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+class SeenIds:
+    """Ids of the messages already shown, so a replay never shows one twice (bounded)."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._order: deque[int] = deque()
+        self._ids: set[int] = set()
+        self._size = size
+        self.highest = 0
+
+    def add(self, message_id: int) -> bool:
+        """Record ``message_id``; False if it was already there."""
+        if message_id in self._ids:
+            return False
+        self._ids.add(message_id)
+        self._order.append(message_id)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        self.highest = max(self.highest, message_id)
+        return True
+
 
 class ChatSession:
-    """Runs the prompt loop and the receive loop until the user quits or the connection ends.
+    """The prompt loop and the network loop, until the user quits or the server is gone for good.
 
-    :meth:`run` returns the process exit code: 0 when the user quit (or
-    input ended) and every message sent was acknowledged, 1 otherwise.
+    :meth:`run` returns the process exit code: 0 when the user quit (or input
+    ended) and every message sent was acknowledged, 1 otherwise.
     """
 
-    def __init__(self, connection: ChatConnection, console: Console, username: str) -> None:
+    def __init__(
+        self,
+        connection: ChatConnection,
+        welcome: Welcome,
+        console: Console,
+        *,
+        reconnect: Connect | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self.connection = connection
         self.console = console
-        self.username = username
-        self.room = LOBBY
-        self.pending: dict[str, str] = {}  # client id -> text, until acknowledged
+        self.username = welcome.username
+        self.rooms = list(welcome.rooms)
+        self.room = LOBBY if LOBBY in self.rooms else (self.rooms[0] if self.rooms else LOBBY)
+        self.format = Formatter(me=self.username, colour=console.colour)
+        self.seen = SeenIds()
+        self.pending: dict[str, Say | Dm] = {}  # by client id, until acknowledged
         self.refused = 0
+        self._reconnect = reconnect
+        self._backoff = backoff or Backoff()
         self._ids = count(1)
         self._all_acked = trio.Event()
         self._all_acked.set()
+        self._connected = True
         self._leaving = False
+        self._replays = 0  # explicit /history requests not yet ended
+        self._exit_code = 1
 
     def prompt(self) -> str:
         return f"[{self.room}] send>>> "
 
     async def run(self) -> int:
-        exit_code = 1
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive_loop, nursery.cancel_scope)
-            exit_code = await self._input_loop()
+            nursery.start_soon(self._network_loop, nursery.cancel_scope)
+            self._exit_code = await self._input_loop()
             nursery.cancel_scope.cancel()
-        return exit_code
+        return self._exit_code
+
+    # --- input ---
 
     async def _input_loop(self) -> int:
         while (line := await self.console.read_line()) is not None:
-            command = parse_input(line)
+            command = parse_input(line, self.room)
             if command is None:
                 continue
             if isinstance(command, Quit):
                 break
-            if isinstance(command, ShowHelp):
-                self.console.show(HELP)
-            elif isinstance(command, Invalid):
-                self._notice(command.reason)
-            else:
-                await self._say(command.text)
+            await self._do(command)
         return await self._leave()
 
-    async def _say(self, text: str) -> None:
-        client_id = f"c{next(self._ids)}"
-        self.pending[client_id] = text
+    async def _do(self, command: Command) -> None:
+        if isinstance(command, ShowHelp):
+            self.console.show(HELP)
+        elif isinstance(command, Invalid):
+            self._notice(command.reason)
+        elif isinstance(command, Switch):
+            if command.room in self.rooms:
+                self.room = command.room
+                self._notice(f"plain lines now go to {command.room}")
+            else:
+                self._notice(f"you are not in {command.room}; /join it first")
+        elif isinstance(command, SendText):
+            await self._send_message(Say(room=self.room, text=command.text, id=self._next_id()))
+        elif isinstance(command, SendDirect):
+            await self._send_message(Dm(to=command.to, text=command.text, id=self._next_id()))
+        elif isinstance(command, Quit):
+            pass  # the input loop handles it
+        elif not self._connected:
+            self._notice("not connected right now; try again in a moment")
+        else:
+            envelope = command.envelope.model_copy(update={"id": self._next_id()})
+            if isinstance(envelope, History):
+                self._replays += 1
+            await self._send(envelope)
+
+    def _next_id(self) -> str:
+        return f"c{next(self._ids)}"
+
+    async def _send_message(self, envelope: Say | Dm) -> None:
+        assert envelope.id is not None
+        self.pending[envelope.id] = envelope
         self._all_acked = trio.Event()
-        await self.connection.send(Say(room=self.room, text=text, id=client_id))
+        await self._send(envelope)  # if the connection is down, the reconnect re-sends it
+
+    async def _send(self, envelope: ClientEnvelope) -> None:
+        if self._connected:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.connection.send(envelope)
 
     async def _leave(self) -> int:
         if self.pending:
@@ -310,14 +513,30 @@ class ChatSession:
                 await self._all_acked.wait()
         unacknowledged = len(self.pending)
         self._leaving = True
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.connection.send(Bye())
+        await self._send(Bye())
         if unacknowledged:
             self._notice(f"{unacknowledged} message(s) were not acknowledged by the server")
         return 0 if unacknowledged == 0 and self.refused == 0 else 1
 
-    async def _receive_loop(self, scope: trio.CancelScope) -> None:
-        colour = self.console.colour
+    # --- network ---
+
+    async def _network_loop(self, scope: trio.CancelScope) -> None:
+        while True:
+            retry = await self._receive_loop()
+            if self._leaving:
+                return
+            self._connected = False
+            await trio.aclose_forcefully(self.connection.stream)
+            if not retry or self._reconnect is None:
+                self._exit_code = 1
+                scope.cancel()
+                return
+            if not await self._reconnect_with_backoff():
+                scope.cancel()
+                return
+
+    async def _receive_loop(self) -> bool:
+        """Handle envelopes until the connection ends; True if reconnecting makes sense."""
         while True:
             try:
                 envelope = await self.connection.receive()
@@ -327,26 +546,93 @@ class ChatSession:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not self._leaving:
                     self._notice(f"[DISCONNECTED] {tls.describe_failure(exc, 'the server')}")
-                break
+                return True
             if envelope is None:
                 if not self._leaving:
                     self._notice("[DISCONNECTED] the server closed the connection")
-                break
-            if isinstance(envelope, Message):
-                self.console.show(format_message(envelope, colour=colour, me=self.username))
-            elif isinstance(envelope, Ack):
-                self._acknowledged(envelope.ref)
-            elif isinstance(envelope, Error):
-                if envelope.ref in self.pending:
-                    self.refused += 1
-                    self._acknowledged(envelope.ref)
-                self.console.show(format_error(envelope, colour=colour))
-        # The connection is gone: stop waiting for input.
-        scope.cancel()
+                return True
+            if isinstance(envelope, Error) and envelope.code == ErrorCode.KICKED:
+                self.console.show(self.format.error(envelope))
+                return False
+            await self._handle(envelope)
+
+    async def _handle(self, envelope: ServerEnvelope) -> None:
+        if isinstance(envelope, Message):
+            if self.seen.add(envelope.id) or self._replays:
+                self.console.show(self.format.message(envelope))
+            return
+        if isinstance(envelope, Ack):
+            self._acknowledged(envelope.ref)
+            return
+        if isinstance(envelope, HistoryEnd):
+            await self._history_ended(envelope)
+            return
+        if isinstance(envelope, Joined):
+            if envelope.room not in self.rooms:
+                self.rooms.append(envelope.room)
+            if envelope.ref is not None:
+                self.room = envelope.room
+        elif isinstance(envelope, Left):
+            if envelope.room in self.rooms:
+                self.rooms.remove(envelope.room)
+            if self.room == envelope.room:
+                self.room = (
+                    LOBBY if LOBBY in self.rooms else (self.rooms[0] if self.rooms else LOBBY)
+                )
+        elif isinstance(envelope, Error) and envelope.ref in self.pending:
+            self.refused += 1
+            self._acknowledged(envelope.ref)
+        line = self.format.describe(envelope)
+        if line is not None:
+            self.console.show(line)
+
+    async def _history_ended(self, end: HistoryEnd) -> None:
+        if end.ref is not None and end.ref.startswith("sync"):
+            if end.more:  # catching up after a reconnect: fetch the next page
+                await self._send(History(after=end.last, limit=MAX_HISTORY_LIMIT, id="sync"))
+            return
+        self._replays = max(0, self._replays - 1)
 
     def _acknowledged(self, ref: str | None) -> None:
         if ref is not None and self.pending.pop(ref, None) is not None and not self.pending:
             self._all_acked.set()
 
+    async def _reconnect_with_backoff(self) -> bool:
+        assert self._reconnect is not None
+        deadline = trio.current_time() + self._backoff.give_up
+        attempt = 0
+        while True:
+            delay = self._backoff.delay(attempt)
+            if trio.current_time() + delay > deadline:
+                self._notice("giving up: the server is still unreachable")
+                self._exit_code = 1
+                return False
+            self._notice(f"reconnecting in {delay:.1f} s")
+            await trio.sleep(delay)
+            attempt += 1
+            try:
+                connection, welcome = await self._reconnect()
+            except LoginRefused as exc:
+                self.console.show(self.format.notice(str(exc)))
+                self._exit_code = 1
+                return False
+            except ClientError as exc:
+                self._notice(str(exc))
+                continue
+            break
+        self.connection = connection
+        self.rooms = list(welcome.rooms)
+        if self.room not in self.rooms:
+            self.room = LOBBY
+        self._connected = True
+        self._replays = 0
+        self._notice("[RECONNECTED]")
+        if self.seen.highest:
+            # Everything visible to us since the last message we saw.
+            await self._send(History(after=self.seen.highest, limit=MAX_HISTORY_LIMIT, id="sync"))
+        for envelope in list(self.pending.values()):
+            await self._send(envelope)  # the same ids: the server will not deliver twice
+        return True
+
     def _notice(self, text: str) -> None:
-        self.console.show(format_notice(text, colour=self.console.colour))
+        self.console.show(self.format.notice(text))

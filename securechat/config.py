@@ -12,10 +12,11 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import auth
-from .protocol import DEFAULT_MAX_FRAME_BYTES, Name
+from .hub import RoomSettings
+from .protocol import DEFAULT_MAX_FRAME_BYTES, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -38,6 +39,7 @@ class ServerSection(_Section):
     ca: ConfigPath = Path("certs/ca.crt")
     client_certs: auth.ClientCertMode = "optional"
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=16 * 1024 * 1024)
+    allow_room_create: bool = True
 
 
 class LimitsSection(_Section):
@@ -59,6 +61,15 @@ class UserSection(_Section):
         return None if value is None else auth.check_phc(value)
 
 
+class RoomSection(_Section):
+    topic: Topic = ""
+    members: list[Name] | None = None
+
+
+class StorageSection(_Section):
+    path: ConfigPath = Path("data/securechat.db")
+
+
 class ClientSection(_Section):
     host: str = Field("localhost", min_length=1)
     port: Port = 8000
@@ -71,8 +82,34 @@ class ClientSection(_Section):
 class Config(_Section):
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
+    storage: StorageSection = StorageSection()
     users: dict[Name, UserSection] = {}
+    rooms: dict[Name, RoomSection] = {}
     client: ClientSection = ClientSection()
+
+    @field_validator("users")
+    @classmethod
+    def _no_reserved_names(cls, users: dict[str, UserSection]) -> dict[str, UserSection]:
+        if SERVER_USER in users:
+            raise ValueError(f"{SERVER_USER!r} is reserved for operator announcements")
+        return users
+
+    @model_validator(mode="after")
+    def _room_members_are_users(self) -> Config:
+        for name, room in self.rooms.items():
+            unknown = sorted(set(room.members or ()) - set(self.users))
+            if unknown:
+                raise ValueError(f"rooms.{name}.members: unknown users {', '.join(unknown)}")
+        return self
+
+    def room_settings(self) -> dict[str, RoomSettings]:
+        return {
+            name: RoomSettings(
+                topic=room.topic,
+                allowed=None if room.members is None else frozenset(room.members),
+            )
+            for name, room in self.rooms.items()
+        }
 
     def accounts(self) -> dict[str, auth.Account]:
         return {
@@ -84,6 +121,7 @@ class Config(_Section):
 _PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "server": ("cert", "key", "ca"),
     "client": ("ca", "cert", "key"),
+    "storage": ("path",),
 }
 
 
@@ -119,12 +157,12 @@ def describe_errors(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False, include_input=False):
         key = _dotted(error["loc"])
         if error["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown key")
+            message = "unknown key"
         elif error["type"] == "missing":
-            parts.append(f"{key}: missing")
+            message = "missing"
         else:
             message = error["msg"].removeprefix("Value error, ")
-            parts.append(f"{key}: {message}")
+        parts.append(f"{key}: {message}" if key else message)
     return "; ".join(parts)
 
 
@@ -132,7 +170,7 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     # ('users', 'Alice', '[key]') is how pydantic reports a bad dict key.
     if loc and loc[-1] == "[key]":
         return ".".join(str(part) for part in loc[:-1]) + " (name)"
-    return ".".join(str(part) for part in loc) or "(top level)"
+    return ".".join(str(part) for part in loc)
 
 
 def _anchor_paths(config: Config, base: Path) -> Config:

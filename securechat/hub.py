@@ -1,21 +1,60 @@
-"""Who is connected, which rooms they are in, and fan-out of messages.
+"""Rooms, direct messages, presence and fan-out: the chat itself.
 
-The hub does no network I/O: it puts encoded frames into each member's
-:class:`Outbox`, and each connection's writer task drains its own outbox.
-A broadcast is validated and encoded once; every recipient gets the same
-``bytes`` object, so a slow recipient costs memory up to its outbox's cap
-and nothing else.
+The hub knows who is connected (one :class:`Member` per logged-in
+connection; a user may have several), which rooms exist and who belongs to
+them, and what each request means. It does no network I/O: replies and
+deliveries are encoded frames put into each member's :class:`Outbox`, which
+that connection's writer task drains. A broadcast is encoded once and every
+recipient gets the same ``bytes`` object.
+
+Messages are durable: ``say`` and ``dm`` hand the message to the
+:class:`~securechat.store.Store` and return at once; the fan-out and the
+``ack`` happen in the store's commit callback, so nothing is delivered or
+acknowledged before it is on disk, and a sender can pipeline many messages.
+A re-sent client ``id`` (within a window per user) gets the original
+``ack`` again instead of a second message.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
 
 import trio
 
-from .protocol import LOBBY, ErrorCode, Message, ProtocolError, encode, utc_timestamp
+from .protocol import (
+    LOBBY,
+    SERVER_USER,
+    Ack,
+    Error,
+    ErrorCode,
+    HistoryEnd,
+    Joined,
+    Kicked,
+    Left,
+    Members,
+    Message,
+    Presence,
+    ProtocolError,
+    RoomInfo,
+    RoomList,
+    encode,
+    utc_timestamp,
+)
+from .store import AddMember, AppendMessage, MarkDelivered, RemoveMember, SaveRoom, Store
+
+log = logging.getLogger(__name__)
+
+# Idempotent sends: a client id is remembered while it is among the user's
+# last RECENT_IDS ids or younger than RECENT_SECONDS, up to RECENT_IDS_MAX.
+RECENT_IDS = 1000
+RECENT_SECONDS = 600.0
+RECENT_IDS_MAX = 20_000
 
 
 class Outbox:
@@ -81,48 +120,403 @@ class Member:
 
     username: str
     outbox: Outbox
+    admin: bool = False
+    # Send this error, then close the connection (kick, account removed).
+    disconnect: Callable[[Error], None] = field(default=lambda error: None)
+
+    def send(
+        self, envelope: Ack | Error | Joined | Left | Members | RoomList | HistoryEnd | Kicked
+    ) -> None:
+        self.outbox.put(encode(envelope))
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    """A room defined in the config file."""
+
+    topic: str = ""
+    allowed: frozenset[str] | None = None  # None: anyone may join
+
+
+@dataclass(eq=False)
+class Room:
+    name: str
+    topic: str = ""
+    allowed: frozenset[str] | None = None
+    members: set[str] = field(default_factory=set)  # usernames, persistent
+    connections: dict[Member, None] = field(default_factory=dict)  # members' online connections
+
+    def may_join(self, username: str) -> bool:
+        return self.allowed is None or username in self.allowed
+
+    def broadcast(self, frame: bytes, *, skip_user: str | None = None) -> None:
+        # list(): a put() that overflows disconnects, and that mutates connections.
+        for member in list(self.connections):
+            if member.username != skip_user:
+                member.outbox.put(frame)
+
+
+class RecentIds:
+    """One user's recently used client ids and the message ids they became."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def get(self, client_id: str) -> int | None:
+        entry = self._ids.get(client_id)
+        return None if entry is None else entry[0]
+
+    def add(self, client_id: str, message_id: int, when: float) -> None:
+        self._ids[client_id] = (message_id, when)
+        self._ids.move_to_end(client_id)
+        horizon = when - RECENT_SECONDS
+        while len(self._ids) > RECENT_IDS_MAX or (
+            len(self._ids) > RECENT_IDS and next(iter(self._ids.values()))[1] < horizon
+        ):
+            self._ids.popitem(last=False)
+
+
+Reply = Callable[[Ack | Error], None]
 
 
 class Hub:
-    """Rooms and their members; assigns message ids and fans messages out.
+    """The chat's state and rules, on top of a :class:`Store`."""
 
-    In this version every user is in ``lobby`` and nothing else; a later
-    version adds room membership and durable history behind the same calls.
-    """
+    def __init__(
+        self,
+        store: Store,
+        *,
+        users: Iterable[str],
+        rooms: Mapping[str, RoomSettings],
+        allow_room_create: bool = True,
+    ) -> None:
+        self.store = store
+        self.allow_room_create = allow_room_create
+        self.users: set[str] = set(users)
+        self._online: dict[str, list[Member]] = {}
+        self._rooms: dict[str, Room] = {LOBBY: Room(LOBBY)}
+        for name, topic in store.rooms().items():
+            self._rooms[name] = Room(name, topic)
+        for name, members in store.memberships().items():
+            self._rooms.setdefault(name, Room(name)).members |= members
+        self.configure_rooms(rooms)
+        self._last_id = store.last_message_id()
+        self._recent: dict[str, RecentIds] = {}
+        # (user, client id) of messages waiting for their commit, and the
+        # replies owed to re-sends that arrived meanwhile.
+        self._pending: dict[tuple[str, str], list[Reply]] = {}
+        for sent in store.recent_sends(RECENT_IDS_MAX):
+            self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
 
-    def __init__(self) -> None:
-        self._rooms: dict[str, dict[Member, None]] = {LOBBY: {}}
-        self._last_id = 0
+    # --- configuration ---
 
-    def attach(self, member: Member) -> list[str]:
-        """Add a logged-in connection; returns the rooms it is in."""
-        self._rooms[LOBBY][member] = None
-        return [LOBBY]
+    def configure_rooms(self, rooms: Mapping[str, RoomSettings]) -> None:
+        """Apply the config file's rooms (at start-up and on reload)."""
+        for name, settings in rooms.items():
+            room = self._rooms.setdefault(name, Room(name))
+            room.topic, room.allowed = settings.topic, settings.allowed
 
-    def detach(self, member: Member) -> None:
-        for members in self._rooms.values():
-            members.pop(member, None)
+    def online_users(self) -> list[str]:
+        return sorted(self._online)
 
-    def members(self) -> Iterator[Member]:
-        """Every attached connection, once."""
-        seen: set[Member] = set()
-        for members in self._rooms.values():
-            for member in members:
-                if member not in seen:
-                    seen.add(member)
-                    yield member
+    def rooms_of(self, username: str) -> list[str]:
+        return sorted(name for name, room in self._rooms.items() if username in room.members)
 
-    def publish(self, sender: Member, room: str, text: str) -> Message:
-        """Deliver ``text`` from ``sender`` to everyone in ``room``; raises ``not_member``."""
-        members = self._rooms.get(room)
-        if members is None or sender not in members:
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room!r}")
-        self._last_id += 1
-        message = Message(
-            id=self._last_id, room=room, sender=sender.username, text=text, ts=utc_timestamp()
+    # --- connections ---
+
+    async def login(self, member: Member) -> list[str]:
+        """Attach a logged-in connection; returns the user's rooms (the lobby always among them)."""
+        user = member.username
+        lobby = self._rooms[LOBBY]
+        if user not in lobby.members:
+            lobby.members.add(user)
+            await self._persist(AddMember(LOBBY, user))
+        connections = self._online.setdefault(user, [])
+        connections.append(member)
+        rooms = self.rooms_of(user)
+        for name in rooms:
+            self._rooms[name].connections[member] = None
+        if len(connections) == 1:
+            self._announce_presence(user, rooms, "online")
+        return rooms
+
+    def logout(self, member: Member) -> None:
+        user = member.username
+        connections = self._online.get(user, [])
+        if member in connections:
+            connections.remove(member)
+        for room in self._rooms.values():
+            room.connections.pop(member, None)
+        if not connections and user in self._online:
+            del self._online[user]
+            self._announce_presence(user, self.rooms_of(user), "offline")
+
+    async def deliver_stored(self, member: Member) -> None:
+        """Send ``member`` the direct messages that arrived while its user was offline."""
+        waiting = await self.store.undelivered(member.username)
+        for message in waiting:
+            member.outbox.put(encode(message))
+        if waiting:
+            await self._persist(MarkDelivered(tuple(message.id for message in waiting)))
+
+    def _announce_presence(
+        self, user: str, rooms: Iterable[str], state: Literal["online", "offline"]
+    ) -> None:
+        for name in rooms:
+            frame = encode(Presence(room=name, username=user, state=state))
+            self._rooms[name].broadcast(frame, skip_user=user)
+
+    def connections_of(self, username: str) -> list[Member]:
+        return list(self._online.get(username, ()))
+
+    # --- rooms ---
+
+    async def join(self, member: Member, name: str, ref: str | None) -> None:
+        user = member.username
+        room = self._rooms.get(name)
+        if room is None:
+            if not self.allow_room_create:
+                raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {name!r}")
+            room = self._rooms[name] = Room(name)
+            writes: tuple[SaveRoom | AddMember, ...] = (SaveRoom(name, ""), AddMember(name, user))
+        elif not room.may_join(user):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"room {name!r} is private")
+        else:
+            writes = () if user in room.members else (AddMember(name, user),)
+        if writes:
+            try:
+                await self.store.write(*writes)
+            except Exception:
+                log.exception("cannot save membership user=%s room=%s", user, name)
+                raise ProtocolError(
+                    ErrorCode.UNAVAILABLE, "cannot save that now; try again"
+                ) from None
+            room.members.add(user)
+            room.broadcast(
+                encode(Presence(room=name, username=user, state="joined")), skip_user=user
+            )
+        for connection in self._online.get(user, ()):
+            room.connections[connection] = None
+            reply = Joined(
+                room=name,
+                topic=room.topic,
+                members=sorted(room.members),
+                ref=ref if connection is member else None,
+            )
+            connection.send(reply)
+
+    async def leave(self, member: Member, name: str, ref: str | None) -> None:
+        user = member.username
+        room = self._rooms.get(name)
+        if room is None or user not in room.members:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {name!r}")
+        room.members.discard(user)
+        for connection in self._online.get(user, ()):
+            room.connections.pop(connection, None)
+            connection.send(Left(room=name, ref=ref if connection is member else None))
+        room.broadcast(encode(Presence(room=name, username=user, state="left")))
+        await self._persist(RemoveMember(name, user))
+
+    def who(self, member: Member, name: str, ref: str | None) -> Members:
+        room = self._visible_room(member, name)
+        return Members(
+            room=name,
+            online=sorted(user for user in room.members if user in self._online),
+            members=sorted(room.members),
+            ref=ref,
         )
-        frame = encode(message)
-        # list(): a put() that overflows disconnects, and detach mutates the dict.
-        for member in list(members):
-            member.outbox.put(frame)
-        return message
+
+    def room_list(self, member: Member, ref: str | None) -> RoomList:
+        return RoomList(
+            rooms=[
+                RoomInfo(name=room.name, topic=room.topic, members=len(room.members))
+                for room in sorted(self._rooms.values(), key=lambda room: room.name)
+                if room.may_join(member.username)
+            ],
+            ref=ref,
+        )
+
+    def _visible_room(self, member: Member, name: str) -> Room:
+        room = self._rooms.get(name)
+        if room is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {name!r}")
+        if not room.may_join(member.username):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"room {name!r} is private")
+        return room
+
+    # --- messages ---
+
+    async def say(self, member: Member, room_name: str, text: str, client_id: str | None) -> None:
+        """Store and deliver a room message; the ack (or error) reaches ``member`` after commit."""
+        room = self._rooms.get(room_name)
+        if room is None or member.username not in room.members:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room_name!r}")
+        if self._is_resend(member, client_id):
+            return
+        message = self._new_message(member.username, text, room=room_name)
+
+        def committed(error: BaseException | None) -> None:
+            if error is None:
+                room.broadcast(encode(message))
+            self._settle(member, client_id, message.id, error)
+
+        await self.store.submit(AppendMessage(message, client_id), committed)
+
+    async def dm(self, member: Member, to: str, text: str, client_id: str | None) -> None:
+        """Store and deliver a direct message; stored for later if ``to`` is offline."""
+        if to not in self.users:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no user {to!r}")
+        if self._is_resend(member, client_id):
+            return
+        message = self._new_message(member.username, text, to=to)
+        recipient_online = to in self._online
+
+        def committed(error: BaseException | None) -> None:
+            if error is None:
+                frame = encode(message)
+                connections = dict.fromkeys(
+                    [*self._online.get(to, ()), *self._online.get(member.username, ())]
+                )
+                for connection in connections:
+                    connection.outbox.put(frame)
+                if not recipient_online and to in self._online:
+                    # The recipient logged in while this was being written.
+                    self._spawn_persist(MarkDelivered((message.id,)))
+            self._settle(member, client_id, message.id, error)
+
+        await self.store.submit(
+            AppendMessage(message, client_id, delivered=recipient_online), committed
+        )
+
+    async def announce(self, text: str) -> int:
+        """A message from ``server`` to every room (the operator console); returns how many."""
+        rooms = list(self._rooms.values())
+        for room in rooms:
+            message = self._new_message(SERVER_USER, text, room=room.name)
+            frame = encode(message)
+
+            def committed(
+                error: BaseException | None, room: Room = room, frame: bytes = frame
+            ) -> None:
+                if error is None:
+                    room.broadcast(frame)
+
+            await self.store.submit(AppendMessage(message), committed)
+        return len(rooms)
+
+    def _new_message(
+        self, sender: str, text: str, *, room: str | None = None, to: str | None = None
+    ) -> Message:
+        self._last_id += 1
+        return Message(
+            id=self._last_id, room=room, to=to, sender=sender, text=text, ts=utc_timestamp()
+        )
+
+    def _is_resend(self, member: Member, client_id: str | None) -> bool:
+        """A client id seen before: answer with the original outcome instead of sending again."""
+        if client_id is None:
+            return False
+        recent = self._recent.get(member.username)
+        message_id = recent.get(client_id) if recent else None
+        if message_id is not None:
+            member.send(Ack(ref=client_id, id=message_id))
+            return True
+        waiting = self._pending.get((member.username, client_id))
+        if waiting is not None:
+            waiting.append(member.send)
+            return True
+        self._pending[(member.username, client_id)] = []
+        return False
+
+    def _settle(
+        self, member: Member, client_id: str | None, message_id: int, error: BaseException | None
+    ) -> None:
+        reply: Ack | Error
+        if error is None:
+            reply = Ack(ref=client_id, id=message_id)
+            if client_id is not None:
+                self._remember(member.username, client_id, message_id, time.time())
+        else:
+            reply = Error(
+                code=ErrorCode.UNAVAILABLE,
+                message="the message could not be stored; send it again",
+                ref=client_id,
+            )
+        member.send(reply)
+        if client_id is not None:
+            for send in self._pending.pop((member.username, client_id), []):
+                send(reply)
+
+    def _remember(self, user: str, client_id: str, message_id: int, when: float) -> None:
+        self._recent.setdefault(user, RecentIds()).add(client_id, message_id, when)
+
+    # --- history ---
+
+    async def history(
+        self,
+        member: Member,
+        *,
+        room: str | None,
+        peer: str | None,
+        after: int | None,
+        limit: int,
+        ref: str | None,
+    ) -> None:
+        """Replay stored messages to ``member``, then ``history_end``."""
+        user = member.username
+        if room is not None:
+            found = self._rooms.get(room)
+            if found is None or user not in found.members:
+                raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room!r}")
+            messages = await self.store.room_history(room, after, limit)
+        elif peer is not None:
+            messages = await self.store.direct_history(user, peer, after, limit)
+        else:
+            messages = await self.store.visible_history(user, self.rooms_of(user), after, limit)
+        for message in messages:
+            member.outbox.put(encode(message))
+        last = messages[-1].id if messages else (after or 0)
+        member.send(
+            HistoryEnd(room=room, peer=peer, last=last, more=len(messages) == limit, ref=ref)
+        )
+
+    # --- moderation ---
+
+    def kick(self, username: str, *, by: str, reason: str | None, ref: str | None = None) -> Kicked:
+        connections = self._online.get(username)
+        if not connections:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, f"{username!r} is not online")
+        text = f"kicked by {by}" + (f": {reason}" if reason else "")
+        self.disconnect_user(username, Error(code=ErrorCode.KICKED, message=text))
+        log.warning("kick user=%s by=%s", username, by)
+        return Kicked(username=username, ref=ref)
+
+    def disconnect_user(self, username: str, error: Error) -> None:
+        for connection in list(self._online.get(username, ())):
+            connection.disconnect(error)
+
+    # --- store helpers ---
+
+    async def _persist(self, write: AddMember | RemoveMember | MarkDelivered) -> None:
+        """Write state whose loss costs little (it is logged, never raised)."""
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("could not save %s: %s", write, error)
+
+        await self.store.submit(write, done)
+
+    def _spawn_persist(self, write: MarkDelivered) -> None:
+        # Called from a commit callback, which must not wait: the write is
+        # small and the queue is large, so it is queued without blocking.
+        try:
+            self.store.submit_nowait(write, lambda error: None)
+        except trio.WouldBlock:
+            log.warning("store queue full; %s not saved", write)
+
+
+def _epoch(ts: str) -> float:
+    try:
+        return datetime.fromisoformat(ts).timestamp()
+    except ValueError:
+        return 0.0

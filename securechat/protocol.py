@@ -30,13 +30,17 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_serializer,
+    model_validator,
 )
 
 ALPN_PROTOCOL = "securechat/1"
 DEFAULT_MAX_FRAME_BYTES = 65536
 MAX_TEXT_CHARS = 4000
 MAX_PASSWORD_CHARS = 1024
+MAX_HISTORY_LIMIT = 500
+MAX_TOPIC_CHARS = 200
 LOBBY = "lobby"
+SERVER_USER = "server"  # sender of operator announcements; no account may have this name
 
 NAME_PATTERN = r"^[a-z0-9_][a-z0-9_.-]{0,31}$"
 # Visible ASCII only: ids are echoed back and shown in logs.
@@ -51,6 +55,10 @@ ClientId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Text = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN)
 ]
+# One line of text: room topics and kick reasons.
+LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+Topic = Annotated[str, StringConstraints(max_length=MAX_TOPIC_CHARS, pattern=LINE_PATTERN)]
+Reason = Annotated[str, StringConstraints(max_length=MAX_TOPIC_CHARS, pattern=LINE_PATTERN)]
 
 
 class ErrorCode(enum.StrEnum):
@@ -62,6 +70,11 @@ class ErrorCode(enum.StrEnum):
     AUTH_FAILED = "auth_failed"
     FRAME_TOO_LARGE = "frame_too_large"
     NOT_MEMBER = "not_member"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_USER = "unknown_user"
+    UNKNOWN_ROOM = "unknown_room"
+    UNAVAILABLE = "unavailable"
+    KICKED = "kicked"
     TIMEOUT = "timeout"
     SERVER_SHUTDOWN = "server_shutdown"
 
@@ -127,6 +140,75 @@ class Say(_Envelope):
     id: ClientId | None = None
 
 
+class Dm(_Envelope):
+    """Send ``text`` to one user (stored and delivered later if they are offline)."""
+
+    type: Literal["dm"] = "dm"
+    to: Name
+    text: Text
+    id: ClientId | None = None
+
+
+class Join(_Envelope):
+    """Join ``room``, creating it if it does not exist (when the server allows that)."""
+
+    type: Literal["join"] = "join"
+    room: Name
+    id: ClientId | None = None
+
+
+class Leave(_Envelope):
+    type: Literal["leave"] = "leave"
+    room: Name
+    id: ClientId | None = None
+
+
+class Who(_Envelope):
+    """Who is in ``room``, and who of them is online."""
+
+    type: Literal["who"] = "who"
+    room: Name
+    id: ClientId | None = None
+
+
+class Rooms(_Envelope):
+    """The rooms this user can see."""
+
+    type: Literal["rooms"] = "rooms"
+    id: ClientId | None = None
+
+
+class History(_Envelope):
+    """Replay stored messages in id order, then ``history_end``.
+
+    Scope: ``room`` (a room the user is in), ``with`` (direct messages with
+    one user), or neither (everything the user can see: their rooms and
+    their direct messages). Without ``after``, the latest ``limit`` messages.
+    """
+
+    type: Literal["history"] = "history"
+    room: Name | None = None
+    peer: Name | None = Field(default=None, alias="with")
+    after: int | None = Field(default=None, ge=0)
+    limit: int = Field(default=100, ge=1, le=MAX_HISTORY_LIMIT)
+    id: ClientId | None = None
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> History:
+        if self.room is not None and self.peer is not None:
+            raise ValueError("give room or with, not both")
+        return self
+
+
+class Kick(_Envelope):
+    """Disconnect every connection of ``username`` (admins only)."""
+
+    type: Literal["kick"] = "kick"
+    username: Name
+    reason: Reason | None = None
+    id: ClientId | None = None
+
+
 class Ping(_Envelope):
     """Liveness check; answered by ``pong``."""
 
@@ -141,7 +223,7 @@ class Bye(_Envelope):
     id: ClientId | None = None
 
 
-ClientEnvelope = Annotated[Hello | Say | Ping | Bye, Field(discriminator="type")]
+ClientEnvelope = Hello | Say | Dm | Join | Leave | Who | Rooms | History | Kick | Ping | Bye
 
 
 # --- server -> client -------------------------------------------------------
@@ -152,28 +234,107 @@ class Welcome(_Envelope):
 
     type: Literal["welcome"] = "welcome"
     username: Name
-    rooms: list[Name]
+    rooms: list[Name] = Field(description="The rooms this user is a member of.")
     server: str
     ref: ClientId | None = None
 
 
 class Message(_Envelope):
-    """A chat message, delivered to every member of ``room`` (the sender too)."""
+    """A chat message: to everyone in ``room``, or a direct message ``to`` one user.
+
+    Exactly one of ``room`` and ``to`` is present. The sender receives its own
+    message too.
+    """
 
     type: Literal["message"] = "message"
     id: int = Field(ge=1, description="Server-assigned, increasing.")
-    room: Name
+    room: Name | None = None
+    to: Name | None = None
     sender: Name = Field(alias="from")
     text: Text
     ts: str = Field(description="UTC time the server accepted it, ISO 8601 with milliseconds.")
 
+    @model_validator(mode="after")
+    def _room_or_recipient(self) -> Message:
+        if (self.room is None) == (self.to is None):
+            raise ValueError("exactly one of room and to")
+        return self
+
 
 class Ack(_Envelope):
-    """The server accepted the ``say`` whose ``id`` was ``ref`` as message ``id``."""
+    """The server stored the ``say``/``dm`` whose ``id`` was ``ref`` as message ``id``."""
 
     type: Literal["ack"] = "ack"
     ref: ClientId | None = None
     id: int = Field(ge=1)
+
+
+class Joined(_Envelope):
+    type: Literal["joined"] = "joined"
+    room: Name
+    topic: Topic
+    members: list[Name]
+    ref: ClientId | None = None
+
+
+class Left(_Envelope):
+    type: Literal["left"] = "left"
+    room: Name
+    ref: ClientId | None = None
+
+
+class Presence(_Envelope):
+    """``username`` joined or left ``room``, or came online or went offline."""
+
+    type: Literal["presence"] = "presence"
+    room: Name
+    username: Name
+    state: Literal["joined", "left", "online", "offline"]
+
+
+class Members(_Envelope):
+    """Answer to ``who``."""
+
+    type: Literal["members"] = "members"
+    room: Name
+    online: list[Name]
+    members: list[Name]
+    ref: ClientId | None = None
+
+
+class RoomInfo(_Envelope):
+    name: Name
+    topic: Topic
+    members: int = Field(ge=0, description="How many users are members.")
+
+
+class RoomList(_Envelope):
+    """Answer to ``rooms``."""
+
+    type: Literal["room_list"] = "room_list"
+    rooms: list[RoomInfo]
+    ref: ClientId | None = None
+
+
+class HistoryEnd(_Envelope):
+    """Ends a ``history`` replay; ``last`` is the cursor to pass as ``after`` for the next page."""
+
+    type: Literal["history_end"] = "history_end"
+    room: Name | None = None
+    peer: Name | None = Field(default=None, alias="with")
+    last: int = Field(
+        ge=0, description="Id of the last message replayed, else the request's after."
+    )
+    more: bool = Field(description="True when the limit was reached: ask again after last.")
+    ref: ClientId | None = None
+
+
+class Kicked(_Envelope):
+    """Answer to ``kick``: the user's connections were closed."""
+
+    type: Literal["kicked"] = "kicked"
+    username: Name
+    ref: ClientId | None = None
 
 
 class Pong(_Envelope):
@@ -192,10 +353,27 @@ class Error(_Envelope):
     ref: ClientId | None = None
 
 
-ServerEnvelope = Annotated[Welcome | Message | Ack | Pong | Error, Field(discriminator="type")]
+ServerEnvelope = (
+    Welcome
+    | Message
+    | Ack
+    | Joined
+    | Left
+    | Presence
+    | Members
+    | RoomList
+    | HistoryEnd
+    | Kicked
+    | Pong
+    | Error
+)
 
-_CLIENT_ADAPTER: TypeAdapter[Hello | Say | Ping | Bye] = TypeAdapter(ClientEnvelope)
-_SERVER_ADAPTER: TypeAdapter[Welcome | Message | Ack | Pong | Error] = TypeAdapter(ServerEnvelope)
+_CLIENT_ADAPTER: TypeAdapter[ClientEnvelope] = TypeAdapter(
+    Annotated[ClientEnvelope, Field(discriminator="type")]
+)
+_SERVER_ADAPTER: TypeAdapter[ServerEnvelope] = TypeAdapter(
+    Annotated[ServerEnvelope, Field(discriminator="type")]
+)
 
 
 def json_schemas() -> dict[str, Any]:
@@ -220,7 +398,7 @@ def utc_timestamp(now: datetime | None = None) -> str:
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def parse_client_frame(frame: bytes) -> Hello | Say | Ping | Bye:
+def parse_client_frame(frame: bytes) -> ClientEnvelope:
     """Validate one frame from a client; raises :class:`ProtocolError`."""
     try:
         envelope = _CLIENT_ADAPTER.validate_json(frame)
@@ -230,7 +408,7 @@ def parse_client_frame(frame: bytes) -> Hello | Say | Ping | Bye:
     return envelope
 
 
-def parse_server_frame(frame: bytes) -> Welcome | Message | Ack | Pong | Error:
+def parse_server_frame(frame: bytes) -> ServerEnvelope:
     """Validate one frame from the server; raises :class:`ProtocolError`."""
     try:
         return _SERVER_ADAPTER.validate_json(frame)
@@ -263,6 +441,8 @@ def _describe(errors: list[Any]) -> str:
             parts.append(f"{field}: unknown field")
         elif kind == "missing":
             parts.append(f"{field}: missing")
+        elif kind == "value_error":
+            parts.append(str(error["msg"]).removeprefix("Value error, "))
         elif kind == "string_pattern_mismatch":
             parts.append(f"{field}: {_PATTERN_HINTS.get(field, 'invalid characters')}")
         else:

@@ -22,20 +22,29 @@ from .certs import common_name
 from .config import Config
 from .hub import Hub, Member, Outbox
 from .protocol import (
-    Ack,
     Bye,
+    ClientEnvelope,
+    Dm,
     Error,
     ErrorCode,
     FrameDecoder,
     Hello,
+    History,
+    Join,
+    Kick,
+    Leave,
     Ping,
     Pong,
     ProtocolError,
+    Rooms,
     Say,
+    ServerEnvelope,
     Welcome,
+    Who,
     encode,
     parse_client_frame,
 )
+from .store import Store
 
 log = logging.getLogger("securechat.server")
 
@@ -68,7 +77,13 @@ class ChatServer:
             config.server.client_certs,
             max_concurrent_checks=config.limits.auth_workers,
         )
-        self.hub = Hub()
+        self.store = Store(config.storage.path)
+        self.hub = Hub(
+            self.store,
+            users=config.users,
+            rooms=config.room_settings(),
+            allow_room_create=settings.allow_room_create,
+        )
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._connections: set[_Connection] = set()
@@ -76,6 +91,21 @@ class ChatServer:
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
+
+    def reload(self, config: Config) -> None:
+        """Apply a re-read config file: users, passwords and rooms (not server settings)."""
+        removed = set(self.config.users) - set(config.users)
+        self.config = self.config.model_copy(update={"users": config.users, "rooms": config.rooms})
+        self.authenticator.accounts = config.accounts()
+        self.hub.users = set(config.users)
+        self.hub.configure_rooms(config.room_settings())
+        for username in sorted(removed):
+            self.hub.disconnect_user(
+                username, Error(code=ErrorCode.KICKED, message="your account was removed")
+            )
+        log.info(
+            "config reloaded: users=%d removed=%s", len(config.users), ",".join(removed) or "-"
+        )
 
     async def listen(self) -> list[tuple[str, int]]:
         """Bind the listening sockets (OSError when the address is taken); returns the addresses."""
@@ -98,6 +128,23 @@ class ChatServer:
             settings.client_certs,
             len(self.authenticator.accounts),
         )
+        try:
+            async with trio.open_nursery() as storage:
+                await storage.start(self.store.run_writer)
+                try:
+                    await self._serve_connections(listeners, task_status)
+                finally:
+                    # The writer commits what is queued, then ends.
+                    self.store.close()
+        finally:
+            self.store.close_database()
+        log.info("server stopped")
+
+    async def _serve_connections(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[list[tuple[str, int]]],
+    ) -> None:
         async with trio.open_nursery() as connections:
             try:
                 async with trio.open_nursery() as acceptors:
@@ -114,7 +161,6 @@ class ChatServer:
             for connection in list(self._connections):
                 connection.finish(farewell)
             connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
-        log.info("server stopped")
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -168,7 +214,7 @@ class _Connection:
         self.clean = True  # False when the stream may be mid-write and cannot say goodbye
         self._scope = trio.CancelScope()
 
-    def send(self, envelope: Welcome | Ack | Pong | Error) -> None:
+    def send(self, envelope: ServerEnvelope) -> None:
         self.outbox.put(encode(envelope))
 
     def finish(self, farewell: bytes) -> None:
@@ -195,7 +241,7 @@ class _Connection:
                     self.outbox.close()
                     nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
         if self.member is not None:
-            self.server.hub.detach(self.member)
+            self.server.hub.logout(self.member)
             log.info("logout user=%s peer=%s", self.member.username, self.peer)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
@@ -229,8 +275,12 @@ class _Connection:
                 except ProtocolError as exc:
                     self.send(exc.to_envelope())
                     continue
-                if not self._dispatch(self.member, envelope):
-                    return
+                try:
+                    if not await self._dispatch(self.member, envelope):
+                        return
+                except ProtocolError as exc:
+                    exc.ref = envelope.id
+                    self.send(exc.to_envelope())
         except ProtocolError as exc:  # from the decoder: always fatal
             log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
             self.send(exc.to_envelope())
@@ -268,9 +318,16 @@ class _Connection:
                 )
             )
             return None
-        member = Member(hello.username, self.outbox)
-        rooms = self.server.hub.attach(member)
+        member = Member(
+            hello.username,
+            self.outbox,
+            admin=account.admin,
+            disconnect=lambda error: self.finish(encode(error)),
+        )
+        hub = self.server.hub
+        rooms = await hub.login(member)
         self.send(Welcome(username=hello.username, rooms=rooms, server=SERVER_NAME, ref=hello.id))
+        await hub.deliver_stored(member)
         log.info(
             "login user=%s peer=%s method=%s admin=%s",
             hello.username,
@@ -280,24 +337,46 @@ class _Connection:
         )
         return member
 
-    def _dispatch(self, member: Member, envelope: Hello | Say | Ping | Bye) -> bool:
-        """Act on one envelope; False when the connection should close."""
+    async def _dispatch(self, member: Member, envelope: ClientEnvelope) -> bool:
+        """Act on one envelope; False when the connection should close.
+
+        Refusals are raised as ProtocolError and answered by the caller.
+        """
+        hub = self.server.hub
+        ref = envelope.id
         if isinstance(envelope, Say):
-            try:
-                message = self.server.hub.publish(member, envelope.room, envelope.text)
-            except ProtocolError as exc:
-                exc.ref = envelope.id
-                self.send(exc.to_envelope())
-            else:
-                self.send(Ack(ref=envelope.id, id=message.id))
+            await hub.say(member, envelope.room, envelope.text, ref)
+        elif isinstance(envelope, Dm):
+            await hub.dm(member, envelope.to, envelope.text, ref)
+        elif isinstance(envelope, Join):
+            await hub.join(member, envelope.room, ref)
+        elif isinstance(envelope, Leave):
+            await hub.leave(member, envelope.room, ref)
+        elif isinstance(envelope, Who):
+            self.send(hub.who(member, envelope.room, ref))
+        elif isinstance(envelope, Rooms):
+            self.send(hub.room_list(member, ref))
+        elif isinstance(envelope, History):
+            await hub.history(
+                member,
+                room=envelope.room,
+                peer=envelope.peer,
+                after=envelope.after,
+                limit=envelope.limit,
+                ref=ref,
+            )
+        elif isinstance(envelope, Kick):
+            if not member.admin:
+                raise ProtocolError(ErrorCode.FORBIDDEN, "only admins can kick")
+            self.send(
+                hub.kick(envelope.username, by=member.username, reason=envelope.reason, ref=ref)
+            )
         elif isinstance(envelope, Ping):
-            self.send(Pong(ref=envelope.id))
+            self.send(Pong(ref=ref))
         elif isinstance(envelope, Bye):
             return False
         else:
-            self.send(
-                Error(code=ErrorCode.BAD_ENVELOPE, message="already logged in", ref=envelope.id)
-            )
+            raise ProtocolError(ErrorCode.BAD_ENVELOPE, "already logged in")
         return True
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
-import pytest
 import trio
 import trio.testing
 
-from securechat.hub import Hub, Member, Outbox
-from securechat.protocol import LOBBY, ErrorCode, Message, ProtocolError, encode, parse_server_frame
+from securechat.hub import Member, Outbox
 
 # --- helpers -----------------------------------------------------------------
 
@@ -170,121 +166,3 @@ async def test_draining_frees_room_in_the_outbox() -> None:
         assert await box.get_batch() == b"abc\ndef\n"
     assert counter.calls == 0
     assert not box.closed
-
-
-# --- Hub ---------------------------------------------------------------------------
-
-
-def test_attach_puts_members_in_the_lobby() -> None:
-    hub = Hub()
-    alice, bob = member("alice"), member("bob")
-    assert hub.attach(alice) == [LOBBY]
-    assert hub.attach(bob) == [LOBBY]
-    assert list(hub.members()) == [alice, bob]
-
-
-def test_members_are_listed_once_even_when_attached_twice() -> None:
-    hub = Hub()
-    alice = member("alice")
-    hub.attach(alice)
-    hub.attach(alice)
-    assert list(hub.members()) == [alice]
-
-
-def test_two_connections_of_the_same_user_are_two_members() -> None:
-    hub = Hub()
-    first, second = member("alice"), member("alice")
-    hub.attach(first)
-    hub.attach(second)
-    hub.publish(first, LOBBY, "hi")
-    assert len(queued(first.outbox)) == len(queued(second.outbox)) == 1
-
-
-def test_publish_delivers_the_same_bytes_object_to_every_member_including_the_sender() -> None:
-    hub = Hub()
-    alice, bob, carol = member("alice"), member("bob"), member("carol")
-    for each in (alice, bob, carol):
-        hub.attach(each)
-    message = hub.publish(bob, LOBBY, "hello ☃")
-    frames = [queued(each.outbox) for each in (alice, bob, carol)]
-    assert all(len(items) == 1 for items in frames)
-    first = frames[0][0]
-    assert all(items[0] is first for items in frames)
-    assert first == encode(message)
-    assert parse_server_frame(first) == message
-
-
-def test_publish_returns_the_message() -> None:
-    hub = Hub()
-    alice = member("alice")
-    hub.attach(alice)
-    message = hub.publish(alice, LOBBY, "hi there")
-    assert isinstance(message, Message)
-    assert message.id == 1
-    assert message.room == LOBBY
-    assert message.sender == "alice"
-    assert message.text == "hi there"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", message.ts)
-
-
-def test_message_ids_increase() -> None:
-    hub = Hub()
-    alice, bob = member("alice"), member("bob")
-    hub.attach(alice)
-    hub.attach(bob)
-    ids = [hub.publish(sender, LOBBY, "x").id for sender in (alice, bob, alice, bob, bob)]
-    assert ids == [1, 2, 3, 4, 5]
-    received = [parse_server_frame(frame) for frame in queued(alice.outbox)]
-    assert [envelope.id for envelope in received if isinstance(envelope, Message)] == ids
-
-
-def test_publish_to_another_room_is_not_member() -> None:
-    hub = Hub()
-    alice = member("alice")
-    hub.attach(alice)
-    with pytest.raises(ProtocolError) as info:
-        hub.publish(alice, "secret-room", "hi")
-    assert info.value.code is ErrorCode.NOT_MEMBER
-    assert not info.value.fatal
-    assert "secret-room" in info.value.message
-    assert queued(alice.outbox) == []
-    assert hub.publish(alice, LOBBY, "ok").id == 1  # the refused message used no id
-
-
-def test_publish_from_a_detached_member_is_not_member() -> None:
-    hub = Hub()
-    alice, bob = member("alice"), member("bob")
-    hub.attach(bob)
-    with pytest.raises(ProtocolError) as info:
-        hub.publish(alice, LOBBY, "hi")
-    assert info.value.code is ErrorCode.NOT_MEMBER
-    assert queued(bob.outbox) == []
-
-
-def test_detach_stops_delivery() -> None:
-    hub = Hub()
-    alice, bob = member("alice"), member("bob")
-    hub.attach(alice)
-    hub.attach(bob)
-    hub.publish(alice, LOBBY, "one")
-    hub.detach(bob)
-    hub.detach(bob)  # detaching twice is harmless
-    hub.publish(alice, LOBBY, "two")
-    assert len(queued(alice.outbox)) == 2
-    assert len(queued(bob.outbox)) == 1
-    assert list(hub.members()) == [alice]
-    with pytest.raises(ProtocolError):
-        hub.publish(bob, LOBBY, "three")
-
-
-def test_overflowing_member_detached_during_publish_does_not_stop_the_fan_out() -> None:
-    hub = Hub()
-    alice, carol = member("alice"), member("carol")
-    slow = Member(username="bob", outbox=Outbox(1, 1 << 20, lambda: hub.detach(slow)))
-    for each in (alice, slow, carol):
-        hub.attach(each)
-    hub.publish(alice, LOBBY, "one")
-    hub.publish(alice, LOBBY, "two")  # bob's outbox overflows and bob is detached mid-publish
-    assert slow.outbox.overflowed
-    assert list(hub.members()) == [alice, carol]
-    assert len(queued(alice.outbox)) == len(queued(carol.outbox)) == 2

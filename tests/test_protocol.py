@@ -772,8 +772,33 @@ def test_json_schemas_cover_both_directions() -> None:
     client = schemas["client_to_server"]["discriminator"]
     server = schemas["server_to_client"]["discriminator"]
     assert client["propertyName"] == server["propertyName"] == "type"
-    assert set(client["mapping"]) == {"hello", "say", "ping", "bye"}
-    assert set(server["mapping"]) == {"welcome", "message", "ack", "pong", "error"}
+    assert set(client["mapping"]) == {
+        "hello",
+        "say",
+        "dm",
+        "join",
+        "leave",
+        "who",
+        "rooms",
+        "history",
+        "kick",
+        "ping",
+        "bye",
+    }
+    assert set(server["mapping"]) == {
+        "welcome",
+        "message",
+        "ack",
+        "joined",
+        "left",
+        "presence",
+        "members",
+        "room_list",
+        "history_end",
+        "kicked",
+        "pong",
+        "error",
+    }
     message = schemas["server_to_client"]["$defs"]["Message"]["properties"]
     assert "from" in message
     assert "sender" not in message
