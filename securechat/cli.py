@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 from pydantic import SecretStr
@@ -31,9 +31,11 @@ from .auth import check_new_password, hash_password
 from .certs import CertError, generate
 from .client import ChatConnection, ChatSession, ClientError
 from .config import ClientSection, ConfigError, load_config
-from .console import open_console
+from .console import Console, open_console
+from .operator_console import PROMPT, run_operator_console
 from .protocol import NAME_PATTERN, Welcome, json_schemas
 from .server import ChatServer, raise_open_file_limit
+from .store import StoreError
 
 log = logging.getLogger("securechat")
 
@@ -155,6 +157,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the TLS chat server. Settings come from the config file; the flags below"
             " override it. Stop with Ctrl-C or SIGTERM: clients are told and the server exits 0."
+            " SIGHUP re-reads the config file's users and rooms (an invalid file is logged and"
+            " ignored)."
         ),
     )
     server.add_argument(
@@ -172,6 +176,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--client-certs",
         choices=["none", "optional", "required"],
         help="whether clients may or must present a certificate ([server] client_certs)",
+    )
+    server.add_argument(
+        "--console",
+        action="store_true",
+        help=(
+            "operator prompt (msg>): lines go to every room as 'server'; /who, /rooms,"
+            " /kick USER; /quit or Ctrl-D stops the server"
+        ),
     )
     server.add_argument(
         "--log-level",
@@ -264,13 +276,19 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
-    server = ChatServer(config)
-    _setup_logging(args.log_level)
+    try:
+        server = ChatServer(config)
+    except StoreError as exc:
+        raise RuntimeFailure(str(exc)) from None
     raise_open_file_limit()
-    return trio.run(_serve, server)
+    return trio.run(_serve, server, args.config, args.console, args.log_level)
 
 
-async def _serve(server: ChatServer) -> int:
+async def _serve(server: ChatServer, config_path: Path, with_console: bool, log_level: str) -> int:
+    # The console goes first: on a terminal it redirects stdout and stderr
+    # so that log lines print above the prompt.
+    console = open_console(lambda: PROMPT) if with_console else None
+    _setup_logging(log_level)
     settings = server.config.server
     try:
         await server.listen()
@@ -278,22 +296,43 @@ async def _serve(server: ChatServer) -> int:
         raise RuntimeFailure(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_shutdown_on_signal, server)
-        await server.serve()
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_handle_signals, server, config_path)
+            if console is not None:
+                nursery.start_soon(_operate, server, console)
+            await server.serve()
+            nursery.cancel_scope.cancel()
+    finally:
+        if console is not None:
+            await console.aclose()
     return 0
 
 
-async def _shutdown_on_signal(
-    server: ChatServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+async def _operate(server: ChatServer, console: Console) -> None:
+    await run_operator_console(server.hub, console)
+    server.request_shutdown()
+
+
+async def _handle_signals(
+    server: ChatServer,
+    config_path: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
-            server.request_shutdown()
-            return
+            if signum != signal.SIGHUP:
+                server.request_shutdown()
+                return
+            try:
+                config = await trio.to_thread.run_sync(load_config, config_path)
+            except ConfigError as exc:
+                log.error("config reload failed, keeping the current config: %s", exc)
+            else:
+                server.reload(config)
 
 
 def _setup_logging(level: str) -> None:
@@ -304,9 +343,21 @@ def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
     if not root.handlers:  # keep a host's handlers (pytest's, an embedding app's)
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(formatter)
         root.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (the operator console replaces it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

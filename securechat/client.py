@@ -33,7 +33,6 @@ from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     LOBBY,
     MAX_HISTORY_LIMIT,
-    MAX_TEXT_CHARS,
     NAME_PATTERN,
     Ack,
     Bye,
@@ -60,6 +59,7 @@ from .protocol import (
     ServerEnvelope,
     Welcome,
     Who,
+    check_text,
     encode,
     parse_server_frame,
 )
@@ -291,16 +291,10 @@ def parse_input(line: str, room: str) -> Command | None:
 
 
 def _text(text: str, make: Callable[[str], Command]) -> Command:
-    if len(text) > MAX_TEXT_CHARS:
-        return Invalid(f"message too long ({len(text)} characters, at most {MAX_TEXT_CHARS})")
-    if any(_is_control(char) for char in text):
-        return Invalid("message contains control characters")
-    return make(text)
-
-
-def _is_control(char: str) -> bool:
-    code = ord(char)
-    return (code < 0x20 and char not in "\t\n") or 0x7F <= code <= 0x9F
+    try:
+        return make(check_text(text))
+    except ProtocolError as exc:
+        return Invalid(exc.message)
 
 
 def sanitize(text: str) -> str:

@@ -326,12 +326,13 @@ class Hub:
             ref=ref,
         )
 
-    def room_list(self, member: Member, ref: str | None) -> RoomList:
+    def room_list(self, username: str | None, ref: str | None = None) -> RoomList:
+        """The rooms ``username`` may join (every room when None: the operator)."""
         return RoomList(
             rooms=[
                 RoomInfo(name=room.name, topic=room.topic, members=len(room.members))
                 for room in sorted(self._rooms.values(), key=lambda room: room.name)
-                if room.may_join(member.username)
+                if username is None or room.may_join(username)
             ],
             ref=ref,
         )

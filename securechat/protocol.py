@@ -475,6 +475,22 @@ def _salvage_id(frame: bytes) -> str | None:
 
 
 _ID_ADAPTER: TypeAdapter[str] = TypeAdapter(ClientId)
+_TEXT_ADAPTER: TypeAdapter[str] = TypeAdapter(Text)
+
+
+def check_text(text: str) -> str:
+    """``text`` if it is valid message text; else ProtocolError saying why (for local input)."""
+    try:
+        return _TEXT_ADAPTER.validate_python(text)
+    except ValidationError as exc:
+        kind = exc.errors()[0]["type"]
+        if kind == "string_too_long":
+            reason = f"message too long ({len(text)} characters, at most {MAX_TEXT_CHARS})"
+        elif kind == "string_too_short":
+            reason = "message is empty"
+        else:
+            reason = "message contains control characters"
+        raise ProtocolError(ErrorCode.BAD_ENVELOPE, reason) from None
 
 
 def _reject_duplicate_keys(frame: bytes, ref: str | None) -> None:

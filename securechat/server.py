@@ -355,7 +355,7 @@ class _Connection:
         elif isinstance(envelope, Who):
             self.send(hub.who(member, envelope.room, ref))
         elif isinstance(envelope, Rooms):
-            self.send(hub.room_list(member, ref))
+            self.send(hub.room_list(member.username, ref))
         elif isinstance(envelope, History):
             await hub.history(
                 member,

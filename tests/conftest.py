@@ -7,8 +7,13 @@ and clients are :class:`securechat.client.ChatConnection` over real sockets.
 
 from __future__ import annotations
 
+import json
+import re
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,10 +96,17 @@ ConfigFactory = Callable[..., Config]
 def make_config(pki: Pki, password_hashes: dict[str, str], tmp_path: Path) -> ConfigFactory:
     """``make_config(client_certs="required", limits={...})``: a validated Config."""
 
-    def factory(*, limits: dict[str, Any] | None = None, **server: Any) -> Config:
+    def factory(
+        *,
+        limits: dict[str, Any] | None = None,
+        rooms: dict[str, Any] | None = None,
+        **server: Any,
+    ) -> Config:
         data = config_data(pki, password_hashes, **server)
         if limits:
             data["limits"] = limits
+        if rooms:
+            data["rooms"] = rooms
         return parse_config(data, tmp_path / "test.toml")
 
     return factory
@@ -179,6 +191,16 @@ async def receive_type(connection: ChatConnection, kind: type[T]) -> T:
                 return envelope
 
 
+async def receive_first(connection: ChatConnection, *kinds: type[Any]) -> Any:
+    """The next envelope of any of ``kinds``, skipping others; fails after WAIT seconds."""
+    with trio.fail_after(WAIT):
+        while True:
+            envelope = await connection.receive()
+            assert envelope is not None, f"connection closed while waiting for {kinds}"
+            if isinstance(envelope, kinds):
+                return envelope
+
+
 async def receive_closed(connection: ChatConnection) -> list[Any]:
     """Everything the server still sends, until it closes the connection."""
     received: list[Any] = []
@@ -191,3 +213,138 @@ async def receive_closed(connection: ChatConnection) -> list[Any]:
             if envelope is None:
                 return received
             received.append(envelope)
+
+
+# --- config files and server processes ------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A TOML file of nested tables of scalars and lists (enough for our configs)."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        nested = {key: value for key, value in values.items() if isinstance(value, dict)}
+        lines.extend(
+            f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in nested
+        )
+        for key, value in nested.items():
+            table(f"{name}.{key}", value)
+
+    for name, values in data.items():
+        table(name, values)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ServerProcess:
+    """``securechat server`` running as its own process; its stderr is collected."""
+
+    def __init__(self, process: trio.Process, pki: Pki) -> None:
+        self.process = process
+        self.pki = pki
+        self._log = bytearray()
+        self._grew = trio.Event()
+        self._endpoint: Endpoint | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        assert self._endpoint is not None, "not listening yet"
+        return self._endpoint
+
+    def log(self) -> str:
+        return self._log.decode(errors="replace")
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some():
+            self._log.extend(chunk)
+            self._grew.set()
+            self._grew = trio.Event()
+
+    async def wait_for_log(self, pattern: str) -> re.Match[str]:
+        """Wait (with a deadline) until ``pattern`` appears in the log."""
+        with trio.fail_after(WAIT):
+            while (match := re.search(pattern, self.log())) is None:
+                await self._grew.wait()
+        return match
+
+    async def wait(self) -> int:
+        with trio.fail_after(WAIT):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def server_process(
+    config: Path, pki: Pki, *args: str, stdin: bool = False
+) -> AsyncIterator[ServerProcess]:
+    """Start ``securechat server --config CONFIG`` (port 0) and wait until it listens."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "securechat", "server", "--config", str(config), *args],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    running = ServerProcess(process, pki)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.collect, process.stderr)
+            found = await running.wait_for_log(r"\[SEARCHING\] listening on 127.0.0.1:(\d+)")
+            running._endpoint = Endpoint("127.0.0.1", int(found[1]), pki)
+            yield running
+            if process.poll() is None:
+                process.kill()
+    finally:
+        if running._endpoint is not None:
+            await running._endpoint.aclose()
+        if process.poll() is None:
+            process.kill()
+        with trio.move_on_after(WAIT):
+            await process.wait()
+        if process.stdin is not None:
+            await process.stdin.aclose()
+        await process.stderr.aclose()
+
+
+# --- a terminal stand-in for ChatSession ---------------------------------------------------
+
+
+class ScriptedConsole:
+    """Lines typed by the test in; lines the session shows collected (no terminal needed)."""
+
+    colour = False
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self._input_send, self._input = trio.open_memory_channel[str | None](100)
+        self._changed = trio.Event()
+
+    def type(self, line: str | None) -> None:
+        """Enter ``line`` (None: end of input)."""
+        self._input_send.send_nowait(line)
+
+    async def read_line(self) -> str | None:
+        return await self._input.receive()
+
+    def show(self, text: str) -> None:
+        self.shown.extend(text.splitlines())
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def aclose(self) -> None:
+        pass
+
+    async def wait_for(self, predicate: Callable[[list[str]], bool]) -> list[str]:
+        with trio.fail_after(WAIT):
+            while not predicate(self.shown):
+                await self._changed.wait()
+        return self.shown

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -23,41 +22,16 @@ from securechat.protocol import Error, ErrorCode, Message, Say
 from .conftest import (
     PASSWORDS,
     WAIT,
-    Endpoint,
     Pki,
     RunningServer,
     config_data,
     receive_closed,
     receive_type,
+    server_process,
+    write_toml,
 )
 
 EXAMPLE_CONFIG = Path(__file__).parent.parent / "config.example.toml"
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    lines: list[str] = []
-
-    def table(name: str, values: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        nested = {key: value for key, value in values.items() if isinstance(value, dict)}
-        lines.extend(
-            f"{key} = {toml_value(value)}" for key, value in values.items() if key not in nested
-        )
-        for key, value in nested.items():
-            table(f"{name}.{key}", value)
-
-    for name, values in data.items():
-        table(name, values)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run_cli(
@@ -381,39 +355,17 @@ async def test_server_process_serves_and_shuts_down_on_sigterm(
     tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
 ) -> None:
     config = server_config(tmp_path, pki, password_hashes)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "securechat", "server", "--config", str(config)],
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log = b""
-    endpoint: Endpoint | None = None
-    try:
-        with trio.fail_after(WAIT):
-            while (match := re.search(rb"\[SEARCHING\] listening on 127.0.0.1:(\d+)", log)) is None:
-                chunk = await process.stderr.receive_some()
-                assert chunk, log
-                log += chunk
-        endpoint = Endpoint("127.0.0.1", int(match[1]), pki)
-        bob = await endpoint.login("bob")
+    async with server_process(config, pki) as process:
+        bob = await process.endpoint.login("bob")
         await bob.send(Say(room="lobby", text="over a real process", id="p1"))
         assert (await receive_type(bob, Message)).text == "over a real process"
 
-        process.send_signal(signal.SIGTERM)
+        process.process.send_signal(signal.SIGTERM)
         received = await receive_closed(bob)
         assert [e.code for e in received if isinstance(e, Error)] == [ErrorCode.SERVER_SHUTDOWN]
-        with trio.fail_after(WAIT):
-            assert await process.wait() == 0
-            while chunk := await process.stderr.receive_some():
-                log += chunk
-    finally:
-        if endpoint is not None:
-            await endpoint.aclose()
-        process.kill()
-        await process.wait()
-        await process.stderr.aclose()
-    text = log.decode()
-    assert "[CONNECTION ESTABLISHED] 127.0.0.1:" in text
-    assert "login user=bob" in text
-    assert "server stopped" in text
-    assert PASSWORDS["bob"] not in text
+        assert await process.wait() == 0
+    log = process.log()
+    assert "[CONNECTION ESTABLISHED] 127.0.0.1:" in log
+    assert "login user=bob" in log
+    assert "server stopped" in log
+    assert PASSWORDS["bob"] not in log
