@@ -586,6 +586,7 @@ class ChatSession:
                 await self._send(History(after=end.last, limit=MAX_HISTORY_LIMIT, id="sync"))
             return
         self._replays = max(0, self._replays - 1)
+        self._notice("-- end of history --")
 
     def _acknowledged(self, ref: str | None) -> None:
         if ref is not None and self.pending.pop(ref, None) is not None and not self.pending:

@@ -215,6 +215,13 @@ class Hub:
         for name, settings in rooms.items():
             room = self._rooms.setdefault(name, Room(name))
             room.topic, room.allowed = settings.topic, settings.allowed
+            if settings.allowed is not None:
+                # Taken off a private room's list: out of the room at once.
+                for user in sorted(room.members - settings.allowed):
+                    room.members.discard(user)
+                    for connection in self._online.get(user, ()):
+                        room.connections.pop(connection, None)
+                        connection.send(Left(room=name))
 
     def online_users(self) -> list[str]:
         return sorted(self._online)

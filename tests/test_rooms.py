@@ -393,15 +393,19 @@ async def test_client_gives_up_when_login_is_refused_on_reconnect(server: Runnin
 # --- the server process: reload and operator console --------------------------------------
 
 
-async def test_sighup_reload_adds_and_removes_users(
+async def test_sighup_reload_updates_users_passwords_and_rooms(
     tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
 ) -> None:
     data = config_data(pki, password_hashes)
+    data["rooms"] = {"ops": {"members": ["alice", "bob"]}}
     config = write_toml(tmp_path / "server.toml", data)
     async with server_process(config, pki) as server:
         dave = await server.endpoint.login("dave")
         bob = await server.endpoint.login("bob")
+        await bob.send(Join(room="ops"))
+        await receive_type(bob, Joined)
         with_erin = config_data(pki, password_hashes)
+        with_erin["rooms"] = {"ops": {"members": ["alice"]}}
         del with_erin["users"]["dave"]
         with_erin["users"]["erin"] = {"password_hash": hash_password("erin-password-1")}
         with_erin["users"]["bob"] = {"password_hash": hash_password("bob-new-password")}
@@ -415,6 +419,8 @@ async def test_sighup_reload_adds_and_removes_users(
         ]
         erin = await server.endpoint.open()
         await erin.login("erin", SecretStr("erin-password-1"))
+        # bob is off the private room's list now, so out of the room
+        assert await receive_type(bob, Left) == Left(room="ops")
         # bob's open connection stays; his new password applies at the next login
         await say_and_ack(bob, "lobby", "still connected", "s1")
         stale = await server.endpoint.open()
