@@ -205,6 +205,7 @@ class Hub:
         # (user, client id) of messages waiting for their commit, and the
         # replies owed to re-sends that arrived meanwhile.
         self._pending: dict[tuple[str, str], list[Reply]] = {}
+        self._handing_over: set[int] = set()
         for sent in store.recent_sends(RECENT_IDS_MAX):
             self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
 
@@ -222,6 +223,8 @@ class Hub:
                     for connection in self._online.get(user, ()):
                         room.connections.pop(connection, None)
                         connection.send(Left(room=name))
+                    room.broadcast(encode(Presence(room=name, username=user, state="left")))
+                    self._spawn_persist(RemoveMember(name, user))
 
     def online_users(self) -> list[str]:
         return sorted(self._online)
@@ -259,12 +262,38 @@ class Hub:
             self._announce_presence(user, self.rooms_of(user), "offline")
 
     async def deliver_stored(self, member: Member) -> None:
-        """Send ``member`` the direct messages that arrived while its user was offline."""
+        """Send the direct messages that arrived while ``member``'s user was offline."""
         waiting = await self.store.undelivered(member.username)
-        for message in waiting:
-            member.outbox.put(encode(message))
-        if waiting:
-            await self._persist(MarkDelivered(tuple(message.id for message in waiting)))
+        self._deliver_direct(
+            member.username, [(message.id, encode(message)) for message in waiting]
+        )
+
+    def _deliver_direct(self, user: str, messages: list[tuple[int, bytes]]) -> None:
+        """Hand direct messages to every connection of ``user`` once, and mark them delivered.
+
+        Called both when a message is committed and when its recipient logs
+        in; ``_handing_over`` holds the ids handed over whose "delivered" mark
+        is not committed yet, so that neither path repeats the other.
+        """
+        connections = self._online.get(user)
+        fresh = [pair for pair in messages if pair[0] not in self._handing_over]
+        if not connections or not fresh:
+            return
+        for _, frame in fresh:
+            for connection in connections:
+                connection.outbox.put(frame)
+        ids = tuple(message_id for message_id, _ in fresh)
+        self._handing_over.update(ids)
+
+        def marked(error: BaseException | None) -> None:
+            self._handing_over.difference_update(ids)
+            if error is not None:
+                log.error("could not mark direct messages delivered: %s", error)
+
+        try:
+            self.store.submit_nowait(MarkDelivered(ids), marked)
+        except trio.WouldBlock:
+            marked(None)  # they stay undelivered and come again at the next login
 
     def _announce_presence(
         self, user: str, rooms: Iterable[str], state: Literal["online", "offline"]
@@ -281,6 +310,7 @@ class Hub:
     async def join(self, member: Member, name: str, ref: str | None) -> None:
         user = member.username
         room = self._rooms.get(name)
+        created = room is None
         if room is None:
             if not self.allow_room_create:
                 raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {name!r}")
@@ -295,6 +325,8 @@ class Hub:
                 await self.store.write(*writes)
             except Exception:
                 log.exception("cannot save membership user=%s room=%s", user, name)
+                if created and not room.members:
+                    del self._rooms[name]
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "cannot save that now; try again"
                 ) from None
@@ -368,7 +400,23 @@ class Hub:
                 room.broadcast(encode(message))
             self._settle(member, client_id, message.id, error)
 
-        await self.store.submit(AppendMessage(message, client_id), committed)
+        await self._submit_message(member, client_id, AppendMessage(message, client_id), committed)
+
+    async def _submit_message(
+        self,
+        member: Member,
+        client_id: str | None,
+        write: AppendMessage,
+        committed: Callable[[BaseException | None], None],
+    ) -> None:
+        try:
+            await self.store.submit(write, committed)
+        except BaseException:
+            # Never queued (cancelled while the queue was full): forget the
+            # id, so that a re-send is a new attempt rather than a wait.
+            if client_id is not None:
+                self._pending.pop((member.username, client_id), None)
+            raise
 
     async def dm(self, member: Member, to: str, text: str, client_id: str | None) -> None:
         """Store and deliver a direct message; stored for later if ``to`` is offline."""
@@ -377,23 +425,21 @@ class Hub:
         if self._is_resend(member, client_id):
             return
         message = self._new_message(member.username, text, to=to)
-        recipient_online = to in self._online
 
         def committed(error: BaseException | None) -> None:
             if error is None:
                 frame = encode(message)
-                connections = dict.fromkeys(
-                    [*self._online.get(to, ()), *self._online.get(member.username, ())]
-                )
-                for connection in connections:
-                    connection.outbox.put(frame)
-                if not recipient_online and to in self._online:
-                    # The recipient logged in while this was being written.
-                    self._spawn_persist(MarkDelivered((message.id,)))
+                if to != member.username:  # a note to self is delivered once, below
+                    for connection in self._online.get(member.username, ()):
+                        connection.outbox.put(frame)
+                self._deliver_direct(to, [(message.id, frame)])
             self._settle(member, client_id, message.id, error)
 
-        await self.store.submit(
-            AppendMessage(message, client_id, delivered=recipient_online), committed
+        # Stored as undelivered; whoever hands it to the recipient marks it
+        # delivered. Deciding at commit time, not now, is what keeps a
+        # recipient who logs in or out meanwhile from getting it twice or never.
+        await self._submit_message(
+            member, client_id, AppendMessage(message, client_id, delivered=False), committed
         )
 
     async def announce(self, text: str) -> int:
@@ -514,13 +560,17 @@ class Hub:
 
         await self.store.submit(write, done)
 
-    def _spawn_persist(self, write: MarkDelivered) -> None:
-        # Called from a commit callback, which must not wait: the write is
-        # small and the queue is large, so it is queued without blocking.
+    def _spawn_persist(self, write: RemoveMember) -> None:
+        # For callers that cannot wait (configuration is applied synchronously):
+        # the write is small and the queue is large.
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("could not save %s: %s", write, error)
+
         try:
-            self.store.submit_nowait(write, lambda error: None)
+            self.store.submit_nowait(write, done)
         except trio.WouldBlock:
-            log.warning("store queue full; %s not saved", write)
+            log.error("store queue full; %s not saved", write)
 
 
 def _epoch(ts: str) -> float:

@@ -164,7 +164,9 @@ class Store:
         self._writer_db = _connect(path)
         self._reader_db = _connect(path)
         self._reader_lock = trio.CapacityLimiter(1)
-        self._send, self._receive = trio.open_memory_channel[tuple[Write, Done]](QUEUE_SIZE)
+        self._send, self._receive = trio.open_memory_channel[tuple[tuple[Write, ...], Done]](
+            QUEUE_SIZE
+        )
         self._closed = False
 
     # -- start-up state (call before serving; blocking) --
@@ -193,39 +195,39 @@ class Store:
 
     # -- writes --
 
-    async def submit(self, write: Write, done: Done) -> None:
-        """Queue ``write``; ``done(None)`` runs once it is committed, ``done(error)`` if not.
+    async def submit(self, write: Write | tuple[Write, ...], done: Done) -> None:
+        """Queue ``write`` (a tuple is committed as one unit); ``done(None)`` runs once it is
+        committed, ``done(error)`` if it could not be.
 
         Waits only when the writer is far behind (back-pressure).
         """
         if self._closed:
             done(StoreError("the store is closed"))
             return
-        await self._send.send((write, done))
+        await self._send.send((write if isinstance(write, tuple) else (write,), done))
 
     def submit_nowait(self, write: Write, done: Done) -> None:
         """:meth:`submit` for callers that must not wait; raises ``trio.WouldBlock`` when full."""
         if self._closed:
             done(StoreError("the store is closed"))
             return
-        self._send.send_nowait((write, done))
+        self._send.send_nowait(((write,), done))
 
     async def write(self, *writes: Write) -> None:
-        """Commit ``writes`` and wait for it; raises the database error if it fails."""
+        """Commit ``writes`` in one transaction and wait for it; raises the error if it fails."""
+        if not writes:
+            return
         outcome: list[BaseException | None] = []
         committed = trio.Event()
 
         def done(error: BaseException | None) -> None:
             outcome.append(error)
-            if len(outcome) == len(writes):
-                committed.set()
+            committed.set()
 
-        for write in writes:
-            await self.submit(write, done)
+        await self.submit(writes, done)
         await committed.wait()
-        errors = [error for error in outcome if error is not None]
-        if errors:
-            raise errors[0]
+        if outcome[0] is not None:
+            raise outcome[0]
 
     async def run_writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -246,12 +248,17 @@ class Store:
                         break
                 error: BaseException | None = None
                 try:
-                    await trio.to_thread.run_sync(self._commit, [write for write, _ in batch])
+                    await trio.to_thread.run_sync(
+                        self._commit, [write for unit, _ in batch for write in unit]
+                    )
                 except sqlite3.Error as exc:
                     log.error("database write failed (%d writes lost): %s", len(batch), exc)
                     error = StoreError(f"{self.path}: {exc}")
                 for _, done in batch:
-                    done(error)
+                    try:
+                        done(error)
+                    except Exception:  # one bad callback must not stop the writer
+                        log.exception("store callback failed")
 
     def _commit(self, writes: list[Write]) -> None:
         cursor = self._writer_db.cursor()

@@ -1,11 +1,41 @@
-"""Unit tests for securechat.hub: per-connection outboxes and message fan-out (no I/O)."""
+"""Unit tests for securechat.hub: per-connection outboxes and message fan-out (no I/O).
+
+The hub tests run on a real :class:`~securechat.store.Store` (SQLite in a
+temporary directory, with its writer task running); what a connection
+received is read back from its outbox and parsed like a client would.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
 import trio
 import trio.testing
 
-from securechat.hub import Member, Outbox
+from securechat.hub import Hub, Member, Outbox, RoomSettings
+from securechat.protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    HistoryEnd,
+    Joined,
+    Kicked,
+    Left,
+    Members,
+    Message,
+    Presence,
+    ProtocolError,
+    RoomInfo,
+    RoomList,
+    ServerEnvelope,
+    parse_server_frame,
+)
+from securechat.store import MarkDelivered, Store, Write
 
 # --- helpers -----------------------------------------------------------------
 
@@ -166,3 +196,958 @@ async def test_draining_frees_room_in_the_outbox() -> None:
         assert await box.get_batch() == b"abc\ndef\n"
     assert counter.calls == 0
     assert not box.closed
+
+
+# --- Hub: helpers ----------------------------------------------------------------------
+
+WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
+USERS = ("alice", "bob", "carol", "dave")
+ROOMS = {
+    "secret": RoomSettings(topic="Shh", allowed=frozenset({"alice", "carol"})),
+    "news": RoomSettings(topic="Announcements"),
+}
+
+
+class Conn:
+    """One logged-in connection as a test sees it: its Member, outbox and disconnects."""
+
+    def __init__(self, username: str, *, admin: bool = False) -> None:
+        self.disconnects: list[Error] = []
+        self.outbox = Outbox(1000, 1 << 22, lambda: None)
+        self.member = Member(username, self.outbox, admin=admin, disconnect=self.disconnects.append)
+
+    def frames(self) -> list[bytes]:
+        """The frames queued right now, as the hub put them (not removed)."""
+        return queued(self.outbox)
+
+    async def take(self) -> list[ServerEnvelope]:
+        """Everything queued since the last take, parsed, and removed from the outbox."""
+        if not len(self.outbox):
+            return []
+        batch = await self.outbox.get_batch()  # returns at once: frames are queued
+        assert batch is not None
+        return [parse_server_frame(line) for line in batch.splitlines()]
+
+    async def messages(self) -> list[Message]:
+        return [envelope for envelope in await self.take() if isinstance(envelope, Message)]
+
+
+class HeldStore(Store):
+    """A Store whose writer can be held after committing a batch, before its callbacks run."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._held: tuple[trio.Event, trio.Event] | None = None
+
+    def hold_next_commit(self) -> tuple[trio.Event, trio.Event]:
+        """The next batch commits, sets ``committed``, then waits for ``release``."""
+        self._held = (trio.Event(), trio.Event())
+        return self._held
+
+    def _commit(self, writes: list[Write]) -> None:  # runs in a worker thread
+        held, self._held = self._held, None
+        super()._commit(writes)
+        if held is not None:
+            committed, release = held
+            trio.from_thread.run_sync(committed.set)
+            trio.from_thread.run(release.wait)
+
+
+AnyStore = TypeVar("AnyStore", bound=Store)
+
+
+@asynccontextmanager
+async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
+    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_writer)
+                try:
+                    yield store
+                finally:
+                    store.close()
+    finally:
+        store.close_database()
+
+
+def make_hub(store: Store, *, allow_room_create: bool = True) -> Hub:
+    return Hub(store, users=USERS, rooms=ROOMS, allow_room_create=allow_room_create)
+
+
+@pytest.fixture
+async def hub_store(tmp_path: Path) -> AsyncIterator[tuple[Hub, Store]]:
+    """A Hub on a real Store in ``tmp_path``, the store's writer running."""
+    async with running(Store(tmp_path / "x.db")) as store:
+        yield make_hub(store), store
+
+
+async def flush(store: Store) -> None:
+    """Wait until every write submitted so far is settled and its callback has run."""
+    settled = trio.Event()
+    with trio.fail_after(WAIT):
+        await store.submit(MarkDelivered(()), lambda error: settled.set())
+        await settled.wait()
+
+
+async def online(hub: Hub, username: str, *, admin: bool = False) -> Conn:
+    conn = Conn(username, admin=admin)
+    await hub.login(conn.member)
+    return conn
+
+
+async def drain(store: Store, *conns: Conn) -> None:
+    """Let pending writes settle, then forget what ``conns`` received so far."""
+    await flush(store)
+    for conn in conns:
+        await conn.take()
+
+
+@contextlib.contextmanager
+def refused(code: ErrorCode) -> Iterator[None]:
+    with pytest.raises(ProtocolError) as caught:
+        yield
+    assert caught.value.code is code
+
+
+def only_message(envelopes: list[ServerEnvelope]) -> Message:
+    assert len(envelopes) >= 1
+    message = envelopes[0]
+    assert isinstance(message, Message)
+    return message
+
+
+# --- Hub: login and presence -----------------------------------------------------------
+
+
+async def test_login_puts_the_user_in_the_lobby_persistently_and_returns_their_rooms(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = Conn("alice")
+    assert await hub.login(alice.member) == ["lobby"]
+    assert hub.online_users() == ["alice"]
+    await flush(store)
+    assert store.memberships() == {"lobby": {"alice"}}
+
+    await hub.join(alice.member, "dev", None)
+    assert await hub.login(Conn("alice").member) == ["dev", "lobby"]
+    # A hub rebuilt on the same database knows the memberships.
+    assert make_hub(store).rooms_of("alice") == ["dev", "lobby"]
+
+
+async def test_online_presence_goes_to_others_only_on_a_users_first_connection(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    bob = await online(hub, "bob")
+    await drain(store, bob)
+
+    alice1 = await online(hub, "alice")
+    assert await bob.take() == [Presence(room="lobby", username="alice", state="online")]
+    assert await alice1.take() == []
+
+    alice2 = await online(hub, "alice")
+    assert await bob.take() == []
+    assert await alice1.take() == []
+    assert await alice2.take() == []
+
+
+async def test_offline_presence_only_when_the_last_connection_logs_out(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice1.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice1, alice2, bob)
+
+    hub.logout(alice1.member)
+    assert await bob.take() == []
+    assert hub.online_users() == ["alice", "bob"]
+
+    hub.logout(alice2.member)
+    assert await bob.take() == [
+        Presence(room="dev", username="alice", state="offline"),
+        Presence(room="lobby", username="alice", state="offline"),
+    ]
+    assert hub.online_users() == ["bob"]
+
+    hub.logout(alice2.member)  # a second logout changes nothing
+    assert await bob.take() == []
+    assert await alice1.take() == []
+    assert await alice2.take() == []
+
+
+# --- Hub: rooms --------------------------------------------------------------------------
+
+
+async def test_join_creates_a_room_and_persists_it(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await hub.join(alice.member, "dev", "j1")
+    assert await alice.take() == [Joined(room="dev", topic="", members=["alice"], ref="j1")]
+    # join returns after the commit.
+    assert store.rooms() == {"dev": ""}
+    assert store.memberships()["dev"] == {"alice"}
+    assert hub.rooms_of("alice") == ["dev", "lobby"]
+    assert "dev" in [room.name for room in make_hub(store).room_list("bob").rooms]
+
+
+async def test_join_tells_the_others_and_every_connection_of_the_joining_user(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice1, alice2, bob, carol)
+
+    await hub.join(alice1.member, "dev", "j1")
+    assert await alice1.take() == [Joined(room="dev", topic="", members=["alice", "bob"], ref="j1")]
+    assert await alice2.take() == [Joined(room="dev", topic="", members=["alice", "bob"])]
+    assert await bob.take() == [Presence(room="dev", username="alice", state="joined")]
+    assert await carol.take() == []
+    assert store.memberships()["dev"] == {"alice", "bob"}
+
+    # Both of alice's connections are now in the room.
+    await hub.say(bob.member, "dev", "welcome", None)
+    await flush(store)
+    assert [m.text for m in await alice1.messages()] == ["welcome"]
+    assert [m.text for m in await alice2.messages()] == ["welcome"]
+
+
+async def test_joining_a_room_again_only_repeats_joined(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice, bob)
+
+    await hub.join(alice.member, "dev", "again")
+    assert await alice.take() == [
+        Joined(room="dev", topic="", members=["alice", "bob"], ref="again")
+    ]
+    assert await bob.take() == []
+
+
+async def test_join_of_a_private_room_by_a_user_not_allowed_is_forbidden(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await drain(store, bob, carol)
+
+    with refused(ErrorCode.FORBIDDEN):
+        await hub.join(bob.member, "secret", "j1")
+    assert await bob.take() == []
+    assert hub.rooms_of("bob") == ["lobby"]
+    assert "secret" not in store.memberships()
+
+    await hub.join(carol.member, "secret", "j2")  # carol is allowed
+    assert await carol.take() == [Joined(room="secret", topic="Shh", members=["carol"], ref="j2")]
+
+
+async def test_join_of_an_unknown_room_is_unknown_room_when_rooms_cannot_be_created(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    _, store = hub_store
+    hub = make_hub(store, allow_room_create=False)
+    alice = await online(hub, "alice")
+    with refused(ErrorCode.UNKNOWN_ROOM):
+        await hub.join(alice.member, "dev", "j1")
+    assert await alice.take() == []
+    assert store.rooms() == {}
+    assert "dev" not in [room.name for room in hub.room_list("alice").rooms]
+
+    await hub.join(alice.member, "news", "j2")  # configured rooms can still be joined
+    assert await alice.take() == [
+        Joined(room="news", topic="Announcements", members=["alice"], ref="j2")
+    ]
+
+
+async def test_leave_sends_left_to_every_connection_and_presence_left_to_the_room(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice1.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice1, alice2, bob)
+
+    await hub.leave(alice1.member, "dev", "l1")
+    assert await alice1.take() == [Left(room="dev", ref="l1")]
+    assert await alice2.take() == [Left(room="dev")]
+    assert await bob.take() == [Presence(room="dev", username="alice", state="left")]
+    assert hub.rooms_of("alice") == ["lobby"]
+    await flush(store)
+    assert store.memberships()["dev"] == {"bob"}
+
+    # alice's connections no longer get the room's messages.
+    await hub.say(bob.member, "dev", "still here?", None)
+    await flush(store)
+    assert await alice1.take() == []
+    assert await alice2.take() == []
+    assert [m.text for m in await bob.messages()] == ["still here?"]
+
+
+async def test_leave_of_a_room_not_in_is_not_member(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    with refused(ErrorCode.NOT_MEMBER):
+        await hub.leave(alice.member, "news", "l1")  # exists, alice is not in it
+    with refused(ErrorCode.NOT_MEMBER):
+        await hub.leave(alice.member, "nowhere", "l2")  # does not exist
+    assert await alice.take() == []
+    assert hub.rooms_of("alice") == ["lobby"]
+
+
+async def test_who_lists_the_rooms_members_and_which_of_them_are_online(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, _ = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    hub.logout(bob.member)
+
+    assert hub.who(carol.member, "dev", "w1") == Members(
+        room="dev", online=["alice"], members=["alice", "bob"], ref="w1"
+    )
+    assert hub.who(alice.member, "lobby", None) == Members(
+        room="lobby", online=["alice", "carol"], members=["alice", "bob", "carol"]
+    )
+
+
+async def test_who_of_a_private_or_unknown_room_is_refused(hub_store: tuple[Hub, Store]) -> None:
+    hub, _ = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "secret", None)
+    with refused(ErrorCode.FORBIDDEN):
+        hub.who(bob.member, "secret", None)
+    with refused(ErrorCode.UNKNOWN_ROOM):
+        hub.who(bob.member, "nowhere", None)
+    assert hub.who(alice.member, "secret", None).members == ["alice"]
+
+
+async def test_room_list_hides_private_rooms_from_users_not_allowed_to_join_them(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, _ = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await hub.join(alice.member, "secret", None)
+
+    public = [
+        RoomInfo(name="dev", topic="", members=2),
+        RoomInfo(name="lobby", topic="", members=2),
+        RoomInfo(name="news", topic="Announcements", members=0),
+    ]
+    assert hub.room_list("bob", "r1") == RoomList(rooms=public, ref="r1")
+    everything = [*public, RoomInfo(name="secret", topic="Shh", members=1)]
+    assert hub.room_list("alice", None).rooms == everything
+    assert hub.room_list("carol", None).rooms == everything  # allowed, not a member
+    assert hub.room_list(None, None).rooms == everything  # the operator sees every room
+
+
+# --- Hub: room messages --------------------------------------------------------------------
+
+
+async def test_say_delivers_the_same_bytes_to_every_connection_in_the_room_after_commit(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")  # in the lobby only
+    await hub.join(alice1.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice1, alice2, bob, carol)
+
+    await hub.say(alice1.member, "dev", "hello", "s1")
+    # Nothing is delivered or acknowledged before the commit.
+    assert [conn.frames() for conn in (alice1, alice2, bob, carol)] == [[], [], [], []]
+    await flush(store)
+
+    [frame] = bob.frames()
+    assert len(alice1.frames()) == 2
+    assert alice1.frames()[0] is frame
+    assert alice2.frames()[0] is frame
+    assert len(alice2.frames()) == 1
+    assert carol.frames() == []
+
+    message = parse_server_frame(frame)
+    assert isinstance(message, Message)
+    assert (message.room, message.to, message.sender, message.text) == (
+        "dev",
+        None,
+        "alice",
+        "hello",
+    )
+    # The sender gets its ack after its own copy of the message.
+    assert parse_server_frame(alice1.frames()[1]) == Ack(ref="s1", id=message.id)
+    assert await store.room_history("dev", None, 10) == [message]
+
+
+async def test_say_to_a_room_not_in_is_not_member(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice, bob)
+    with refused(ErrorCode.NOT_MEMBER):
+        await hub.say(alice.member, "dev", "let me in", "s1")
+    with refused(ErrorCode.NOT_MEMBER):
+        await hub.say(alice.member, "nowhere", "hello?", "s2")
+    await flush(store)
+    assert await alice.take() == []
+    assert await bob.take() == []
+    assert store.last_message_id() == 0
+
+
+async def test_message_ids_increase_and_continue_after_the_hub_is_rebuilt_on_a_reopened_store(
+    tmp_path: Path,
+) -> None:
+    async with running(Store(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        await hub.join(alice.member, "dev", None)
+        await drain(store, alice)
+        for text in ("one", "two", "three"):
+            await hub.say(alice.member, "lobby", text, None)
+        await hub.dm(alice.member, "bob", "psst", None)
+        await hub.say(alice.member, "dev", "four", None)
+        await flush(store)
+        received = await alice.take()
+        assert [e.id for e in received if isinstance(e, Message)] == [1, 2, 3, 4, 5]
+        assert [e.id for e in received if isinstance(e, Ack)] == [1, 2, 3, 4, 5]
+
+    async with running(Store(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        assert hub.rooms_of("alice") == ["dev", "lobby"]
+        await hub.say(alice.member, "dev", "five", None)
+        await hub.say(alice.member, "lobby", "six", None)
+        await flush(store)
+        received = await alice.take()
+        assert [e.id for e in received if isinstance(e, Ack)] == [6, 7]
+        assert [m.id for m in await store.room_history("lobby", None, 10)] == [1, 2, 3, 7]
+
+
+# --- Hub: idempotent sends -------------------------------------------------------------------
+
+
+async def test_a_client_id_sent_again_before_and_after_the_commit_is_stored_once(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await drain(store, alice1, alice2, bob)
+
+    await hub.say(alice1.member, "lobby", "once", "c1")
+    await hub.say(alice1.member, "lobby", "once", "c1")  # before the first is committed
+    await flush(store)
+    await hub.say(alice1.member, "lobby", "once", "c1")  # after
+    await hub.say(alice2.member, "lobby", "once", "c1")  # from another connection of alice
+    await flush(store)
+
+    [stored] = await store.room_history("lobby", None, 10)
+    ack = Ack(ref="c1", id=stored.id)
+    assert await alice1.take() == [stored, ack, ack, ack]
+    assert await alice2.take() == [stored, ack]
+    assert await bob.take() == [stored]
+
+    # Client ids are per user: bob's "c1" is a message of its own.
+    await hub.say(bob.member, "lobby", "mine", "c1")
+    await flush(store)
+    assert await bob.take() == [
+        *await store.room_history("lobby", stored.id, 10),
+        Ack(ref="c1", id=stored.id + 1),
+    ]
+
+
+async def test_a_client_id_sent_again_after_the_hub_is_rebuilt_gets_its_original_id(
+    tmp_path: Path,
+) -> None:
+    async with running(Store(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        await hub.say(alice.member, "lobby", "hello", "c1")
+        await hub.dm(alice.member, "bob", "psst", "c2")
+        await hub.say(alice.member, "lobby", "no id", None)
+        await flush(store)
+        acks = [e for e in await alice.take() if isinstance(e, Ack)]
+        assert acks == [Ack(ref="c1", id=1), Ack(ref="c2", id=2), Ack(id=3)]
+
+    async with running(Store(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        await hub.say(alice.member, "lobby", "hello", "c1")
+        await hub.dm(alice.member, "bob", "psst", "c2")
+        await flush(store)
+        assert await alice.take() == [Ack(ref="c1", id=1), Ack(ref="c2", id=2)]
+        assert store.last_message_id() == 3
+
+
+# --- Hub: direct messages ---------------------------------------------------------------------
+
+
+async def test_dm_reaches_every_connection_of_both_sides_after_commit(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice")
+    alice2 = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await drain(store, alice1, alice2, bob, carol)
+
+    await hub.dm(alice1.member, "bob", "just you", "d1")
+    assert [conn.frames() for conn in (alice1, alice2, bob, carol)] == [[], [], [], []]
+    await flush(store)
+
+    [frame] = bob.frames()
+    assert alice1.frames()[0] is frame
+    assert alice2.frames() == [frame]
+    assert alice2.frames()[0] is frame
+    assert carol.frames() == []
+    message = parse_server_frame(frame)
+    assert isinstance(message, Message)
+    assert (message.room, message.to, message.sender, message.text) == (
+        None,
+        "bob",
+        "alice",
+        "just you",
+    )
+    assert parse_server_frame(alice1.frames()[1]) == Ack(ref="d1", id=message.id)
+    assert len(alice1.frames()) == 2
+    assert await store.direct_history("bob", "alice", None, 10) == [message]
+    assert await store.undelivered("bob") == []
+
+
+async def test_dm_to_an_unknown_user_is_unknown_user(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    with refused(ErrorCode.UNKNOWN_USER):
+        await hub.dm(alice.member, "zed", "anyone there?", "d1")
+    await flush(store)
+    assert await alice.take() == []
+    assert store.last_message_id() == 0
+
+
+async def test_dm_to_an_offline_user_is_stored_and_delivered_once_at_their_next_login(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+
+    await hub.dm(alice.member, "bob", "when you are back", "d1")
+    await flush(store)
+    message = only_message(await alice.take())
+    assert await store.undelivered("bob") == [message]
+
+    bob1 = await online(hub, "bob")
+    await hub.deliver_stored(bob1.member)
+    assert await bob1.take() == [message]
+    await flush(store)
+    assert await store.undelivered("bob") == []
+
+    bob2 = await online(hub, "bob")
+    await hub.deliver_stored(bob2.member)
+    await flush(store)
+    assert await bob2.take() == []
+    assert await bob1.take() == []
+
+    # Also after a restart: the delivery was saved.
+    rebuilt = make_hub(store)
+    bob3 = await online(rebuilt, "bob")
+    await rebuilt.deliver_stored(bob3.member)
+    assert await bob3.take() == []
+
+
+async def test_dm_to_a_user_who_logs_in_before_the_commit_is_delivered_live_and_marked(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    hub.logout((await online(hub, "bob")).member)  # bob is known (in the lobby), now offline
+    await drain(store, alice)
+
+    await hub.dm(alice.member, "bob", "racing", "d1")
+    bob = await online(hub, "bob")  # no checkpoint: the commit callback has not run yet
+    await flush(store)
+    await flush(store)  # the callback's MarkDelivered is queued behind the first flush
+    [message] = await bob.messages()
+    assert message.text == "racing"
+    assert await store.undelivered("bob") == []
+
+
+async def test_a_dm_committed_while_its_recipient_logs_in_is_delivered_once(
+    tmp_path: Path,
+) -> None:
+    async with running(HeldStore(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        await drain(store, alice)
+
+        committed, release = store.hold_next_commit()
+        await hub.dm(alice.member, "bob", "exactly once", "d1")
+        try:
+            with trio.fail_after(WAIT):
+                await committed.wait()  # on disk, undelivered; its callback has not run
+            bob = await online(hub, "bob")
+            await hub.deliver_stored(bob.member)
+        finally:
+            release.set()
+        await flush(store)
+        assert [m.text for m in await bob.messages()] == ["exactly once"]
+
+
+async def test_a_dm_whose_recipient_logs_out_before_the_commit_waits_for_their_next_login(
+    tmp_path: Path,
+) -> None:
+    async with running(HeldStore(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        bob = await online(hub, "bob")
+        await drain(store, alice, bob)
+
+        committed, release = store.hold_next_commit()
+        await hub.dm(alice.member, "bob", "are you there", "d1")
+        try:
+            with trio.fail_after(WAIT):
+                await committed.wait()
+            hub.logout(bob.member)
+        finally:
+            release.set()
+        await flush(store)
+        assert await bob.messages() == []
+
+        bob_again = await online(hub, "bob")
+        await hub.deliver_stored(bob_again.member)
+        assert [m.text for m in await bob_again.messages()] == ["are you there"]
+
+
+# --- Hub: history ------------------------------------------------------------------------------
+
+
+async def test_history_of_a_room_replays_its_messages_then_history_end(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    for i in range(1, 6):
+        await hub.say(alice.member, "lobby", f"lobby {i}", None)
+        await hub.say(alice.member, "dev", f"dev {i}", None)
+    await drain(store, alice, bob)
+    lobby = await store.room_history("lobby", 0, 100)
+    assert [m.text for m in lobby] == [f"lobby {i}" for i in range(1, 6)]
+
+    await hub.history(bob.member, room="lobby", peer=None, after=None, limit=2, ref="h1")
+    assert await bob.take() == [
+        *lobby[-2:],
+        HistoryEnd(room="lobby", last=lobby[-1].id, more=True, ref="h1"),
+    ]
+    await hub.history(bob.member, room="lobby", peer=None, after=0, limit=3, ref="h2")
+    assert await bob.take() == [
+        *lobby[:3],
+        HistoryEnd(room="lobby", last=lobby[2].id, more=True, ref="h2"),
+    ]
+    await hub.history(bob.member, room="lobby", peer=None, after=lobby[2].id, limit=3, ref="h3")
+    assert await bob.take() == [
+        *lobby[3:],
+        HistoryEnd(room="lobby", last=lobby[-1].id, more=False, ref="h3"),
+    ]
+    await hub.history(bob.member, room="lobby", peer=None, after=lobby[-1].id, limit=3, ref="h4")
+    assert await bob.take() == [HistoryEnd(room="lobby", last=lobby[-1].id, more=False, ref="h4")]
+
+
+async def test_history_of_an_empty_room_ends_at_zero(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    await hub.history(alice.member, room="lobby", peer=None, after=None, limit=10, ref=None)
+    assert await alice.take() == [HistoryEnd(room="lobby", last=0, more=False)]
+
+
+async def test_history_of_a_room_not_in_is_not_member(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(alice.member, "secret", None)
+    await hub.say(alice.member, "dev", "members only", None)
+    await drain(store, alice, bob)
+    for room in ("dev", "secret", "news", "nowhere"):
+        with refused(ErrorCode.NOT_MEMBER):
+            await hub.history(bob.member, room=room, peer=None, after=None, limit=10, ref="h")
+    assert await bob.take() == []
+
+
+async def test_history_with_a_peer_replays_the_direct_conversation(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await hub.dm(alice.member, "bob", "hi bob", None)
+    await hub.dm(alice.member, "carol", "hi carol", None)
+    await hub.dm(bob.member, "alice", "hi alice", None)
+    await hub.say(alice.member, "lobby", "hi all", None)
+    await drain(store, alice, bob)
+
+    await hub.history(alice.member, room=None, peer="bob", after=None, limit=10, ref="h1")
+    received = await alice.take()
+    assert [(m.sender, m.to, m.text) for m in received if isinstance(m, Message)] == [
+        ("alice", "bob", "hi bob"),
+        ("bob", "alice", "hi alice"),
+    ]
+    assert received[-1] == HistoryEnd(peer="bob", last=3, more=False, ref="h1")
+    assert len(received) == 3
+
+
+async def test_history_without_a_scope_is_own_rooms_and_own_direct_messages_only(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await hub.join(alice.member, "dev", None)
+    await hub.say(alice.member, "lobby", "for everyone", None)
+    await hub.say(alice.member, "dev", "for dev", None)
+    await hub.dm(alice.member, "bob", "alice to bob", None)
+    await hub.dm(carol.member, "dave", "carol to dave", None)
+    await hub.dm(bob.member, "carol", "bob to carol", None)
+    await hub.say(carol.member, "lobby", "carol in the lobby", None)
+    await drain(store, alice, bob, carol)
+
+    await hub.history(bob.member, room=None, peer=None, after=None, limit=10, ref="h1")
+    received = await bob.take()
+    assert [m.text for m in received if isinstance(m, Message)] == [
+        "for everyone",
+        "alice to bob",
+        "bob to carol",
+        "carol in the lobby",
+    ]
+    assert received[-1] == HistoryEnd(last=6, more=False, ref="h1")
+
+    await hub.history(bob.member, room=None, peer=None, after=None, limit=2, ref="h2")
+    received = await bob.take()
+    assert [m.text for m in received if isinstance(m, Message)] == [
+        "bob to carol",
+        "carol in the lobby",
+    ]
+    assert received[-1] == HistoryEnd(last=6, more=True, ref="h2")
+
+
+# --- Hub: moderation and the operator --------------------------------------------------------
+
+
+async def test_kick_disconnects_every_connection_of_the_user_with_kicked(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, _ = hub_store
+    alice = await online(hub, "alice", admin=True)
+    bob1 = await online(hub, "bob")
+    bob2 = await online(hub, "bob")
+    carol = await online(hub, "carol")
+
+    assert hub.kick("bob", by="alice", reason="spam", ref="k1") == Kicked(username="bob", ref="k1")
+    expected = Error(code=ErrorCode.KICKED, message="kicked by alice: spam")
+    assert bob1.disconnects == [expected]
+    assert bob2.disconnects == [expected]
+    assert alice.disconnects == []
+    assert carol.disconnects == []
+
+    assert hub.kick("carol", by="alice", reason=None) == Kicked(username="carol")
+    assert carol.disconnects == [Error(code=ErrorCode.KICKED, message="kicked by alice")]
+
+
+async def test_kick_of_a_user_who_is_not_online_is_unknown_user(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, _ = hub_store
+    bob = await online(hub, "bob")
+    hub.logout(bob.member)
+    for username in ("bob", "carol", "nobody"):
+        with refused(ErrorCode.UNKNOWN_USER):
+            hub.kick(username, by="alice", reason=None)
+    assert bob.disconnects == []
+
+
+async def test_disconnect_user_calls_disconnect_of_every_connection_of_that_user(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, _ = hub_store
+    alice = await online(hub, "alice")
+    bob1 = await online(hub, "bob")
+    bob2 = await online(hub, "bob")
+    error = Error(code=ErrorCode.AUTH_FAILED, message="account removed")
+    hub.disconnect_user("bob", error)
+    hub.disconnect_user("carol", error)  # offline: nothing to do
+    assert bob1.disconnects == [error]
+    assert bob2.disconnects == [error]
+    assert alice.disconnects == []
+
+
+async def test_announce_stores_one_server_message_per_room_and_delivers_it(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(carol.member, "secret", None)
+    await drain(store, alice, bob, carol)
+
+    assert await hub.announce("restart at noon") == 4  # lobby, secret, news, dev
+    await flush(store)
+    stored: dict[str, Message] = {}
+    for room in ("lobby", "secret", "news", "dev"):
+        [stored[room]] = await store.room_history(room, None, 10)
+        assert (stored[room].sender, stored[room].text) == ("server", "restart at noon")
+    assert sorted(m.id for m in stored.values()) == [1, 2, 3, 4]
+
+    def by_room(messages: list[Message]) -> dict[str | None, Message]:
+        return {m.room: m for m in messages}
+
+    assert by_room(await alice.messages()) == {"lobby": stored["lobby"], "dev": stored["dev"]}
+    assert by_room(await bob.messages()) == {"lobby": stored["lobby"]}
+    assert by_room(await carol.messages()) == {
+        "lobby": stored["lobby"],
+        "secret": stored["secret"],
+    }
+
+
+# --- Hub: the store failing -----------------------------------------------------------------
+
+
+async def test_say_and_dm_on_a_closed_store_reply_unavailable_with_the_ref_and_deliver_nothing(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await drain(store, alice, bob)
+    store.close()
+
+    await hub.say(alice.member, "lobby", "lost", "s1")
+    await hub.dm(alice.member, "bob", "lost too", "d1")
+    received = await alice.take()
+    assert [(e.code, e.ref) for e in received if isinstance(e, Error)] == [
+        (ErrorCode.UNAVAILABLE, "s1"),
+        (ErrorCode.UNAVAILABLE, "d1"),
+    ]
+    assert len(received) == 2
+    assert await bob.take() == []
+    assert store.last_message_id() == 0
+
+
+async def test_say_whose_write_fails_replies_unavailable_and_the_client_id_can_be_retried(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await drain(store, alice, bob)
+
+    store._writer_db.execute("PRAGMA query_only = ON")
+    await hub.say(alice.member, "lobby", "try me", "s1")
+    await flush(store)
+    [error] = await alice.take()
+    assert isinstance(error, Error)
+    assert (error.code, error.ref) == (ErrorCode.UNAVAILABLE, "s1")
+    assert await bob.take() == []
+
+    store._writer_db.execute("PRAGMA query_only = OFF")
+    await hub.say(alice.member, "lobby", "try me", "s1")
+    await flush(store)
+    [stored] = await store.room_history("lobby", None, 10)
+    assert await alice.take() == [stored, Ack(ref="s1", id=stored.id)]
+    assert await bob.take() == [stored]
+
+
+async def test_join_on_a_closed_store_is_unavailable_and_changes_no_membership(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    store.close()
+    with refused(ErrorCode.UNAVAILABLE):
+        await hub.join(alice.member, "dev", "j1")
+    with refused(ErrorCode.UNAVAILABLE):
+        await hub.join(alice.member, "news", "j2")
+    assert await alice.take() == []
+    assert hub.rooms_of("alice") == ["lobby"]
+
+
+async def test_a_join_that_cannot_create_its_room_leaves_no_room_behind(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    store.close()
+    with refused(ErrorCode.UNAVAILABLE):
+        await hub.join(alice.member, "dev", "j1")
+    assert "dev" not in [room.name for room in hub.room_list("alice").rooms]
+
+
+# --- Hub: configuration reload ------------------------------------------------------------
+
+
+async def test_a_user_taken_off_a_private_rooms_list_is_out_of_the_room_at_once(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    carol = await online(hub, "carol")
+    await hub.join(alice.member, "secret", None)
+    await hub.join(carol.member, "secret", None)
+    await drain(store, alice, carol)
+
+    hub.configure_rooms({"secret": RoomSettings(topic="Shh", allowed=frozenset({"carol"}))})
+    assert await alice.take() == [Left(room="secret")]
+    assert hub.rooms_of("alice") == ["lobby"]
+    assert hub.rooms_of("carol") == ["lobby", "secret"]
+    await hub.say(carol.member, "secret", "just us now", None)
+    await flush(store)
+    assert await alice.take() == []
+    assert [m.text for m in await carol.messages()] == ["just us now"]
+
+
+async def test_a_user_taken_off_a_private_rooms_list_stays_out_after_a_restart(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await hub.join(alice.member, "secret", None)
+    hub.configure_rooms({"secret": RoomSettings(topic="Shh", allowed=frozenset({"carol"}))})
+    hub.configure_rooms(ROOMS)  # alice may join again, but has not
+    await flush(store)
+    assert hub.rooms_of("alice") == ["lobby"]
+    assert make_hub(store).rooms_of("alice") == ["lobby"]  # a restart with the same config

@@ -1,0 +1,492 @@
+"""Unit tests for securechat.store: a real SQLite database on disk, a real writer task."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+import securechat.store
+from securechat.protocol import Message
+from securechat.store import (
+    AddMember,
+    AppendMessage,
+    Done,
+    MarkDelivered,
+    RecentSend,
+    RemoveMember,
+    SaveRoom,
+    Store,
+    StoreError,
+    Write,
+)
+
+WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
+TS = "2026-01-02T03:04:05.678Z"
+
+# --- helpers -----------------------------------------------------------------
+
+
+class CountingStore(Store):
+    """A Store that records the size of every transaction it commits."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.transactions: list[int] = []
+
+    def _commit(self, writes: list[Write]) -> None:
+        super()._commit(writes)
+        self.transactions.append(len(writes))
+
+
+AnyStore = TypeVar("AnyStore", bound=Store)
+
+
+@asynccontextmanager
+async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
+    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_writer)
+                try:
+                    yield store
+                finally:
+                    store.close()
+    finally:
+        store.close_database()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "x.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    async with running(Store(db_path)) as store:
+        yield store
+
+
+def room_message(id_: int, room: str = "lobby", sender: str = "alice") -> Message:
+    return Message(id=id_, room=room, sender=sender, text=f"message {id_}", ts=TS)
+
+
+def direct_message(id_: int, sender: str, to: str) -> Message:
+    return Message(id=id_, to=to, sender=sender, text=f"dm {id_}", ts=TS)
+
+
+class Outcomes:
+    """Done callbacks that record (label, error) in the order they are called."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, BaseException | None]] = []
+        self._changed = trio.Event()
+
+    def done(self, label: int) -> Done:
+        def callback(error: BaseException | None) -> None:
+            self.calls.append((label, error))
+            self._changed.set()
+
+        return callback
+
+    async def wait_for(self, count: int) -> None:
+        """Until ``count`` callbacks have run."""
+        with trio.fail_after(WAIT):
+            while len(self.calls) < count:
+                self._changed = trio.Event()
+                await self._changed.wait()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- opening -----------------------------------------------------------------------
+
+
+async def test_opening_creates_the_parent_directory_a_private_file_and_the_schema(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "new" / "dir" / "x.db"
+    async with running(Store(path)) as store:
+        await store.write(SaveRoom("dev", ""))
+        assert path.parent.is_dir()
+        assert mode(path) == 0o600
+        # While the database is open in WAL mode, its -wal and -shm files exist too.
+        assert mode(Path(f"{path}-wal")) == 0o600
+        assert mode(Path(f"{path}-shm")) == 0o600
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        journal_mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert {"messages", "rooms", "memberships"} <= names
+    assert {
+        "messages_by_room",
+        "messages_by_recipient",
+        "messages_by_sender",
+        "messages_undelivered",
+    } <= names
+    assert journal_mode == "wal"
+
+
+async def test_opening_an_existing_database_keeps_its_file_mode(db_path: Path) -> None:
+    async with running(Store(db_path)):
+        pass
+    await trio.Path(db_path).chmod(0o640)
+    async with running(Store(db_path)) as store:
+        assert store.last_message_id() == 0
+    assert mode(db_path) == 0o640
+
+
+def test_a_directory_path_cannot_be_opened(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open the database") as caught:
+        Store(tmp_path)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_a_path_under_a_regular_file_cannot_be_opened(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open the database"):
+        Store(blocker / "x.db")
+
+
+# --- messages and history ------------------------------------------------------------
+
+
+async def test_room_history_returns_the_rooms_messages_in_id_order(store: Store) -> None:
+    await store.write(
+        AppendMessage(room_message(3)),
+        AppendMessage(room_message(2, room="dev")),
+        AppendMessage(room_message(1)),
+    )
+    await store.write(
+        AppendMessage(direct_message(4, "alice", "bob")),
+        AppendMessage(room_message(5, sender="bob")),
+    )
+    assert await store.room_history("lobby", None, 100) == [
+        room_message(1),
+        room_message(3),
+        room_message(5, sender="bob"),
+    ]
+    assert await store.room_history("dev", None, 100) == [room_message(2, room="dev")]
+    assert await store.room_history("nowhere", None, 100) == []
+
+
+async def test_history_without_after_is_the_latest_n_oldest_first(store: Store) -> None:
+    await store.write(*(AppendMessage(room_message(i)) for i in range(1, 11)))
+    assert await store.room_history("lobby", None, 3) == [room_message(i) for i in (8, 9, 10)]
+    assert await store.room_history("lobby", None, 1) == [room_message(10)]
+    assert await store.room_history("lobby", None, 50) == [room_message(i) for i in range(1, 11)]
+
+
+async def test_history_after_pages_forward_from_the_cursor_up_to_the_limit(store: Store) -> None:
+    await store.write(*(AppendMessage(room_message(i)) for i in range(1, 8)))
+    assert await store.room_history("lobby", 0, 3) == [room_message(i) for i in (1, 2, 3)]
+    assert await store.room_history("lobby", 3, 3) == [room_message(i) for i in (4, 5, 6)]
+    assert await store.room_history("lobby", 6, 3) == [room_message(7)]
+    assert await store.room_history("lobby", 7, 3) == []
+    assert await store.room_history("lobby", 100, 3) == []
+
+
+async def test_direct_history_is_one_conversation_in_both_directions(store: Store) -> None:
+    await store.write(
+        AppendMessage(direct_message(1, "alice", "bob")),
+        AppendMessage(direct_message(2, "bob", "alice")),
+        AppendMessage(direct_message(3, "alice", "carol")),
+        AppendMessage(room_message(4, sender="bob")),
+        AppendMessage(direct_message(5, "carol", "bob")),
+        AppendMessage(direct_message(6, "alice", "bob")),
+    )
+    conversation = [
+        direct_message(1, "alice", "bob"),
+        direct_message(2, "bob", "alice"),
+        direct_message(6, "alice", "bob"),
+    ]
+    assert await store.direct_history("alice", "bob", None, 100) == conversation
+    assert await store.direct_history("bob", "alice", None, 100) == conversation
+    assert await store.direct_history("alice", "bob", None, 2) == conversation[1:]
+    assert await store.direct_history("alice", "bob", 1, 1) == [conversation[1]]
+    assert await store.direct_history("alice", "dave", None, 100) == []
+
+
+async def test_visible_history_is_the_given_rooms_and_the_users_own_direct_messages(
+    store: Store,
+) -> None:
+    await store.write(
+        AppendMessage(room_message(1)),
+        AppendMessage(room_message(2, room="dev")),
+        AppendMessage(direct_message(3, "alice", "bob")),
+        AppendMessage(direct_message(4, "bob", "carol")),
+        AppendMessage(direct_message(5, "carol", "dave")),
+        AppendMessage(room_message(6, room="ops")),
+        AppendMessage(room_message(7)),
+    )
+    bob_sees = [
+        room_message(1),
+        direct_message(3, "alice", "bob"),
+        direct_message(4, "bob", "carol"),
+        room_message(7),
+    ]
+    assert await store.visible_history("bob", ["lobby"], None, 100) == bob_sees
+    assert await store.visible_history("bob", ["lobby"], None, 2) == bob_sees[2:]
+    assert await store.visible_history("bob", ["lobby"], 1, 2) == bob_sees[1:3]
+    assert await store.visible_history("bob", {"lobby", "dev"}, None, 100) == [
+        room_message(1),
+        room_message(2, room="dev"),
+        *bob_sees[1:],
+    ]
+    # No rooms at all: only the user's own direct messages.
+    assert await store.visible_history("bob", [], None, 100) == bob_sees[1:3]
+    assert await store.visible_history("dave", [], 0, 100) == [direct_message(5, "carol", "dave")]
+
+
+async def test_undelivered_lists_waiting_direct_messages_until_marked_delivered(
+    store: Store,
+) -> None:
+    await store.write(
+        AppendMessage(direct_message(1, "alice", "bob"), delivered=False),
+        AppendMessage(direct_message(2, "alice", "bob"), delivered=True),
+        AppendMessage(direct_message(3, "carol", "bob"), delivered=False),
+        AppendMessage(direct_message(4, "bob", "alice"), delivered=False),
+        AppendMessage(room_message(5)),
+    )
+    assert await store.undelivered("bob") == [
+        direct_message(1, "alice", "bob"),
+        direct_message(3, "carol", "bob"),
+    ]
+    assert await store.undelivered("alice") == [direct_message(4, "bob", "alice")]
+    assert await store.undelivered("carol") == []
+
+    await store.write(MarkDelivered((1, 4)))
+    assert await store.undelivered("bob") == [direct_message(3, "carol", "bob")]
+    assert await store.undelivered("alice") == []
+    await store.write(MarkDelivered((3,)))
+    assert await store.undelivered("bob") == []
+    # Delivered messages stay in the history.
+    assert len(await store.direct_history("alice", "bob", None, 100)) == 3
+
+
+# --- rooms, memberships and start-up state -------------------------------------------------
+
+
+async def test_rooms_and_memberships_reflect_writes_and_survive_reopening(db_path: Path) -> None:
+    async with running(Store(db_path)) as store:
+        assert store.rooms() == {}
+        assert store.memberships() == {}
+        await store.write(
+            SaveRoom("dev", "Development"),
+            SaveRoom("ops", ""),
+            AddMember("dev", "alice"),
+            AddMember("dev", "bob"),
+            AddMember("dev", "bob"),  # already a member: ignored
+            AddMember("lobby", "alice"),
+            AddMember("ops", "carol"),
+        )
+        await store.write(SaveRoom("ops", "Operations"), RemoveMember("ops", "carol"))
+        await store.write(RemoveMember("dev", "nobody"))  # not a member: nothing happens
+        expected_rooms = {"dev": "Development", "ops": "Operations"}
+        expected_members = {"dev": {"alice", "bob"}, "lobby": {"alice"}}
+        assert store.rooms() == expected_rooms
+        assert store.memberships() == expected_members
+
+    async with running(Store(db_path)) as reopened:
+        assert reopened.rooms() == expected_rooms
+        assert reopened.memberships() == expected_members
+
+
+async def test_last_message_id_and_recent_sends_survive_reopening(db_path: Path) -> None:
+    async with running(Store(db_path)) as store:
+        assert store.last_message_id() == 0
+        assert store.recent_sends(10) == []
+        await store.write(
+            AppendMessage(room_message(1), client_id="a1"),
+            AppendMessage(room_message(2, sender="bob"), client_id="b1"),
+            AppendMessage(room_message(3)),  # no client id: not a recent send
+            AppendMessage(direct_message(4, "alice", "bob"), client_id="a2"),
+            AppendMessage(room_message(9, sender="server")),
+        )
+        assert store.last_message_id() == 9
+
+    async with running(Store(db_path)) as reopened:
+        assert reopened.last_message_id() == 9
+        assert reopened.recent_sends(10) == [
+            RecentSend("alice", "a1", 1, TS),
+            RecentSend("bob", "b1", 2, TS),
+            RecentSend("alice", "a2", 4, TS),
+        ]
+        # The newest `limit`, oldest first.
+        assert reopened.recent_sends(2) == [
+            RecentSend("bob", "b1", 2, TS),
+            RecentSend("alice", "a2", 4, TS),
+        ]
+        assert await reopened.room_history("lobby", None, 100) == [
+            room_message(1),
+            room_message(2, sender="bob"),
+            room_message(3),
+            room_message(9, sender="server"),
+        ]
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+
+async def test_writes_queued_before_the_writer_runs_commit_in_one_transaction(
+    db_path: Path,
+) -> None:
+    store = CountingStore(db_path)
+    outcomes = Outcomes()
+    seen_by_callbacks: list[tuple[int, int]] = []
+
+    def recording(label: int) -> Done:
+        record = outcomes.done(label)
+
+        def callback(error: BaseException | None) -> None:
+            # What another connection sees when the callback runs: all of it is committed.
+            seen_by_callbacks.append((store.last_message_id(), len(store.transactions)))
+            record(error)
+
+        return callback
+
+    for i in range(1, 51):
+        await store.submit(AppendMessage(room_message(i)), recording(i))
+    store.submit_nowait(SaveRoom("dev", ""), recording(51))
+    assert outcomes.calls == []
+    assert store.last_message_id() == 0
+
+    async with running(store):
+        pass  # closing makes the writer commit what is queued, then return
+
+    assert store.transactions == [51]
+    assert outcomes.calls == [(i, None) for i in range(1, 52)]
+    assert seen_by_callbacks == [(50, 1)] * 51
+
+
+async def test_a_batch_holds_at_most_max_batch_writes(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(securechat.store, "MAX_BATCH", 3)
+    store = CountingStore(db_path)
+    outcomes = Outcomes()
+    for i in range(1, 8):
+        await store.submit(AppendMessage(room_message(i)), outcomes.done(i))
+    async with running(store):
+        pass  # closing makes the writer commit what is queued, then return
+    assert store.transactions == [3, 3, 1]
+    assert outcomes.calls == [(i, None) for i in range(1, 8)]
+
+
+async def test_close_lets_the_writer_commit_what_is_queued_then_return(db_path: Path) -> None:
+    store = Store(db_path)
+    outcomes = Outcomes()
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_writer)
+                for i in range(1, 4):
+                    await store.submit(AppendMessage(room_message(i)), outcomes.done(i))
+                store.close()
+            # The nursery exited: the writer returned on its own.
+        assert outcomes.calls == [(1, None), (2, None), (3, None)]
+        assert store.last_message_id() == 3
+    finally:
+        store.close_database()
+
+
+async def test_a_failing_write_fails_its_whole_batch_and_the_writer_goes_on(
+    db_path: Path,
+) -> None:
+    store = CountingStore(db_path)
+    outcomes = Outcomes()
+    await store.submit(AppendMessage(room_message(1)), outcomes.done(1))
+    await store.submit(SaveRoom("dev", ""), outcomes.done(2))
+    await store.submit(AppendMessage(room_message(1, room="dev")), outcomes.done(3))  # same id
+    await store.submit(AddMember("dev", "alice"), outcomes.done(4))
+    async with running(store):
+        await outcomes.wait_for(4)
+        # One transaction was attempted and rolled back: none of its writes happened.
+        assert [label for label, _ in outcomes.calls] == [1, 2, 3, 4]
+        errors = [error for _, error in outcomes.calls]
+        assert all(isinstance(error, StoreError) for error in errors)
+        assert str(db_path) in str(errors[0])
+        assert store.last_message_id() == 0
+        assert store.rooms() == {}
+        assert store.memberships() == {}
+
+        # Later writes still work.
+        await store.write(AppendMessage(room_message(1)), SaveRoom("dev", ""))
+        assert await store.room_history("lobby", None, 10) == [room_message(1)]
+        assert store.rooms() == {"dev": ""}
+    assert sum(store.transactions) == 2  # only the successful commits are counted
+
+
+async def test_write_raises_the_database_error(store: Store) -> None:
+    await store.write(AppendMessage(room_message(1)))
+    with pytest.raises(StoreError, match="UNIQUE constraint failed"):
+        await store.write(AppendMessage(room_message(1, sender="mallory")))
+    assert await store.room_history("lobby", None, 10) == [room_message(1)]
+
+
+async def test_writes_fail_while_the_database_is_read_only_and_work_again_after(
+    store: Store,
+) -> None:
+    store._writer_db.execute("PRAGMA query_only = ON")
+    outcomes = Outcomes()
+    await store.submit(SaveRoom("dev", ""), outcomes.done(1))
+    with pytest.raises(StoreError, match="readonly"):
+        await store.write(AddMember("dev", "alice"))
+    assert len(outcomes.calls) == 1
+    assert isinstance(outcomes.calls[0][1], StoreError)
+
+    store._writer_db.execute("PRAGMA query_only = OFF")
+    await store.write(SaveRoom("dev", ""), AddMember("dev", "alice"))
+    assert store.rooms() == {"dev": ""}
+    assert store.memberships() == {"dev": {"alice"}}
+
+
+async def test_submit_after_close_calls_done_with_store_error_at_once(store: Store) -> None:
+    store.close()
+    outcomes = Outcomes()
+    await store.submit(SaveRoom("dev", ""), outcomes.done(1))
+    assert len(outcomes.calls) == 1
+    store.submit_nowait(SaveRoom("dev", ""), outcomes.done(2))
+    assert [label for label, _ in outcomes.calls] == [1, 2]
+    assert all(isinstance(error, StoreError) for _, error in outcomes.calls)
+    with pytest.raises(StoreError, match="closed"):
+        await store.write(SaveRoom("dev", ""), AddMember("dev", "alice"))
+    assert store.rooms() == {}
+
+
+async def test_every_done_callback_runs_once_when_writes_interleave_with_commits(
+    store: Store,
+) -> None:
+    outcomes = Outcomes()
+    for i in range(1, 101):
+        await store.submit(AppendMessage(room_message(i)), outcomes.done(i))
+        if i % 7 == 0:
+            await trio.lowlevel.checkpoint()
+    await store.write(MarkDelivered(()))
+    assert outcomes.calls == [(i, None) for i in range(1, 101)]
+    assert store.last_message_id() == 100
+
+
+async def test_write_with_no_writes_returns_at_once(store: Store) -> None:
+    finished = trio.Event()
+
+    async def write_nothing() -> None:
+        await store.write()
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_nothing)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert finished.is_set()
