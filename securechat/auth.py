@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from pydantic import SecretStr
 
+from .limits import LoginThrottle
+
 log = logging.getLogger(__name__)
 
 ARGON2_MEMORY_KIB = 19456
@@ -125,16 +127,28 @@ class Authenticator:
         client_certs: ClientCertMode,
         *,
         max_concurrent_checks: int = 2,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.accounts = dict(accounts)
         self.client_certs = client_certs
+        self.throttle = throttle or LoginThrottle()
         self._limiter = trio.CapacityLimiter(max_concurrent_checks)
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 
     async def authenticate(
-        self, username: str, password: SecretStr | None, cert_user: str | None
+        self,
+        username: str,
+        password: SecretStr | None,
+        cert_user: str | None,
+        *,
+        source: str = "-",
     ) -> Account:
-        """The account of ``username``, or :class:`AuthFailed`."""
+        """The account of ``username``, or :class:`AuthFailed`.
+
+        Password attempts are throttled per username and per ``source``
+        address: while either is backing off, the attempt fails without a
+        password check.
+        """
         account = self.accounts.get(username)
         if cert_user is not None and self.client_certs != "none":
             if cert_user != username:
@@ -154,11 +168,18 @@ class Authenticator:
             # Nothing to check, so nothing to time: the client already knows
             # it sent no password.
             raise AuthFailed("no password given")
+        keys = (f"user:{username}", f"ip:{source}")
+        wait = self.throttle.blocked_for(keys, trio.current_time())
+        if wait > 0:
+            raise AuthFailed(f"backing off for {wait:.0f} s after repeated failures")
         if account is None or account.password_hash is None:
             await self._verify(password, self._dummy_hash)
+            self.throttle.failed(keys, trio.current_time())
             raise AuthFailed("unknown user" if account is None else "user has no password")
         if not await self._verify(password, account.password_hash):
+            self.throttle.failed(keys, trio.current_time())
             raise AuthFailed("wrong password")
+        self.throttle.succeeded(keys)
         return account
 
     async def _verify(self, password: SecretStr, phc: str) -> bool:

@@ -45,6 +45,14 @@ class ServerSection(_Section):
 class LimitsSection(_Section):
     handshake_timeout: Seconds = 10.0
     login_timeout: Seconds = 10.0
+    idle_timeout: Seconds = 60.0
+    ping_timeout: Seconds = 30.0
+    max_connections: int = Field(10000, ge=1)
+    max_connections_per_ip: int = Field(100, ge=1)
+    messages_per_second: float = Field(10.0, gt=0)
+    message_burst: int = Field(30, ge=1)
+    login_failures_allowed: int = Field(5, ge=1)
+    login_backoff_max: Seconds = 300.0
     max_outbound_queue: int = Field(1000, ge=1)
     max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=65536)
     auth_workers: int = Field(2, ge=1, le=64)

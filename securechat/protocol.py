@@ -75,6 +75,8 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_ROOM = "unknown_room"
     UNAVAILABLE = "unavailable"
     KICKED = "kicked"
+    RATE_LIMITED = "rate_limited"
+    SERVER_BUSY = "server_busy"
     TIMEOUT = "timeout"
     SERVER_SHUTDOWN = "server_shutdown"
 
@@ -86,16 +88,25 @@ class ProtocolError(Exception):
     """
 
     def __init__(
-        self, code: ErrorCode, message: str, *, ref: str | None = None, fatal: bool = False
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        ref: str | None = None,
+        fatal: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
         self.fatal = fatal
+        self.retry_after = retry_after
 
     def to_envelope(self) -> Error:
-        return Error(code=self.code, message=self.message, ref=self.ref)
+        return Error(
+            code=self.code, message=self.message, ref=self.ref, retry_after=self.retry_after
+        )
 
 
 class _Envelope(BaseModel):
@@ -210,10 +221,17 @@ class Kick(_Envelope):
 
 
 class Ping(_Envelope):
-    """Liveness check; answered by ``pong``."""
+    """Liveness check; answered by ``pong``. The server sends it too, to an idle client."""
 
     type: Literal["ping"] = "ping"
     id: ClientId | None = None
+
+
+class Pong(_Envelope):
+    """Answer to ``ping``, in either direction."""
+
+    type: Literal["pong"] = "pong"
+    ref: ClientId | None = None
 
 
 class Bye(_Envelope):
@@ -223,7 +241,7 @@ class Bye(_Envelope):
     id: ClientId | None = None
 
 
-ClientEnvelope = Hello | Say | Dm | Join | Leave | Who | Rooms | History | Kick | Ping | Bye
+ClientEnvelope = Hello | Say | Dm | Join | Leave | Who | Rooms | History | Kick | Ping | Pong | Bye
 
 
 # --- server -> client -------------------------------------------------------
@@ -337,13 +355,6 @@ class Kicked(_Envelope):
     ref: ClientId | None = None
 
 
-class Pong(_Envelope):
-    """Answer to ``ping``."""
-
-    type: Literal["pong"] = "pong"
-    ref: ClientId | None = None
-
-
 class Error(_Envelope):
     """Something the client sent was refused, or the server is closing the connection."""
 
@@ -351,6 +362,9 @@ class Error(_Envelope):
     code: ErrorCode
     message: str
     ref: ClientId | None = None
+    retry_after: float | None = Field(
+        default=None, ge=0, description="rate_limited: seconds until a message is accepted again."
+    )
 
 
 ServerEnvelope = (
@@ -364,6 +378,7 @@ ServerEnvelope = (
     | RoomList
     | HistoryEnd
     | Kicked
+    | Ping
     | Pong
     | Error
 )
@@ -404,8 +419,13 @@ def parse_client_frame(frame: bytes) -> ClientEnvelope:
         envelope = _CLIENT_ADAPTER.validate_json(frame)
     except ValidationError as exc:
         _raise_invalid(frame, exc)
-    _reject_duplicate_keys(frame, envelope.id)
+    _reject_duplicate_keys(frame, request_id(envelope))
     return envelope
+
+
+def request_id(envelope: ClientEnvelope) -> str | None:
+    """The client's ``id`` on ``envelope``, to echo as ``ref`` (a ``pong`` has none)."""
+    return None if isinstance(envelope, Pong) else envelope.id
 
 
 def parse_server_frame(frame: bytes) -> ServerEnvelope:

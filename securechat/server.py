@@ -18,9 +18,10 @@ import trio
 
 from . import __version__, tls
 from .auth import Account, Authenticator, AuthFailed
-from .certs import common_name
+from .certs import CertError, common_name
 from .config import Config
 from .hub import Hub, Member, Outbox
+from .limits import ConnectionCounter, LoginThrottle, TokenBucket, Verdict
 from .protocol import (
     Bye,
     ClientEnvelope,
@@ -43,6 +44,7 @@ from .protocol import (
     Who,
     encode,
     parse_client_frame,
+    request_id,
 )
 from .store import Store
 
@@ -76,6 +78,10 @@ class ChatServer:
             config.accounts(),
             config.server.client_certs,
             max_concurrent_checks=config.limits.auth_workers,
+            throttle=LoginThrottle(
+                free_failures=config.limits.login_failures_allowed,
+                max_delay=config.limits.login_backoff_max,
+            ),
         )
         self.store = Store(config.storage.path)
         self.hub = Hub(
@@ -87,13 +93,29 @@ class ChatServer:
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._connections: set[_Connection] = set()
+        self._counter = ConnectionCounter(
+            config.limits.max_connections, config.limits.max_connections_per_ip
+        )
+        self._buckets: dict[str, TokenBucket] = {}
+        self._limited: set[str] = set()  # users whose flood has been logged
         self._shutdown = trio.Event()
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
     def reload(self, config: Config) -> None:
-        """Apply a re-read config file: users, passwords and rooms (not server settings)."""
+        """Apply a re-read config file: users, passwords, rooms and certificate files.
+
+        Other server settings need a restart. New TLS settings apply to new
+        connections; connected clients are not disturbed.
+        """
+        settings = self.config.server
+        try:
+            self.ssl_context = tls.server_context(
+                settings.cert, settings.key, settings.ca, settings.client_certs
+            )
+        except CertError as exc:
+            log.error("certificates not reloaded, keeping the current ones: %s", exc)
         removed = set(self.config.users) - set(config.users)
         self.config = self.config.model_copy(update={"users": config.users, "rooms": config.rooms})
         self.authenticator.accounts = config.accounts()
@@ -174,8 +196,37 @@ class ChatServer:
                 continue
             nursery.start_soon(self._handle, stream)
 
+    def check_rate(self, username: str) -> Verdict:
+        """Spend one of ``username``'s message tokens; raises rate_limited when there is none."""
+        bucket = self._buckets.get(username)
+        now = trio.current_time()
+        if bucket is None:
+            limits = self.limits
+            bucket = self._buckets[username] = TokenBucket(
+                limits.messages_per_second, limits.message_burst, now
+            )
+        verdict, retry_after = bucket.take(now)
+        if verdict is Verdict.ACCEPT:
+            self._limited.discard(username)
+        elif verdict is Verdict.REJECT:
+            if username not in self._limited:
+                self._limited.add(username)
+                log.warning("rate limited user=%s", username)
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"too many messages; try again in {retry_after:.1f} s",
+                retry_after=round(retry_after, 3),
+            )
+        return verdict
+
     async def _handle(self, tcp_stream: trio.SocketStream) -> None:
-        peer = _format_address(tcp_stream.socket.getpeername())
+        host, port = tcp_stream.socket.getpeername()[:2]
+        with self._counter.hold(host) as allowed:
+            await self._handle_counted(tcp_stream, _format_address((host, port)), host, allowed)
+
+    async def _handle_counted(
+        self, tcp_stream: trio.SocketStream, peer: str, host: str, allowed: bool
+    ) -> None:
         stream = trio.SSLStream(tcp_stream, self.ssl_context, server_side=True)
         connection: _Connection | None = None
         try:
@@ -188,8 +239,19 @@ class ChatServer:
             except trio.BrokenResourceError as exc:
                 log.info("handshake failed peer=%s reason=%s", peer, tls.failure_reason(exc))
                 return
+            if not allowed:
+                log.warning(
+                    "server busy peer=%s connections=%d from_ip=%d",
+                    peer,
+                    self._counter.total,
+                    self._counter.count(host),
+                )
+                busy = Error(code=ErrorCode.SERVER_BUSY, message="too many connections; try later")
+                with trio.move_on_after(self.limits.handshake_timeout):
+                    await stream.send_all(encode(busy))
+                return
             log.info("[CONNECTION ESTABLISHED] %s", peer)
-            connection = _Connection(self, stream, peer)
+            connection = _Connection(self, stream, peer, host)
             self._connections.add(connection)
             await connection.run()
         except Exception:
@@ -197,16 +259,20 @@ class ChatServer:
         finally:
             if connection is not None:
                 self._connections.discard(connection)
-            await tls.close(stream, graceful=connection is not None and connection.clean)
+            await tls.close(stream, graceful=connection is None or connection.clean)
 
 
 class _Connection:
     """One TLS connection after its handshake: login, then chat."""
 
-    def __init__(self, server: ChatServer, stream: trio.SSLStream[trio.SocketStream], peer: str):
+    def __init__(
+        self, server: ChatServer, stream: trio.SSLStream[trio.SocketStream], peer: str, host: str
+    ) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
+        self.host = host
+        self._pings = 0
         self.outbox = Outbox(
             server.limits.max_outbound_queue, server.limits.max_outbound_bytes, self._overflowed
         )
@@ -269,7 +335,7 @@ class _Connection:
                 return
             if self.member is None:
                 return
-            while (frame := await frames.next()) is not None:
+            while (frame := await self._next_frame(frames)) is not None:
                 try:
                     envelope = parse_client_frame(frame)
                 except ProtocolError as exc:
@@ -279,13 +345,28 @@ class _Connection:
                     if not await self._dispatch(self.member, envelope):
                         return
                 except ProtocolError as exc:
-                    exc.ref = envelope.id
+                    exc.ref = request_id(envelope)
                     self.send(exc.to_envelope())
+        except _Unresponsive:
+            user = self.member.username if self.member else "-"
+            log.warning("unresponsive peer disconnected user=%s peer=%s", user, self.peer)
+            self.send(Error(code=ErrorCode.TIMEOUT, message="no answer to ping"))
         except ProtocolError as exc:  # from the decoder: always fatal
             log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
             self.send(exc.to_envelope())
         except trio.BrokenResourceError:
             pass  # the peer left without close_notify: an ordinary disconnect
+
+    async def _next_frame(self, frames: _Frames) -> bytes | None:
+        """The next frame; pings the client after a silence and gives up if it stays silent."""
+        limits = self.server.limits
+        with trio.move_on_after(limits.idle_timeout):
+            return await frames.next()
+        self._pings += 1
+        self.send(Ping(id=f"srv{self._pings}"))
+        with trio.move_on_after(limits.ping_timeout):
+            return await frames.next()
+        raise _Unresponsive
 
     async def _login(self, frames: _Frames) -> Member | None:
         frame = await frames.next()
@@ -297,13 +378,19 @@ class _Connection:
             self.send(exc.to_envelope())
             return None
         if not isinstance(hello, Hello):
-            self.send(Error(code=ErrorCode.AUTH_REQUIRED, message="send hello first", ref=hello.id))
+            self.send(
+                Error(
+                    code=ErrorCode.AUTH_REQUIRED,
+                    message="send hello first",
+                    ref=request_id(hello),
+                )
+            )
             return None
         peer_cert = self.stream.getpeercert()
         cert_user = common_name(peer_cert.get("subject")) if peer_cert else None
         try:
             account: Account = await self.server.authenticator.authenticate(
-                hello.username, hello.password, cert_user
+                hello.username, hello.password, cert_user, source=self.host
             )
             # The check runs in a thread that cancellation cannot interrupt: a
             # login that overran its deadline must still fail.
@@ -343,7 +430,16 @@ class _Connection:
         Refusals are raised as ProtocolError and answered by the caller.
         """
         hub = self.server.hub
+        if isinstance(envelope, Pong):
+            return True  # any frame proves the client alive; nothing else to do
         ref = envelope.id
+        if (
+            isinstance(envelope, Say | Dm)
+            and self.server.check_rate(member.username) is Verdict.DISCONNECT
+        ):
+            log.warning("flood disconnected user=%s peer=%s", member.username, self.peer)
+            self.send(Error(code=ErrorCode.RATE_LIMITED, message="flooding: disconnected", ref=ref))
+            return False
         if isinstance(envelope, Say):
             await hub.say(member, envelope.room, envelope.text, ref)
         elif isinstance(envelope, Dm):
@@ -378,6 +474,10 @@ class _Connection:
         else:
             raise ProtocolError(ErrorCode.BAD_ENVELOPE, "already logged in")
         return True
+
+
+class _Unresponsive(Exception):
+    """The client answered neither traffic nor a ping in time."""
 
 
 class _Frames:

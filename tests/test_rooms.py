@@ -293,7 +293,9 @@ async def test_admin_can_kick_others_cannot(server: RunningServer) -> None:
 async def test_acknowledged_messages_survive_sigkill(
     tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
 ) -> None:
-    config = write_toml(tmp_path / "server.toml", config_data(pki, password_hashes))
+    data = config_data(pki, password_hashes)
+    data["limits"] = {"messages_per_second": 1e6, "message_burst": 1000}  # a deliberate burst
+    config = write_toml(tmp_path / "server.toml", data)
     acked: dict[str, int] = {}
     async with server_process(config, pki) as first:
         alice = await first.endpoint.login("alice")

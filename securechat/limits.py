@@ -1,0 +1,141 @@
+"""Limits against abuse, without I/O: message rate, login back-off, connection counts.
+
+Every method takes the current time as an argument (the server passes
+``trio.current_time()``), so these are plain objects, tested with numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"  # too fast: refuse this one, say when to retry
+    DISCONNECT = "disconnect"  # kept going far past the limit
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` messages per second on average, bursts of up to ``burst``.
+
+    A refused message still costs a token (the bucket goes into debt), so a
+    client that ignores ``retry_after`` only pushes it further away; once the
+    debt passes ``flood_factor`` times the burst, the verdict is DISCONNECT.
+    """
+
+    rate: float
+    burst: float
+    now: float
+    flood_factor: float = 3.0
+    tokens: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+        self._updated = self.now
+
+    def take(self, now: float) -> tuple[Verdict, float]:
+        """Spend one token; returns the verdict and, for REJECT, seconds until one is accepted."""
+        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            return Verdict.ACCEPT, 0.0
+        if self.tokens < -self.flood_factor * self.burst:
+            return Verdict.DISCONNECT, 0.0
+        # The next message is accepted once the bucket is back at one token.
+        return Verdict.REJECT, (1 - self.tokens) / self.rate
+
+
+class LoginThrottle:
+    """Back-off after failed logins, per key (a username, a source address).
+
+    The first ``free_failures`` failures within ``window`` seconds cost
+    nothing; each one after that blocks the key for ``first_delay`` seconds,
+    doubling up to ``max_delay``. A success clears the key. At most
+    ``max_keys`` keys are remembered (the stalest are forgotten first), so an
+    attacker cycling through addresses cannot exhaust memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        free_failures: int = 5,
+        window: float = 600.0,
+        first_delay: float = 1.0,
+        max_delay: float = 300.0,
+        max_keys: int = 100_000,
+    ) -> None:
+        self.free_failures = free_failures
+        self.window = window
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        # key -> (failure times within the window, blocked until); least recently failed first
+        self._keys: OrderedDict[str, tuple[deque[float], float]] = OrderedDict()
+
+    def blocked_for(self, keys: Iterable[str], now: float) -> float:
+        """Seconds until all of ``keys`` may try again (0: they may now)."""
+        return max((self._keys[key][1] - now for key in keys if key in self._keys), default=0.0)
+
+    def failed(self, keys: Iterable[str], now: float) -> None:
+        for key in keys:
+            failures, _ = self._keys.pop(key, (deque(), 0.0))
+            failures.append(now)
+            while failures and failures[0] <= now - self.window:
+                failures.popleft()
+            excess = len(failures) - self.free_failures
+            blocked_until = 0.0
+            if excess >= 0:
+                blocked_until = now + min(self.max_delay, self.first_delay * 2.0**excess)
+            self._keys[key] = (failures, blocked_until)
+        self._forget_stale(now)
+
+    def succeeded(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._keys.pop(key, None)
+
+    def _forget_stale(self, now: float) -> None:
+        while self._keys:
+            key, (failures, blocked_until) = next(iter(self._keys.items()))
+            stale = failures[-1] <= now - self.window and blocked_until <= now
+            if not stale and len(self._keys) <= self.max_keys:
+                return
+            del self._keys[key]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class ConnectionCounter:
+    """Open connections, in total and per source address, against their caps."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self._per_address: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, address: str) -> Iterator[bool]:
+        """Count a connection for the duration of the block; yields False if it is over a cap."""
+        count = self._per_address.get(address, 0)
+        allowed = self.total < self.max_total and count < self.max_per_address
+        self.total += 1
+        self._per_address[address] = count + 1
+        try:
+            yield allowed
+        finally:
+            self.total -= 1
+            remaining = self._per_address[address] - 1
+            if remaining:
+                self._per_address[address] = remaining
+            else:
+                del self._per_address[address]
+
+    def count(self, address: str) -> int:
+        return self._per_address.get(address, 0)
