@@ -131,7 +131,7 @@ class Authenticator:
     ) -> None:
         self.accounts = dict(accounts)
         self.client_certs = client_certs
-        self.throttle = throttle or LoginThrottle()
+        self.throttle = throttle if throttle is not None else LoginThrottle()
         self._limiter = trio.CapacityLimiter(max_concurrent_checks)
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 

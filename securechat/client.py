@@ -51,6 +51,8 @@ from .protocol import (
     Left,
     Members,
     Message,
+    Ping,
+    Pong,
     Presence,
     ProtocolError,
     RoomList,
@@ -373,6 +375,15 @@ Connect = Callable[[], Awaitable[tuple[ChatConnection, Welcome]]]
 
 
 @dataclass(frozen=True)
+class Keepalive:
+    """After ``interval`` seconds without hearing from the server, ping it; if nothing
+    arrives within ``timeout`` more, the connection is dead (reconnect)."""
+
+    interval: float = 30.0
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True)
 class Backoff:
     """Reconnect delays: exponential with jitter, capped; give up after ``give_up`` seconds."""
 
@@ -420,6 +431,7 @@ class ChatSession:
         *,
         reconnect: Connect | None = None,
         backoff: Backoff | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.connection = connection
         self.console = console
@@ -432,6 +444,8 @@ class ChatSession:
         self.refused = 0
         self._reconnect = reconnect
         self._backoff = backoff or Backoff()
+        self._keepalive = keepalive or Keepalive()
+        self._last_heard = trio.current_time()
         self._ids = count(1)
         self._all_acked = trio.Event()
         self._all_acked.set()
@@ -446,9 +460,24 @@ class ChatSession:
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._network_loop, nursery.cancel_scope)
+            nursery.start_soon(self._keepalive_loop)
             self._exit_code = await self._input_loop()
             nursery.cancel_scope.cancel()
         return self._exit_code
+
+    async def _keepalive_loop(self) -> None:
+        interval, timeout = self._keepalive.interval, self._keepalive.timeout
+        while True:
+            await trio.sleep_until(self._last_heard + interval)
+            if not self._connected or trio.current_time() < self._last_heard + interval:
+                continue
+            silent_since = self._last_heard
+            await self._send(Ping(id="keepalive"))
+            await trio.sleep(timeout)
+            if self._connected and self._last_heard == silent_since:
+                # No answer: the connection is dead even if TCP has not noticed.
+                self._notice("[DISCONNECTED] the server stopped answering")
+                await trio.aclose_forcefully(self.connection.stream)
 
     # --- input ---
 
@@ -545,12 +574,18 @@ class ChatSession:
                 if not self._leaving:
                     self._notice("[DISCONNECTED] the server closed the connection")
                 return True
+            self._last_heard = trio.current_time()
             if isinstance(envelope, Error) and envelope.code == ErrorCode.KICKED:
                 self.console.show(self.format.error(envelope))
                 return False
             await self._handle(envelope)
 
     async def _handle(self, envelope: ServerEnvelope) -> None:
+        if isinstance(envelope, Ping):
+            await self._send(Pong(ref=envelope.id))
+            return
+        if isinstance(envelope, Pong):
+            return
         if isinstance(envelope, Message):
             if self.seen.add(envelope.id) or self._replays:
                 self.console.show(self.format.message(envelope))
@@ -616,6 +651,7 @@ class ChatSession:
                 continue
             break
         self.connection = connection
+        self._last_heard = trio.current_time()
         self.rooms = list(welcome.rooms)
         if self.room not in self.rooms:
             self.room = LOBBY

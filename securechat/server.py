@@ -229,6 +229,9 @@ class ChatServer:
     ) -> None:
         stream = trio.SSLStream(tcp_stream, self.ssl_context, server_side=True)
         connection: _Connection | None = None
+        graceful = (
+            False  # only a stream that finished its handshake and every write can say goodbye
+        )
         try:
             try:
                 with trio.fail_after(self.limits.handshake_timeout):
@@ -247,19 +250,23 @@ class ChatServer:
                     self._counter.count(host),
                 )
                 busy = Error(code=ErrorCode.SERVER_BUSY, message="too many connections; try later")
-                with trio.move_on_after(self.limits.handshake_timeout):
+                with trio.move_on_after(self.limits.handshake_timeout) as scope:
                     await stream.send_all(encode(busy))
+                graceful = not scope.cancelled_caught
                 return
             log.info("[CONNECTION ESTABLISHED] %s", peer)
             connection = _Connection(self, stream, peer, host)
             self._connections.add(connection)
             await connection.run()
+            graceful = connection.clean
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
         except Exception:
             log.exception("connection failed peer=%s", peer)
         finally:
             if connection is not None:
                 self._connections.discard(connection)
-            await tls.close(stream, graceful=connection is None or connection.clean)
+            await tls.close(stream, graceful=graceful)
 
 
 class _Connection:

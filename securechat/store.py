@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # How many writes one transaction may hold, and how many may wait for the
 # writer before submitters are made to wait (back-pressure).
 MAX_BATCH = 4096
-QUEUE_SIZE = 16384
+QUEUE_SIZE = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (

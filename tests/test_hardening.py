@@ -1,0 +1,407 @@
+"""Attacks on the real server over real TLS: every limit holds, nobody else suffers.
+
+Long attacks are scaled down through the config (short timeouts, small caps),
+never by skipping them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from pydantic import SecretStr
+
+from securechat import auth
+from securechat.client import Backoff, ChatConnection, ChatSession, ClientError
+from securechat.protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    History,
+    HistoryEnd,
+    Message,
+    Ping,
+    Pong,
+    Say,
+)
+from securechat.server import raise_open_file_limit
+
+from .conftest import (
+    PASSWORDS,
+    WAIT,
+    Pki,
+    RunningServer,
+    ScriptedConsole,
+    StartServer,
+    config_data,
+    receive_closed,
+    receive_first,
+    receive_type,
+    server_process,
+    write_toml,
+)
+
+raise_open_file_limit()  # these tests hold many sockets at once
+
+
+async def ping_round_trip(connection: ChatConnection, ident: str) -> float:
+    start = trio.current_time()
+    await connection.send(Ping(id=ident))
+    while (await receive_type(connection, Pong)).ref != ident:
+        pass
+    return trio.current_time() - start
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll server state that has no event to wait on, with a deadline."""
+    with trio.fail_after(WAIT):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+def errors(received: list[Any]) -> list[ErrorCode]:
+    return [envelope.code for envelope in received if isinstance(envelope, Error)]
+
+
+# --- 1. handshake and login deadlines ---------------------------------------------------
+
+
+async def test_half_open_and_silent_connections_do_not_block_users_and_are_closed(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(
+        limits={"handshake_timeout": 2.0, "login_timeout": 2.0, "max_connections_per_ip": 2000}
+    )
+    half_open = [await trio.open_tcp_stream(server.host, server.port) for _ in range(500)]
+    silent: list[ChatConnection] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(lambda: _open_into(server, silent))
+    opened_at = trio.current_time()
+    try:
+        start = trio.current_time()
+        alice = await server.login("alice")
+        bob = await server.login("bob")
+        await alice.send(Say(room="lobby", text="still works", id="s"))
+        assert (await receive_type(bob, Message)).text == "still works"
+        assert trio.current_time() - start < 1.0
+
+        async def closed_tcp(stream: trio.SocketStream) -> None:
+            while await stream.receive_some(4096):
+                pass
+
+        async def closed_tls(connection: ChatConnection) -> None:
+            assert errors(await receive_closed(connection)) == [ErrorCode.TIMEOUT]
+
+        with trio.fail_after(2.0 + 3.0):  # every one of them, by the deadline (plus slack)
+            async with trio.open_nursery() as nursery:
+                for stream in half_open:
+                    nursery.start_soon(closed_tcp, stream)
+                for connection in silent:
+                    nursery.start_soon(closed_tls, connection)
+        assert trio.current_time() - opened_at >= 2.0 - 0.5  # not before it, either
+        # and the real users are still there
+        await alice.send(Say(room="lobby", text="after the purge", id="t"))
+        assert (await receive_type(bob, Message)).text == "after the purge"
+    finally:
+        for stream in half_open:
+            await trio.aclose_forcefully(stream)
+
+
+async def _open_into(server: RunningServer, into: list[ChatConnection]) -> None:
+    into.append(await server.open())
+
+
+# --- 2. idle and dead peers ------------------------------------------------------------------
+
+
+async def test_idle_client_is_pinged_and_dropped_if_silent(start_server: StartServer) -> None:
+    server = await start_server(limits={"idle_timeout": 0.3, "ping_timeout": 0.3})
+    bob = await server.login("bob")
+    ping = await receive_type(bob, Ping)
+    assert ping.id is not None
+    received = await receive_closed(bob)  # bob does not answer
+    assert errors(received) == [ErrorCode.TIMEOUT]
+
+
+async def test_client_that_answers_pings_stays(start_server: StartServer) -> None:
+    server = await start_server(limits={"idle_timeout": 0.2, "ping_timeout": 0.2})
+    bob = await server.login("bob")
+    for _ in range(3):
+        ping = await receive_type(bob, Ping)
+        await bob.send(Pong(ref=ping.id))
+    assert await ping_round_trip(bob, "alive") < 1.0
+
+
+async def test_chat_session_answers_pings_by_itself(start_server: StartServer) -> None:
+    server = await start_server(limits={"idle_timeout": 0.2, "ping_timeout": 0.2})
+    connection = await server.open()
+    welcome = await connection.login("alice", SecretStr(PASSWORDS["alice"]))
+    console = ScriptedConsole()
+    session = ChatSession(connection, welcome, console, backoff=Backoff(first=0.01))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        # three idle periods pass with pings, and alice is still connected
+        await wait_until(lambda: _server_pings(server, "alice") >= 3)
+        bob = await server.login("bob")  # (bob answers no pings, so he comes late)
+        console.type("still here")
+        assert (await receive_type(bob, Message)).text == "still here"
+        console.type("/quit")
+    assert not any("DISCONNECTED" in line for line in console.shown)
+
+
+def _server_pings(server: RunningServer, username: str) -> int:
+    return max(
+        (
+            connection._pings
+            for connection in server.server._connections
+            if connection.member and connection.member.username == username
+        ),
+        default=0,
+    )
+
+
+# --- 3. connection caps ------------------------------------------------------------------------
+
+
+async def test_connections_per_ip_are_capped_and_released(start_server: StartServer) -> None:
+    server = await start_server(limits={"max_connections_per_ip": 5})
+    for _round in range(2):
+        held = [await server.open() for _ in range(5)]
+        extra = await server.open()
+        assert errors(await receive_closed(extra)) == [ErrorCode.SERVER_BUSY]
+        for connection in held:  # crash: no goodbye, no close_notify
+            await trio.aclose_forcefully(connection.stream)
+        await wait_until(lambda: server.server._counter.total == 0)
+    await server.login("bob")  # the full quota is back
+
+
+async def test_total_connections_are_capped(start_server: StartServer) -> None:
+    server = await start_server(limits={"max_connections": 3})
+    held = [await server.login(name) for name in ("alice", "bob", "dave")]
+    extra = await server.open()
+    assert errors(await receive_closed(extra)) == [ErrorCode.SERVER_BUSY]
+    await held[0].send(Say(room="lobby", text="the three are fine", id="x"))
+    assert (await receive_type(held[1], Message)).text == "the three are fine"
+
+
+# --- 4. flood control --------------------------------------------------------------------------
+
+
+async def test_flooder_is_limited_then_disconnected_and_others_do_not_notice(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(limits={"messages_per_second": 5, "message_burst": 10})
+    flooder = await server.login("bob")
+    alice = await server.login("alice")
+
+    async def flood() -> None:
+        for n in range(200):
+            try:
+                await flooder.send(Say(room="lobby", text=f"flood {n}", id=f"f{n}"))
+            except trio.BrokenResourceError:
+                return
+
+    round_trips: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        received = await receive_closed(flooder)
+        for n in range(5):
+            round_trips.append(await ping_round_trip(alice, f"p{n}"))
+    acks = [envelope for envelope in received if isinstance(envelope, Ack)]
+    limited = [e for e in received if isinstance(e, Error) and e.code == ErrorCode.RATE_LIMITED]
+    assert len(acks) == 10  # the burst
+    assert limited[0].retry_after is not None
+    assert limited[0].retry_after > 0
+    assert limited[-1].message == "flooding: disconnected"
+    assert max(round_trips) < 1.0
+
+
+async def test_rate_limited_sender_can_send_again_after_retry_after(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(limits={"messages_per_second": 20, "message_burst": 2})
+    bob = await server.login("bob")
+    for n in range(3):
+        await bob.send(Say(room="lobby", text=f"m{n}", id=f"m{n}"))
+    # The refusal is immediate, the acks come after the commit: match them by ref.
+    replies = {
+        reply.ref: reply for reply in [await receive_first(bob, Ack, Error) for _ in range(3)]
+    }
+    assert isinstance(replies["m0"], Ack)
+    assert isinstance(replies["m1"], Ack)
+    limited = replies["m2"]
+    assert isinstance(limited, Error)
+    assert limited.code == ErrorCode.RATE_LIMITED
+    assert limited.retry_after is not None
+    await trio.sleep(limited.retry_after)  # the server's own promise, in its own clock
+    await bob.send(Say(room="lobby", text="patient", id="p"))
+    accepted = await receive_first(bob, Ack, Error)
+    assert isinstance(accepted, Ack)
+    assert accepted.ref == "p"
+
+
+# --- 5. brute force ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every real Argon2id verification the server runs (a spy on the real function)."""
+    calls: list[str] = []
+    real = auth.verify_password
+
+    def spy(password: str, phc: str) -> bool:
+        calls.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(auth, "verify_password", spy)
+    return calls
+
+
+async def failed_login(server: RunningServer, username: str, password: str) -> None:
+    connection = await server.open()
+    with pytest.raises(ClientError, match="auth_failed"):
+        await connection.login(username, SecretStr(password))
+
+
+async def test_failed_logins_back_off_without_hashing(
+    start_server: StartServer, password_checks: list[str]
+) -> None:
+    server = await start_server(limits={"login_failures_allowed": 3})
+    for n in range(3):
+        await failed_login(server, "bob", f"guess number {n}")
+    assert len(password_checks) == 3
+    # blocked now: even the right password fails, and costs no hash
+    await failed_login(server, "bob", PASSWORDS["bob"])
+    assert len(password_checks) == 3
+    # and the block holds for other usernames from the same address
+    await failed_login(server, "alice", PASSWORDS["alice"])
+    assert len(password_checks) == 3
+
+    with trio.fail_after(WAIT):  # the back-off ends (1 s), then the right password works
+        while True:
+            connection = await server.open()
+            try:
+                await connection.login("bob", SecretStr(PASSWORDS["bob"]))
+                break
+            except ClientError:
+                await trio.sleep(0.1)
+    # and success resets the count: three more failures are allowed again
+    checks = len(password_checks)
+    for n in range(3):
+        await failed_login(server, "bob", f"again {n}")
+    assert len(password_checks) == checks + 3
+
+
+async def test_unknown_users_cost_a_hash_like_known_ones(
+    server: RunningServer, password_checks: list[str]
+) -> None:
+    await failed_login(server, "nobody", "some password")
+    await failed_login(server, "bob", "some password")
+    assert len(password_checks) == 2
+    assert password_checks[0] != password_checks[1]  # the dummy hash, then bob's
+
+
+async def test_login_storm_does_not_stall_chat(start_server: StartServer) -> None:
+    server = await start_server(
+        limits={"login_failures_allowed": 1000, "max_connections_per_ip": 1000}
+    )
+    alice = await server.login("alice")
+    round_trips: list[float] = []
+
+    async def wrong_login(n: int) -> None:
+        await failed_login(server, "bob", f"storm guess {n}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(200):
+            nursery.start_soon(wrong_login, n)
+        while len(round_trips) < 10:
+            round_trips.append(await ping_round_trip(alice, f"p{len(round_trips)}"))
+    assert max(round_trips) < 1.0
+
+
+# --- 6. slow consumers ---------------------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+async def test_slow_consumer_is_dropped_and_memory_stays_bounded(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    data = config_data(pki, password_hashes)
+    data["limits"] = {
+        "messages_per_second": 1e6,
+        "message_burst": 100_000,
+        "max_outbound_bytes": 1024 * 1024,
+    }
+    config = write_toml(tmp_path / "server.toml", data)
+    total, text = 20_000, "x" * 2000  # 40 MB through the room
+    async with server_process(config, pki) as server:
+        slow = await server.endpoint.login("carol", cert_user="carol")  # and never reads
+        sender = await server.endpoint.login("alice")
+        readers = [await server.endpoint.login("bob"), await server.endpoint.login("dave")]
+        baseline = _rss_bytes(server.process.pid)
+        peak = baseline
+
+        async def read_all(connection: ChatConnection, counts: list[int]) -> None:
+            seen = 0
+            while seen < total:
+                message = await receive_type(connection, Message)
+                assert message.text == text
+                seen += 1
+            counts.append(seen)
+
+        async def send_all() -> None:
+            for n in range(total):
+                await sender.send(Say(room="lobby", text=text, id=f"s{n}"))
+
+        counts: list[int] = []
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for connection in [*readers, sender]:
+                    nursery.start_soon(read_all, connection, counts)
+                nursery.start_soon(send_all)
+                while len(counts) < 3:
+                    peak = max(peak, _rss_bytes(server.process.pid))
+                    await trio.sleep(0.05)
+        assert counts == [total] * 3  # every other client got every message
+        assert peak - baseline < 20 * 1024 * 1024, (baseline, peak)
+        await server.wait_for_log("slow consumer disconnected user=carol")
+        await trio.aclose_forcefully(slow.stream)
+
+
+# --- 9. nothing lost under faults ----------------------------------------------------------
+
+
+async def test_failed_store_write_is_unavailable_not_acknowledged(server: RunningServer) -> None:
+    alice = await server.login("alice")
+    await alice.send(Say(room="lobby", text="kept", id="k1"))
+    kept = (await receive_type(alice, Ack)).id
+
+    # inject a disk that refuses writes
+    server.server.store._writer_db.execute("PRAGMA query_only = ON")
+    await alice.send(Say(room="lobby", text="lost?", id="k2"))
+    error = await receive_first(alice, Ack, Error)
+    assert isinstance(error, Error)
+    assert (error.code, error.ref) == (ErrorCode.UNAVAILABLE, "k2")
+
+    server.server.store._writer_db.execute("PRAGMA query_only = OFF")
+    await alice.send(Say(room="lobby", text="kept too", id="k3"))
+    kept_too = (await receive_type(alice, Ack)).id
+
+    reader = await server.login("dave")  # a fresh connection: only the replay arrives
+    await reader.send(History(room="lobby", after=0))
+    stored = []
+    while isinstance(envelope := await receive_first(reader, Message, HistoryEnd), Message):
+        if envelope.sender == "alice":
+            stored.append((envelope.id, envelope.text))
+    assert stored == [(kept, "kept"), (kept_too, "kept too")]
