@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+import secrets
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -446,6 +447,9 @@ class ChatSession:
         self._backoff = backoff or Backoff()
         self._keepalive = keepalive or Keepalive()
         self._last_heard = trio.current_time()
+        # Client ids must never repeat for this user: the server treats a
+        # repeated id as a re-send and answers with the old ack.
+        self._id_prefix = secrets.token_hex(6)
         self._ids = count(1)
         self._all_acked = trio.Event()
         self._all_acked.set()
@@ -517,7 +521,7 @@ class ChatSession:
             await self._send(envelope)
 
     def _next_id(self) -> str:
-        return f"c{next(self._ids)}"
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     async def _send_message(self, envelope: Say | Dm) -> None:
         assert envelope.id is not None

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import trio
@@ -46,7 +46,15 @@ from .protocol import (
     encode,
     utc_timestamp,
 )
-from .store import AddMember, AppendMessage, MarkDelivered, RemoveMember, SaveRoom, Store
+from .store import (
+    AddMember,
+    AppendMessage,
+    MarkDelivered,
+    RemoveMember,
+    SaveRoom,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ log = logging.getLogger(__name__)
 RECENT_IDS = 1000
 RECENT_SECONDS = 600.0
 RECENT_IDS_MAX = 20_000
+# Bulk replies (history, stored direct messages) go out in chunks, waiting
+# between chunks while the connection's queue is more than half full.
+REPLAY_CHUNK = 100
 
 
 class Outbox:
@@ -67,8 +78,17 @@ class Outbox:
     one ``bytes`` so the writer makes one ``send_all`` per wake-up.
     """
 
-    def __init__(self, max_frames: int, max_bytes: int, on_overflow: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        max_frames: int,
+        max_bytes: int,
+        on_overflow: Callable[[], None],
+        *,
+        drain_timeout: float = 30.0,
+    ) -> None:
         self._frames: deque[bytes] = deque()
+        self._taken = trio.lowlevel.ParkingLot()  # woken when the writer takes a batch
+        self._drain_timeout = drain_timeout
         self._bytes = 0
         self._max_frames = max_frames
         self._max_bytes = max_bytes
@@ -84,21 +104,39 @@ class Outbox:
         if self.closed:
             return
         if len(self._frames) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
-            self.overflowed = True
-            self._frames.clear()
-            self._bytes = 0
-            self.close()
-            self._on_overflow()
+            self._overflow()
             return
         self._frames.append(frame)
         self._bytes += len(frame)
         if self._waiters:
             self._waiters.unpark_all()
 
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._frames.clear()
+        self._bytes = 0
+        self.close()
+        self._on_overflow()
+
     def close(self) -> None:
         """No more frames will be accepted; ``get_batch`` drains what is left, then returns None."""
         self.closed = True
         self._waiters.unpark_all()
+        self._taken.unpark_all()
+
+    async def wait_for_room(self) -> None:
+        """Back-pressure for bulk replies: wait while the queue is more than half full.
+
+        A connection that stays that far behind for ``drain_timeout`` is too
+        slow to keep, exactly as if its queue had overflowed.
+        """
+        with trio.move_on_after(self._drain_timeout):
+            while not self.closed and (
+                2 * len(self._frames) > self._max_frames or 2 * self._bytes > self._max_bytes
+            ):
+                await self._taken.park()
+            return
+        self._overflow()
 
     async def get_batch(self) -> bytes | None:
         while not self._frames:
@@ -111,6 +149,8 @@ class Outbox:
             batch = b"".join(self._frames)
             self._frames.clear()
         self._bytes = 0
+        if self._taken:
+            self._taken.unpark_all()
         return batch
 
 
@@ -189,14 +229,16 @@ class Hub:
         users: Iterable[str],
         rooms: Mapping[str, RoomSettings],
         allow_room_create: bool = True,
+        max_rooms: int = 1000,
     ) -> None:
         self.store = store
         self.allow_room_create = allow_room_create
+        self.max_rooms = max_rooms
         self.users: set[str] = set(users)
         self._online: dict[str, list[Member]] = {}
         self._rooms: dict[str, Room] = {LOBBY: Room(LOBBY)}
-        for name, topic in store.rooms().items():
-            self._rooms[name] = Room(name, topic)
+        for name, (topic, allowed) in store.rooms().items():
+            self._rooms[name] = Room(name, topic, allowed)
         for name, members in store.memberships().items():
             self._rooms.setdefault(name, Room(name)).members |= members
         self.configure_rooms(rooms)
@@ -206,7 +248,8 @@ class Hub:
         # replies owed to re-sends that arrived meanwhile.
         self._pending: dict[tuple[str, str], list[Reply]] = {}
         self._handing_over: set[int] = set()
-        for sent in store.recent_sends(RECENT_IDS_MAX):
+        since = utc_timestamp(datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS))
+        for sent in store.recent_sends(RECENT_IDS, since):
             self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
 
     # --- configuration ---
@@ -215,6 +258,10 @@ class Hub:
         """Apply the config file's rooms (at start-up and on reload)."""
         for name, settings in rooms.items():
             room = self._rooms.setdefault(name, Room(name))
+            if (room.topic, room.allowed) != (settings.topic, settings.allowed):
+                # Saved, so that a private room stays private even if it is
+                # later dropped from the config file.
+                self._spawn_persist(SaveRoom(name, settings.topic, settings.allowed))
             room.topic, room.allowed = settings.topic, settings.allowed
             if settings.allowed is not None:
                 # Taken off a private room's list: out of the room at once.
@@ -238,10 +285,13 @@ class Hub:
         """Attach a logged-in connection; returns the user's rooms (the lobby always among them)."""
         user = member.username
         lobby = self._rooms[LOBBY]
+        connections = self._online.setdefault(user, [])
         if user not in lobby.members:
             lobby.members.add(user)
+            for connection in connections:  # the user's other devices are back in too
+                lobby.connections[connection] = None
+                connection.send(Joined(room=LOBBY, topic=lobby.topic, members=self._members(lobby)))
             await self._persist(AddMember(LOBBY, user))
-        connections = self._online.setdefault(user, [])
         connections.append(member)
         rooms = self.rooms_of(user)
         for name in rooms:
@@ -263,10 +313,19 @@ class Hub:
 
     async def deliver_stored(self, member: Member) -> None:
         """Send the direct messages that arrived while ``member``'s user was offline."""
-        waiting = await self.store.undelivered(member.username)
-        self._deliver_direct(
-            member.username, [(message.id, encode(message)) for message in waiting]
-        )
+        try:
+            waiting = await self.store.undelivered(member.username)
+        except StoreError as exc:
+            log.error("cannot read stored direct messages user=%s: %s", member.username, exc)
+            return
+        for start in range(0, len(waiting), REPLAY_CHUNK):
+            chunk = waiting[start : start + REPLAY_CHUNK]
+            self._deliver_direct(
+                member.username, [(message.id, encode(message)) for message in chunk]
+            )
+            await member.outbox.wait_for_room()
+            if member.outbox.closed:
+                return  # the rest stay undelivered for the next login
 
     def _deliver_direct(self, user: str, messages: list[tuple[int, bytes]]) -> None:
         """Hand direct messages to every connection of ``user`` once, and mark them delivered.
@@ -314,6 +373,8 @@ class Hub:
         if room is None:
             if not self.allow_room_create:
                 raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {name!r}")
+            if len(self._rooms) >= self.max_rooms:
+                raise ProtocolError(ErrorCode.FORBIDDEN, "the server has too many rooms")
             room = self._rooms[name] = Room(name)
             writes: tuple[SaveRoom | AddMember, ...] = (SaveRoom(name, ""), AddMember(name, user))
         elif not room.may_join(user):
@@ -339,7 +400,7 @@ class Hub:
             reply = Joined(
                 room=name,
                 topic=room.topic,
-                members=sorted(room.members),
+                members=self._members(room),
                 ref=ref if connection is member else None,
             )
             connection.send(reply)
@@ -360,8 +421,8 @@ class Hub:
         room = self._visible_room(member, name)
         return Members(
             room=name,
-            online=sorted(user for user in room.members if user in self._online),
-            members=sorted(room.members),
+            online=[user for user in self._members(room) if user in self._online],
+            members=self._members(room),
             ref=ref,
         )
 
@@ -369,12 +430,16 @@ class Hub:
         """The rooms ``username`` may join (every room when None: the operator)."""
         return RoomList(
             rooms=[
-                RoomInfo(name=room.name, topic=room.topic, members=len(room.members))
+                RoomInfo(name=room.name, topic=room.topic, members=len(self._members(room)))
                 for room in sorted(self._rooms.values(), key=lambda room: room.name)
                 if username is None or room.may_join(username)
             ],
             ref=ref,
         )
+
+    def _members(self, room: Room) -> list[str]:
+        # Memberships of accounts removed from the config stay stored, unlisted.
+        return sorted(user for user in room.members if user in self.users)
 
     def _visible_room(self, member: Member, name: str) -> Room:
         room = self._rooms.get(name)
@@ -522,17 +587,27 @@ class Hub:
             found = self._rooms.get(room)
             if found is None or user not in found.members:
                 raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room!r}")
-            messages = await self.store.room_history(room, after, limit)
-        elif peer is not None:
-            messages = await self.store.direct_history(user, peer, after, limit)
-        else:
-            messages = await self.store.visible_history(user, self.rooms_of(user), after, limit)
-        for message in messages:
-            member.outbox.put(encode(message))
+        try:
+            # One more than asked for tells whether there is more.
+            if room is not None:
+                messages = await self.store.room_history(room, after, limit + 1)
+            elif peer is not None:
+                messages = await self.store.direct_history(user, peer, after, limit + 1)
+            else:
+                messages = await self.store.visible_history(
+                    user, self.rooms_of(user), after, limit + 1
+                )
+        except StoreError as exc:
+            log.error("history query failed user=%s: %s", user, exc)
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "history is unavailable now") from None
+        more = len(messages) > limit
+        messages = messages[:limit] if after is not None else messages[-limit:]
+        for start in range(0, len(messages), REPLAY_CHUNK):
+            for message in messages[start : start + REPLAY_CHUNK]:
+                member.outbox.put(encode(message))
+            await member.outbox.wait_for_room()
         last = messages[-1].id if messages else (after or 0)
-        member.send(
-            HistoryEnd(room=room, peer=peer, last=last, more=len(messages) == limit, ref=ref)
-        )
+        member.send(HistoryEnd(room=room, peer=peer, last=last, more=more, ref=ref))
 
     # --- moderation ---
 
@@ -560,7 +635,7 @@ class Hub:
 
         await self.store.submit(write, done)
 
-    def _spawn_persist(self, write: RemoveMember) -> None:
+    def _spawn_persist(self, write: RemoveMember | SaveRoom) -> None:
         # For callers that cannot wait (configuration is applied synchronously):
         # the write is small and the queue is large.
         def done(error: BaseException | None) -> None:

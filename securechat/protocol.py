@@ -38,6 +38,7 @@ DEFAULT_MAX_FRAME_BYTES = 65536
 MAX_TEXT_CHARS = 4000
 MAX_PASSWORD_CHARS = 1024
 MAX_HISTORY_LIMIT = 500
+MAX_MESSAGE_ID = 2**63 - 1  # SQLite's INTEGER PRIMARY KEY
 MAX_TOPIC_CHARS = 200
 LOBBY = "lobby"
 SERVER_USER = "server"  # sender of operator announcements; no account may have this name
@@ -200,7 +201,7 @@ class History(_Envelope):
     type: Literal["history"] = "history"
     room: Name | None = None
     peer: Name | None = Field(default=None, alias="with")
-    after: int | None = Field(default=None, ge=0)
+    after: int | None = Field(default=None, ge=0, le=MAX_MESSAGE_ID)
     limit: int = Field(default=100, ge=1, le=MAX_HISTORY_LIMIT)
     id: ClientId | None = None
 
@@ -265,7 +266,7 @@ class Message(_Envelope):
     """
 
     type: Literal["message"] = "message"
-    id: int = Field(ge=1, description="Server-assigned, increasing.")
+    id: int = Field(ge=1, le=MAX_MESSAGE_ID, description="Server-assigned, increasing.")
     room: Name | None = None
     to: Name | None = None
     sender: Name = Field(alias="from")
@@ -416,7 +417,9 @@ def utc_timestamp(now: datetime | None = None) -> str:
 def parse_client_frame(frame: bytes) -> ClientEnvelope:
     """Validate one frame from a client; raises :class:`ProtocolError`."""
     try:
-        envelope = _CLIENT_ADAPTER.validate_json(frame)
+        # by_name=False: on the wire only the documented names count ("with",
+        # "from"), not the Python attribute names behind them.
+        envelope = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         _raise_invalid(frame, exc)
     _reject_duplicate_keys(frame, request_id(envelope))
@@ -431,7 +434,7 @@ def request_id(envelope: ClientEnvelope) -> str | None:
 def parse_server_frame(frame: bytes) -> ServerEnvelope:
     """Validate one frame from the server; raises :class:`ProtocolError`."""
     try:
-        return _SERVER_ADAPTER.validate_json(frame)
+        return _SERVER_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         _raise_invalid(frame, exc)
 

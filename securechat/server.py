@@ -89,6 +89,7 @@ class ChatServer:
             users=config.users,
             rooms=config.room_settings(),
             allow_room_create=settings.allow_room_create,
+            max_rooms=settings.max_rooms,
         )
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
@@ -281,7 +282,10 @@ class _Connection:
         self.host = host
         self._pings = 0
         self.outbox = Outbox(
-            server.limits.max_outbound_queue, server.limits.max_outbound_bytes, self._overflowed
+            server.limits.max_outbound_queue,
+            server.limits.max_outbound_bytes,
+            self._overflowed,
+            drain_timeout=server.limits.ping_timeout,
         )
         self.member: Member | None = None
         self.clean = True  # False when the stream may be mid-write and cannot say goodbye
@@ -305,17 +309,19 @@ class _Connection:
         self._scope.cancel()
 
     async def run(self) -> None:
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                try:
-                    await self._read_loop()
-                finally:
-                    self.outbox.close()
-                    nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
-        if self.member is not None:
-            self.server.hub.logout(self.member)
-            log.info("logout user=%s peer=%s", self.member.username, self.peer)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    try:
+                        await self._read_loop()
+                    finally:
+                        self.outbox.close()
+                        nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+        finally:
+            if self.member is not None:  # however the connection ended
+                self.server.hub.logout(self.member)
+                log.info("logout user=%s peer=%s", self.member.username, self.peer)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
         try:
@@ -334,14 +340,17 @@ class _Connection:
         decoder = FrameDecoder(self.server.config.server.max_frame_bytes)
         frames = _Frames(self.stream, decoder)
         try:
+            login: tuple[Hello, Account] | None = None
             with trio.move_on_after(self.server.limits.login_timeout) as login_deadline:
-                self.member = await self._login(frames)
+                login = await self._login(frames)
             if login_deadline.cancelled_caught:
                 log.warning("login timeout peer=%s", self.peer)
                 self.send(Error(code=ErrorCode.TIMEOUT, message="no hello before the deadline"))
                 return
-            if self.member is None:
+            if login is None:
                 return
+            # Attached outside the login deadline: from here on, run() detaches it.
+            self.member = await self._attach(*login)
             while (frame := await self._next_frame(frames)) is not None:
                 try:
                     envelope = parse_client_frame(frame)
@@ -375,7 +384,8 @@ class _Connection:
             return await frames.next()
         raise _Unresponsive
 
-    async def _login(self, frames: _Frames) -> Member | None:
+    async def _login(self, frames: _Frames) -> tuple[Hello, Account] | None:
+        """Read ``hello`` and authenticate it; None (after an error reply) if that fails."""
         frame = await frames.next()
         if frame is None:
             return None
@@ -412,6 +422,16 @@ class _Connection:
                 )
             )
             return None
+        log.info(
+            "login user=%s peer=%s method=%s admin=%s",
+            hello.username,
+            self.peer,
+            "certificate" if cert_user == hello.username and hello.password is None else "password",
+            account.admin,
+        )
+        return hello, account
+
+    async def _attach(self, hello: Hello, account: Account) -> Member:
         member = Member(
             hello.username,
             self.outbox,
@@ -422,13 +442,6 @@ class _Connection:
         rooms = await hub.login(member)
         self.send(Welcome(username=hello.username, rooms=rooms, server=SERVER_NAME, ref=hello.id))
         await hub.deliver_stored(member)
-        log.info(
-            "login user=%s peer=%s method=%s admin=%s",
-            hello.username,
-            self.peer,
-            "certificate" if cert_user == hello.username and hello.password is None else "password",
-            account.admin,
-        )
         return member
 
     async def _dispatch(self, member: Member, envelope: ClientEnvelope) -> bool:
@@ -441,7 +454,7 @@ class _Connection:
             return True  # any frame proves the client alive; nothing else to do
         ref = envelope.id
         if (
-            isinstance(envelope, Say | Dm)
+            isinstance(envelope, Say | Dm | Join)
             and self.server.check_rate(member.username) is Verdict.DISCONNECT
         ):
             log.warning("flood disconnected user=%s peer=%s", member.username, self.peer)

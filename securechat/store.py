@@ -14,6 +14,7 @@ used from worker threads, one call at a time each.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -52,8 +53,9 @@ CREATE INDEX IF NOT EXISTS messages_by_sender
 CREATE INDEX IF NOT EXISTS messages_undelivered
     ON messages(recipient, id) WHERE delivered = 0;
 CREATE TABLE IF NOT EXISTS rooms (
-    name  TEXT PRIMARY KEY,
-    topic TEXT NOT NULL DEFAULT ''
+    name    TEXT PRIMARY KEY,
+    topic   TEXT NOT NULL DEFAULT '',
+    allowed TEXT  -- JSON list of who may join a private room; NULL: public
 );
 CREATE TABLE IF NOT EXISTS memberships (
     room     TEXT NOT NULL,
@@ -87,6 +89,7 @@ class MarkDelivered:
 class SaveRoom:
     name: str
     topic: str
+    allowed: frozenset[str] | None = None  # a private room's list of who may join
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,11 @@ def _apply(cursor: sqlite3.Cursor, write: Write) -> None:
             "UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in write.ids]
         )
     elif isinstance(write, SaveRoom):
+        allowed = None if write.allowed is None else json.dumps(sorted(write.allowed))
         cursor.execute(
-            "INSERT INTO rooms (name, topic) VALUES (?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET topic = excluded.topic",
-            (write.name, write.topic),
+            "INSERT INTO rooms (name, topic, allowed) VALUES (?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET topic = excluded.topic, allowed = excluded.allowed",
+            (write.name, write.topic, allowed),
         )
     elif isinstance(write, AddMember):
         cursor.execute(
@@ -175,8 +179,14 @@ class Store:
         row = self._reader_db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
         return int(row[0])
 
-    def rooms(self) -> dict[str, str]:
-        return dict(self._reader_db.execute("SELECT name, topic FROM rooms").fetchall())
+    def rooms(self) -> dict[str, tuple[str, frozenset[str] | None]]:
+        """Every saved room: its topic and, for a private room, who may join."""
+        return {
+            name: (topic, None if allowed is None else frozenset(json.loads(allowed)))
+            for name, topic, allowed in self._reader_db.execute(
+                "SELECT name, topic, allowed FROM rooms"
+            )
+        }
 
     def memberships(self) -> dict[str, set[str]]:
         members: dict[str, set[str]] = {}
@@ -184,14 +194,18 @@ class Store:
             members.setdefault(room, set()).add(username)
         return members
 
-    def recent_sends(self, limit: int) -> list[RecentSend]:
-        """The newest ``limit`` messages that carried a client id, oldest first."""
+    def recent_sends(self, per_user: int, since: str) -> list[RecentSend]:
+        """Messages sent with a client id: each user's newest ``per_user``, and every
+        one at or after the timestamp ``since``; oldest first."""
         rows = self._reader_db.execute(
-            "SELECT sender, client_id, id, ts FROM messages WHERE client_id IS NOT NULL"
-            " ORDER BY id DESC LIMIT ?",
-            (limit,),
+            "SELECT sender, client_id, id, ts FROM ("
+            "  SELECT sender, client_id, id, ts,"
+            "   ROW_NUMBER() OVER (PARTITION BY sender ORDER BY id DESC) AS newest"
+            "  FROM messages WHERE client_id IS NOT NULL"
+            ") WHERE newest <= ? OR ts >= ? ORDER BY id",
+            (per_user, since),
         ).fetchall()
-        return [RecentSend(*row) for row in reversed(rows)]
+        return [RecentSend(*row) for row in rows]
 
     # -- writes --
 
@@ -351,6 +365,9 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(rooms)")}
+        if "allowed" not in columns:  # a database from before private rooms were saved
+            db.execute("ALTER TABLE rooms ADD COLUMN allowed TEXT")
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open the database ({exc})") from None
     return db
