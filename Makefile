@@ -35,3 +35,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+
+# TLS scan of a throw-away server with testssl.sh (installed from Debian if
+# missing); fails on any MEDIUM+ finding. See scripts/scan.sh and docs/security.md.
+.PHONY: scan
+scan: $(STAMP)
+	bash scripts/scan.sh

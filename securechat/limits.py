@@ -7,10 +7,28 @@ Every method takes the current time as an argument (the server passes
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+
+def address_key(host: str) -> str:
+    """What per-address limits count: the IPv4 address, or the IPv6 /64 network.
+
+    One IPv6 customer usually holds a whole /64, so counting single IPv6
+    addresses would let one client look like millions.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class Verdict(enum.Enum):

@@ -21,7 +21,7 @@ from .auth import Account, Authenticator, AuthFailed
 from .certs import CertError, common_name
 from .config import Config
 from .hub import Hub, Member, Outbox
-from .limits import ConnectionCounter, LoginThrottle, TokenBucket, Verdict
+from .limits import ConnectionCounter, LoginThrottle, TokenBucket, Verdict, address_key
 from .protocol import (
     Bye,
     ClientEnvelope,
@@ -111,6 +111,8 @@ class ChatServer:
         connections; connected clients are not disturbed.
         """
         settings = self.config.server
+        if config.server != settings or config.limits != self.limits:
+            log.warning("[server] and [limits] changes in the config file apply after a restart")
         try:
             self.ssl_context = tls.server_context(
                 settings.cert, settings.key, settings.ca, settings.client_certs
@@ -222,7 +224,7 @@ class ChatServer:
 
     async def _handle(self, tcp_stream: trio.SocketStream) -> None:
         host, port = tcp_stream.socket.getpeername()[:2]
-        with self._counter.hold(host) as allowed:
+        with self._counter.hold(address_key(host)) as allowed:
             await self._handle_counted(tcp_stream, _format_address((host, port)), host, allowed)
 
     async def _handle_counted(
@@ -241,14 +243,14 @@ class ChatServer:
                 log.warning("handshake timeout peer=%s", peer)
                 return
             except trio.BrokenResourceError as exc:
-                log.info("handshake failed peer=%s reason=%s", peer, tls.failure_reason(exc))
+                log.warning("handshake failed peer=%s reason=%s", peer, tls.failure_reason(exc))
                 return
             if not allowed:
                 log.warning(
                     "server busy peer=%s connections=%d from_ip=%d",
                     peer,
                     self._counter.total,
-                    self._counter.count(host),
+                    self._counter.count(address_key(host)),
                 )
                 busy = Error(code=ErrorCode.SERVER_BUSY, message="too many connections; try later")
                 with trio.move_on_after(self.limits.handshake_timeout) as scope:
@@ -407,7 +409,7 @@ class _Connection:
         cert_user = common_name(peer_cert.get("subject")) if peer_cert else None
         try:
             account: Account = await self.server.authenticator.authenticate(
-                hello.username, hello.password, cert_user, source=self.host
+                hello.username, hello.password, cert_user, source=address_key(self.host)
             )
             # The check runs in a thread that cancellation cannot interrupt: a
             # login that overran its deadline must still fail.

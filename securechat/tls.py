@@ -2,9 +2,12 @@
 
 The server context is what passes scanners (Mozilla "intermediate"):
 TLS 1.2+ with forward-secret AEAD suites only, one curve (P-256), no
-compression, no renegotiation, server cipher preference, only the leaf
-certificate sent. The client trusts only the given CA and checks the
-server's hostname. Both offer ALPN ``securechat/1``.
+compression, no renegotiation, server cipher preference, no session
+tickets (a long-lived ticket key would undo forward secrecy for resumed
+sessions). When client certificates are on, OpenSSL also sends the CA
+certificate from ``[server] ca`` after the leaf (it is public). The client
+trusts only the given CA and checks the server's hostname. Both offer ALPN
+``securechat/1``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def server_context(cert: Path, key: Path, ca: Path, client_certs: ClientCertMode
     check_key_file(key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
-    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     _load_chain(context, cert, key)
     if client_certs != "none":
         _load_ca(context, ca)

@@ -390,7 +390,7 @@ async def test_join_creates_a_room_and_persists_it(hub_store: tuple[Hub, Store])
     await hub.join(alice.member, "dev", "j1")
     assert await alice.take() == [Joined(room="dev", topic="", members=["alice"], ref="j1")]
     # join returns after the commit.
-    assert store.rooms() == {"dev": ""}
+    assert store.rooms()["dev"] == ("", None)
     assert store.memberships()["dev"] == {"alice"}
     assert hub.rooms_of("alice") == ["dev", "lobby"]
     assert "dev" in [room.name for room in make_hub(store).room_list("bob").rooms]

@@ -30,6 +30,8 @@ from securechat.store import (
 )
 
 WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
+EPOCH = "1970-01-01T00:00:00.000Z"
+FUTURE = "9999-01-01T00:00:00.000Z"
 TS = "2026-01-02T03:04:05.678Z"
 
 # --- helpers -----------------------------------------------------------------
@@ -293,7 +295,7 @@ async def test_rooms_and_memberships_reflect_writes_and_survive_reopening(db_pat
         )
         await store.write(SaveRoom("ops", "Operations"), RemoveMember("ops", "carol"))
         await store.write(RemoveMember("dev", "nobody"))  # not a member: nothing happens
-        expected_rooms = {"dev": "Development", "ops": "Operations"}
+        expected_rooms = {"dev": ("Development", None), "ops": ("Operations", None)}
         expected_members = {"dev": {"alice", "bob"}, "lobby": {"alice"}}
         assert store.rooms() == expected_rooms
         assert store.memberships() == expected_members
@@ -306,7 +308,7 @@ async def test_rooms_and_memberships_reflect_writes_and_survive_reopening(db_pat
 async def test_last_message_id_and_recent_sends_survive_reopening(db_path: Path) -> None:
     async with running(Store(db_path)) as store:
         assert store.last_message_id() == 0
-        assert store.recent_sends(10) == []
+        assert store.recent_sends(10, EPOCH) == []
         await store.write(
             AppendMessage(room_message(1), client_id="a1"),
             AppendMessage(room_message(2, sender="bob"), client_id="b1"),
@@ -318,13 +320,19 @@ async def test_last_message_id_and_recent_sends_survive_reopening(db_path: Path)
 
     async with running(Store(db_path)) as reopened:
         assert reopened.last_message_id() == 9
-        assert reopened.recent_sends(10) == [
+        assert reopened.recent_sends(10, FUTURE) == [
             RecentSend("alice", "a1", 1, TS),
             RecentSend("bob", "b1", 2, TS),
             RecentSend("alice", "a2", 4, TS),
         ]
-        # The newest `limit`, oldest first.
-        assert reopened.recent_sends(2) == [
+        # Each user's newest `per_user`, oldest first...
+        assert reopened.recent_sends(1, FUTURE) == [
+            RecentSend("bob", "b1", 2, TS),
+            RecentSend("alice", "a2", 4, TS),
+        ]
+        # ...and every one sent since the given time.
+        assert reopened.recent_sends(1, EPOCH) == [
+            RecentSend("alice", "a1", 1, TS),
             RecentSend("bob", "b1", 2, TS),
             RecentSend("alice", "a2", 4, TS),
         ]
@@ -424,7 +432,7 @@ async def test_a_failing_write_fails_its_whole_batch_and_the_writer_goes_on(
         # Later writes still work.
         await store.write(AppendMessage(room_message(1)), SaveRoom("dev", ""))
         assert await store.room_history("lobby", None, 10) == [room_message(1)]
-        assert store.rooms() == {"dev": ""}
+        assert store.rooms() == {"dev": ("", None)}
     assert sum(store.transactions) == 2  # only the successful commits are counted
 
 
@@ -448,7 +456,7 @@ async def test_writes_fail_while_the_database_is_read_only_and_work_again_after(
 
     store._writer_db.execute("PRAGMA query_only = OFF")
     await store.write(SaveRoom("dev", ""), AddMember("dev", "alice"))
-    assert store.rooms() == {"dev": ""}
+    assert store.rooms() == {"dev": ("", None)}
     assert store.memberships() == {"dev": {"alice"}}
 
 
