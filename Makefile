@@ -11,8 +11,8 @@ run: $(STAMP) certs/server.crt
 	$(BIN)/securechat server --config $(CONFIG)
 
 test: $(STAMP)
-	$(BIN)/ruff check securechat tests
-	$(BIN)/ruff format --check securechat tests
+	$(BIN)/ruff check securechat tests scripts
+	$(BIN)/ruff format --check securechat tests scripts
 	$(BIN)/mypy
 	$(BIN)/pytest
 

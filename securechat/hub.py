@@ -63,8 +63,8 @@ log = logging.getLogger(__name__)
 RECENT_IDS = 1000
 RECENT_SECONDS = 600.0
 RECENT_IDS_MAX = 20_000
-# Bulk replies (history, stored direct messages) go out in chunks, waiting
-# between chunks while the connection's queue is more than half full.
+# Stored direct messages are marked delivered this many at a time. Bulk
+# replies wait whenever the connection's queue is more than half full.
 REPLAY_CHUNK = 100
 
 
@@ -312,37 +312,50 @@ class Hub:
             self._announce_presence(user, self.rooms_of(user), "offline")
 
     async def deliver_stored(self, member: Member) -> None:
-        """Send the direct messages that arrived while ``member``'s user was offline."""
+        """Send ``member`` the direct messages that arrived while its user was offline.
+
+        Paced by the connection: a long backlog never overflows its queue.
+        """
         try:
             waiting = await self.store.undelivered(member.username)
         except StoreError as exc:
             log.error("cannot read stored direct messages user=%s: %s", member.username, exc)
             return
         for start in range(0, len(waiting), REPLAY_CHUNK):
-            chunk = waiting[start : start + REPLAY_CHUNK]
-            self._deliver_direct(
-                member.username, [(message.id, encode(message)) for message in chunk]
-            )
-            await member.outbox.wait_for_room()
+            chunk = [
+                m for m in waiting[start : start + REPLAY_CHUNK] if m.id not in self._handing_over
+            ]
+            ids = self._claim(chunk)
+            for message in chunk:
+                member.outbox.put(encode(message))
+                await member.outbox.wait_for_room()
             if member.outbox.closed:
-                return  # the rest stay undelivered for the next login
+                self._handing_over.difference_update(ids)
+                return  # not marked: they come again at the next login
+            self._mark_delivered(ids)
 
-    def _deliver_direct(self, user: str, messages: list[tuple[int, bytes]]) -> None:
-        """Hand direct messages to every connection of ``user`` once, and mark them delivered.
-
-        Called both when a message is committed and when its recipient logs
-        in; ``_handing_over`` holds the ids handed over whose "delivered" mark
-        is not committed yet, so that neither path repeats the other.
-        """
+    def _deliver_direct(self, user: str, message: Message, frame: bytes) -> None:
+        """Hand a just-committed direct message to every connection of ``user`` (if any)."""
         connections = self._online.get(user)
-        fresh = [pair for pair in messages if pair[0] not in self._handing_over]
-        if not connections or not fresh:
+        if not connections or message.id in self._handing_over:
             return
-        for _, frame in fresh:
-            for connection in connections:
-                connection.outbox.put(frame)
-        ids = tuple(message_id for message_id, _ in fresh)
+        for connection in connections:
+            connection.outbox.put(frame)
+        self._mark_delivered(self._claim([message]))
+
+    # Direct messages reach their recipient on two paths, the commit of a new
+    # one and the backlog at login; ``_handing_over`` holds the ids one path
+    # has claimed and whose "delivered" mark is not committed yet, so that the
+    # other path never repeats them.
+
+    def _claim(self, messages: list[Message]) -> tuple[int, ...]:
+        ids = tuple(message.id for message in messages)
         self._handing_over.update(ids)
+        return ids
+
+    def _mark_delivered(self, ids: tuple[int, ...]) -> None:
+        if not ids:
+            return
 
         def marked(error: BaseException | None) -> None:
             self._handing_over.difference_update(ids)
@@ -497,7 +510,7 @@ class Hub:
                 if to != member.username:  # a note to self is delivered once, below
                     for connection in self._online.get(member.username, ()):
                         connection.outbox.put(frame)
-                self._deliver_direct(to, [(message.id, frame)])
+                self._deliver_direct(to, message, frame)
             self._settle(member, client_id, message.id, error)
 
         # Stored as undelivered; whoever hands it to the recipient marks it
@@ -602,9 +615,8 @@ class Hub:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "history is unavailable now") from None
         more = len(messages) > limit
         messages = messages[:limit] if after is not None else messages[-limit:]
-        for start in range(0, len(messages), REPLAY_CHUNK):
-            for message in messages[start : start + REPLAY_CHUNK]:
-                member.outbox.put(encode(message))
+        for message in messages:
+            member.outbox.put(encode(message))
             await member.outbox.wait_for_room()
         last = messages[-1].id if messages else (after or 0)
         member.send(HistoryEnd(room=room, peer=peer, last=last, more=more, ref=ref))

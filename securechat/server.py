@@ -351,8 +351,8 @@ class _Connection:
                 return
             if login is None:
                 return
-            # Attached outside the login deadline: from here on, run() detaches it.
-            self.member = await self._attach(*login)
+            # Attached outside the login deadline; run() detaches it however it ends.
+            member = await self._attach(*login)
             while (frame := await self._next_frame(frames)) is not None:
                 try:
                     envelope = parse_client_frame(frame)
@@ -360,7 +360,7 @@ class _Connection:
                     self.send(exc.to_envelope())
                     continue
                 try:
-                    if not await self._dispatch(self.member, envelope):
+                    if not await self._dispatch(member, envelope):
                         return
                 except ProtocolError as exc:
                     exc.ref = request_id(envelope)
@@ -434,7 +434,7 @@ class _Connection:
         return hello, account
 
     async def _attach(self, hello: Hello, account: Account) -> Member:
-        member = Member(
+        member = self.member = Member(
             hello.username,
             self.outbox,
             admin=account.admin,

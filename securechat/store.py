@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # How many writes one transaction may hold, and how many may wait for the
 # writer before submitters are made to wait (back-pressure).
-MAX_BATCH = 4096
-QUEUE_SIZE = 4096
+MAX_BATCH = 1024
+QUEUE_SIZE = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (

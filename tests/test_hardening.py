@@ -374,6 +374,7 @@ async def test_slow_consumer_is_dropped_and_memory_stays_bounded(
                     peak = max(peak, _rss_bytes(server.process.pid))
                     await trio.sleep(0.05)
         assert counts == [total] * 3  # every other client got every message
+        print(f"server RSS {baseline >> 20} MiB, peak {peak >> 20} MiB")
         assert peak - baseline < 20 * 1024 * 1024, (baseline, peak)
         await server.wait_for_log("slow consumer disconnected user=carol")
         await trio.aclose_forcefully(slow.stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ from securechat.protocol import (
     Left,
     Members,
     Message,
+    Ping,
+    Pong,
     Presence,
     RoomList,
     Rooms,
@@ -464,3 +467,126 @@ async def test_operator_console(tmp_path: Path, pki: Pki, password_hashes: dict[
         alice = await restarted.endpoint.login("alice")
         await alice.send(History(room="lobby"))
         assert (await receive_type(alice, Message)).text == "hello from the operator"
+
+
+# --- regressions found in review ------------------------------------------------------------
+
+
+async def test_client_ids_never_repeat_across_sessions(server: RunningServer) -> None:
+    # Two runs of the client must not look like re-sends of each other.
+    bob = await server.login("bob")
+    for _ in range(2):
+        connection, welcome = await login_welcome(server, "alice")
+        console = ScriptedConsole()
+        session = ChatSession(connection, welcome, console)
+        console.type("same words")
+        console.type(None)
+        with trio.fail_after(WAIT):
+            assert await session.run() == 0
+        await connection.aclose()
+    first, second = await receive_type(bob, Message), await receive_type(bob, Message)
+    assert (first.text, second.text) == ("same words", "same words")
+    assert second.id > first.id
+
+
+async def test_many_stored_direct_messages_arrive_without_overflow(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(
+        limits={"max_outbound_queue": 50, "messages_per_second": 1e6, "message_burst": 1000}
+    )
+    alice = await server.login("alice")
+    for n in range(300):  # one at a time: alice's own queue is small too
+        await alice.send(Dm(to="bob", text=f"stored {n}", id=f"d{n}"))
+        await receive_type(alice, Ack)
+    bob = await server.login("bob")  # 300 waiting, six times the queue
+    texts = [(await receive_type(bob, Message)).text for _ in range(300)]
+    assert texts == [f"stored {n}" for n in range(300)]
+    await bob.send(Ping(id="still-connected"))
+    assert (await receive_type(bob, Pong)).ref == "still-connected"
+
+
+async def test_large_history_replay_is_paced_not_dropped(start_server: StartServer) -> None:
+    server = await start_server(
+        limits={"max_outbound_queue": 50, "messages_per_second": 1e6, "message_burst": 1000}
+    )
+    alice = await server.login("alice")
+    for n in range(450):
+        await alice.send(Say(room="lobby", text=f"old {n}", id=f"s{n}"))
+        await receive_type(alice, Ack)
+    bob = await server.login("bob")
+    await bob.send(History(room="lobby", limit=400, id="h"))
+    replay = [await receive_type(bob, Message) for _ in range(400)]
+    end = await receive_type(bob, HistoryEnd)
+    assert [m.text for m in replay] == [f"old {n}" for n in range(50, 450)]
+    assert (end.more, end.last) == (True, replay[-1].id)  # 50 older ones exist
+    await bob.send(History(room="lobby", after=replay[-1].id, id="h2"))
+    end = await receive_type(bob, HistoryEnd)
+    assert (end.more, end.last) == (False, replay[-1].id)  # exact: nothing after
+
+
+async def test_login_back_into_lobby_restores_other_devices(server: RunningServer) -> None:
+    phone = await server.login("bob")
+    await phone.send(Leave(room="lobby"))
+    await receive_type(phone, Left)
+    await server.login("bob")  # the laptop: bob is in the lobby again
+    rejoined = await receive_type(phone, Joined)
+    assert rejoined.room == "lobby"
+    alice = await server.login("alice")
+    await say_and_ack(alice, "lobby", "both devices again", "s")
+    assert (await receive_type(phone, Message)).text == "both devices again"
+
+
+async def test_wire_names_only(server: RunningServer) -> None:
+    bob = await server.login("bob")
+    await bob.stream.send_all(b'{"type":"history","peer":"alice","id":"h"}\n')
+    error = await receive_type(bob, Error)
+    assert (error.code, error.ref) == (ErrorCode.BAD_ENVELOPE, "h")
+    assert "peer" in error.message
+
+
+async def test_history_read_failure_is_unavailable(server: RunningServer) -> None:
+    bob = await server.login("bob")
+    store = server.server.store
+    healthy = store._reader_db
+    # Inject a database that fails every read (it has no tables).
+    store._reader_db = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        await bob.send(History(room="lobby", id="h"))
+        error = await receive_type(bob, Error)
+        assert (error.code, error.ref) == (ErrorCode.UNAVAILABLE, "h")
+        await bob.send(Ping(id="alive"))
+        assert (await receive_type(bob, Pong)).ref == "alive"
+    finally:
+        store._reader_db.close()
+        store._reader_db = healthy
+
+
+async def test_private_room_stays_private_when_dropped_from_config(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    data = config_data(pki, password_hashes)
+    data["rooms"] = {"ops": {"members": ["alice"]}}
+    config = write_toml(tmp_path / "server.toml", data)
+    async with server_process(config, pki) as first:
+        alice = await first.endpoint.login("alice")
+        await alice.send(Join(room="ops"))
+        await receive_type(alice, Joined)
+        await say_and_ack(alice, "ops", "operators only", "s")
+    del data["rooms"]
+    write_toml(config, data)
+    async with server_process(config, pki) as second:
+        bob = await second.endpoint.login("bob")
+        await bob.send(Join(room="ops", id="j"))
+        assert (await receive_type(bob, Error)).code == ErrorCode.FORBIDDEN
+
+
+async def test_room_count_is_capped(start_server: StartServer) -> None:
+    server = await start_server(max_rooms=3)  # lobby and two more
+    bob = await server.login("bob")
+    for name in ("one", "two"):
+        await bob.send(Join(room=name))
+        await receive_type(bob, Joined)
+    await bob.send(Join(room="three", id="j"))
+    error = await receive_type(bob, Error)
+    assert (error.code, error.ref) == (ErrorCode.FORBIDDEN, "j")
