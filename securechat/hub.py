@@ -139,10 +139,19 @@ class Outbox:
         self._overflow()
 
     async def get_batch(self) -> bytes | None:
-        while not self._frames:
-            if self.closed:
-                return None
+        """Everything queued as one ``bytes``, waiting for a frame; None once closed and empty."""
+        await self.wait_for_frames()
+        return self.take()
+
+    async def wait_for_frames(self) -> None:
+        """Return when there is something to take, or the outbox is closed."""
+        while not self._frames and not self.closed:
             await self._waiters.park()
+
+    def take(self) -> bytes | None:
+        """Everything queued as one ``bytes`` (None if nothing is)."""
+        if not self._frames:
+            return None
         if len(self._frames) == 1:
             batch = self._frames.popleft()
         else:

@@ -70,6 +70,7 @@ class ChatServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.limits = config.limits
+        self.flush_interval = config.server.flush_interval_ms / 1000
         settings = config.server
         self.ssl_context = tls.server_context(
             settings.cert, settings.key, settings.ca, settings.client_certs
@@ -326,9 +327,26 @@ class _Connection:
                 log.info("logout user=%s peer=%s", self.member.username, self.peer)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
+        # The flush tick: a connection already flushed in the current tick
+        # waits for the next one, so that under load its messages coalesce
+        # into one TLS write instead of one per message (and its task is not
+        # woken for each of them); the first write after a quiet spell goes
+        # out at once. Ticks are global, so waiting writers wake together.
+        tick = self.server.flush_interval
+        flushed_in = -1
         try:
-            while (batch := await self.outbox.get_batch()) is not None:
+            while True:
+                await self.outbox.wait_for_frames()
+                if tick:
+                    current = int(trio.current_time() / tick)
+                    if current == flushed_in:
+                        await trio.sleep_until((current + 1) * tick)
+                batch = self.outbox.take()
+                if batch is None:
+                    return  # closed, and everything was sent
                 await self.stream.send_all(batch)
+                if tick:
+                    flushed_in = int(trio.current_time() / tick)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.Cancelled:

@@ -218,7 +218,12 @@ class Store:
         if self._closed:
             done(StoreError("the store is closed"))
             return
-        await self._send.send((write if isinstance(write, tuple) else (write,), done))
+        item = (write if isinstance(write, tuple) else (write,), done)
+        try:
+            # No scheduler pass per message while there is room (the common case).
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            await self._send.send(item)
 
     def submit_nowait(self, write: Write, done: Done) -> None:
         """:meth:`submit` for callers that must not wait; raises ``trio.WouldBlock`` when full."""

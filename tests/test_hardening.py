@@ -352,16 +352,31 @@ async def test_slow_consumer_is_dropped_and_memory_stays_bounded(
         baseline = _rss_bytes(server.process.pid)
         peak = baseline
 
+        # Every reader's progress: the sender keeps at most `window` messages
+        # ahead of the slowest one, as a client waiting for its acks would.
+        # (A sender with no limit at all outruns these Python readers, and
+        # the server rightly drops them as slow consumers too.)
+        progress = {id(connection): 0 for connection in [*readers, sender]}
+        moved = trio.Event()
+        window = 200
+
         async def read_all(connection: ChatConnection, counts: list[int]) -> None:
+            nonlocal moved
             seen = 0
             while seen < total:
                 message = await receive_type(connection, Message)
                 assert message.text == text
                 seen += 1
+                progress[id(connection)] = seen
+                if seen % 20 == 0:
+                    moved.set()
+                    moved = trio.Event()
             counts.append(seen)
 
         async def send_all() -> None:
             for n in range(total):
+                while n - min(progress.values()) >= window:
+                    await moved.wait()
                 await sender.send(Say(room="lobby", text=text, id=f"s{n}"))
 
         counts: list[int] = []
