@@ -70,7 +70,8 @@ class ChatServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.limits = config.limits
-        self.flush_interval = config.server.flush_interval_ms / 1000
+        interval = config.server.flush_interval_ms / 1000
+        self.ticker = _Ticker(interval) if interval else None
         settings = config.server
         self.ssl_context = tls.server_context(
             settings.cert, settings.key, settings.ca, settings.client_certs
@@ -157,11 +158,15 @@ class ChatServer:
         try:
             async with trio.open_nursery() as storage:
                 await storage.start(self.store.run_writer)
+                if self.ticker is not None:
+                    storage.start_soon(self.ticker.run)
                 try:
                     await self._serve_connections(listeners, task_status)
                 finally:
                     # The writer commits what is queued, then ends.
                     self.store.close()
+                    if self.ticker is not None:
+                        self.ticker.stop()
         finally:
             self.store.close_database()
         log.info("server stopped")
@@ -332,21 +337,19 @@ class _Connection:
         # into one TLS write instead of one per message (and its task is not
         # woken for each of them); the first write after a quiet spell goes
         # out at once. Ticks are global, so waiting writers wake together.
-        tick = self.server.flush_interval
+        ticker = self.server.ticker
         flushed_in = -1
         try:
             while True:
                 await self.outbox.wait_for_frames()
-                if tick:
-                    current = int(trio.current_time() / tick)
-                    if current == flushed_in:
-                        await trio.sleep_until((current + 1) * tick)
+                if ticker is not None and ticker.count == flushed_in:
+                    await ticker.next_tick()
                 batch = self.outbox.take()
                 if batch is None:
                     return  # closed, and everything was sent
                 await self.stream.send_all(batch)
-                if tick:
-                    flushed_in = int(trio.current_time() / tick)
+                if ticker is not None:
+                    flushed_in = ticker.count
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.Cancelled:
@@ -514,6 +517,32 @@ class _Connection:
         else:
             raise ProtocolError(ErrorCode.BAD_ENVELOPE, "already logged in")
         return True
+
+
+class _Ticker:
+    """The flush tick's clock: one task sleeps, and every writer waiting for the next
+    tick wakes at once (one timer in all instead of one per connection)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.count = 0
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._stopped = False
+
+    async def run(self) -> None:
+        while not self._stopped:
+            await trio.sleep(self.interval)
+            self.count += 1
+            if self._waiting:
+                self._waiting.unpark_all()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._waiting.unpark_all()
+
+    async def next_tick(self) -> None:
+        if not self._stopped:
+            await self._waiting.park()
 
 
 class _Unresponsive(Exception):
