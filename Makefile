@@ -11,8 +11,8 @@ run: $(STAMP) certs/server.crt
 	$(BIN)/securechat server --config $(CONFIG)
 
 test: $(STAMP)
-	$(BIN)/ruff check securechat tests scripts
-	$(BIN)/ruff format --check securechat tests scripts
+	$(BIN)/ruff check securechat tests scripts benchmarks
+	$(BIN)/ruff format --check securechat tests scripts benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
 
@@ -41,3 +41,19 @@ clean:
 .PHONY: scan
 scan: $(STAMP)
 	bash scripts/scan.sh
+
+# Benchmarks (issue 5): a real server on loopback driven by load-generator
+# processes; prints JSON lines and a table, writes benchmarks/results/, then
+# the latency plot. BENCH_ARGS="fanout --quick" runs a part, reduced.
+# See docs/performance.md.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.plot
+
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@

@@ -1,0 +1,369 @@
+"""The coordinator's side: the server process, the generator processes, measured spans.
+
+:class:`BenchServer` runs ``python -m securechat server --config …`` in its
+own session (it dies with the coordinator: ``PR_SET_PDEATHSIG``), with its
+log in a file, and reads its CPU and memory from /proc. :class:`Worker` is
+one generator process (:mod:`benchmarks.loadgen`) spoken to over a pipe.
+:class:`Span` snapshots the CPU time of the server, of every generator and
+of the machine, at the start and at the end of what is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import loadgen
+from .machine import MachineTimes, cpu_seconds, memory_kib
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+_LISTENING = re.compile(r"\[SEARCHING\] listening on 127\.0\.0\.1:(\d+)")
+
+
+class BenchError(Exception):
+    """The benchmark could not run (the server did not start, a generator crashed, …)."""
+
+
+# --- the config file ------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_toml(path: Path, data: dict[str, dict[str, Any]]) -> None:
+    """Tables of scalars, and tables of tables (``[users.NAME]``)."""
+    lines: list[str] = []
+    for name, table in data.items():
+        scalars = {key: value for key, value in table.items() if not isinstance(value, dict)}
+        nested = {key: value for key, value in table.items() if isinstance(value, dict)}
+        if scalars or not nested:
+            lines.append(f"[{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
+        for key, values in nested.items():
+            lines.append(f"[{name}.{key}]")
+            lines.extend(f"{item} = {_toml_value(value)}" for item, value in values.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+# Limits raised so that the benchmark measures the server, not its abuse
+# defences: no rate limit, no caps, no pings, room for deep queues.
+BENCH_LIMITS: dict[str, Any] = {
+    "handshake_timeout": 120.0,
+    "login_timeout": 120.0,
+    "idle_timeout": 3600.0,
+    "ping_timeout": 3600.0,
+    "max_connections": 100_000,
+    "max_connections_per_ip": 100_000,
+    "messages_per_second": 1e9,
+    "message_burst": 1_000_000_000,
+    "login_failures_allowed": 1_000_000,
+    "max_outbound_queue": 1_000_000,
+    "max_outbound_bytes": 1 << 30,
+}
+
+
+# --- the server -----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class BenchServer:
+    """A securechat server process with its own config, database and log."""
+
+    def __init__(
+        self,
+        directory: Path,
+        pki: Path,
+        users: dict[str, str | None],
+        *,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "server.toml"
+        self.database = directory / "securechat.db"
+        self.log_path = directory / "server.log"
+        data: dict[str, dict[str, Any]] = {
+            "server": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "cert": str(pki / "server.crt"),
+                "key": str(pki / "server.key"),
+                "ca": str(pki / "ca.crt"),
+                "client_certs": "optional",
+            },
+            "limits": dict(BENCH_LIMITS),
+            "storage": {"path": str(self.database)},
+        }
+        for section, values in (overrides or {}).items():
+            data.setdefault(section, {}).update(values)
+        self.settings = effective_settings(data)
+        data["users"] = {
+            name: ({"password_hash": phc} if phc else {}) for name, phc in users.items()
+        }
+        write_toml(self.config, data)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.stopped: dict[str, Any] = {}
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+                [sys.executable, "-m", "securechat", "server", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops us
+                preexec_fn=_die_with_parent,  # the coordinator has no threads
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = _LISTENING.search(self.log())
+            if found:
+                self.port = int(found[1])
+                return
+            if self.process.poll() is not None:
+                raise BenchError(f"the server exited with {self.process.returncode}: {self.tail()}")
+            time.sleep(0.05)
+        raise BenchError(f"the server did not listen within {START_TIMEOUT:.0f} s: {self.tail()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 5) -> str:
+        return " | ".join(self.log().strip().splitlines()[-lines:])
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory_kib(self.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM (the server's clean shutdown), SIGKILL if it takes too long; what happened."""
+        process = self.process
+        if process is None or self.stopped:
+            return self.stopped
+        started = time.monotonic()
+        crashed = process.poll() is not None
+        if not crashed:
+            process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(STOP_TIMEOUT)
+            killed = False
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+            killed = True
+        self.stopped = {
+            "exit_code": code,
+            "exited_before_stop": crashed,
+            "stop_s": round(time.monotonic() - started, 2),
+            "killed": killed,
+            **summarise_log(self.log()),
+        }
+        return self.stopped
+
+
+def effective_settings(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The server's [server] and [limits] settings, defaults included, as the server sees them."""
+    from pydantic import ValidationError
+
+    from securechat.config import LimitsSection, ServerSection, describe_errors
+
+    try:
+        server = ServerSection.model_validate(data["server"])
+        limits = LimitsSection.model_validate(data["limits"])
+    except ValidationError as exc:
+        raise BenchError(f"bad server setting: {describe_errors(exc)}") from None
+    return {
+        "server": server.model_dump(mode="json", exclude={"cert", "key", "ca", "port"}),
+        "limits": limits.model_dump(mode="json"),
+    }
+
+
+_VARIABLE = re.compile(r"\s(peer|user|reason|connections|from_ip)=\S+")
+
+
+def summarise_log(text: str) -> dict[str, Any]:
+    """Log lines per level, and the most frequent warnings and errors (variable parts cut)."""
+    levels: Counter[str] = Counter()
+    problems: Counter[str] = Counter()
+    for line in text.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) < 4 or not parts[0][:1].isdigit():
+            if line.strip():
+                problems[line.strip()[:120]] += 1  # tracebacks and stray output
+            continue
+        level = parts[1]
+        levels[level] += 1
+        if level in ("WARNING", "ERROR", "CRITICAL"):
+            problems[_VARIABLE.sub("", parts[3])[:120]] += 1
+    return {
+        "log_lines": dict(levels),
+        "log_problems": dict(problems.most_common(6)),
+    }
+
+
+# --- generator processes ------------------------------------------------------------
+
+
+class Worker:
+    """One generator process and the pipe to it."""
+
+    def __init__(self, context: Any, setup: loadgen.Setup) -> None:
+        self.name = setup.name
+        self.pipe, child = context.Pipe()
+        self.process: multiprocessing.process.BaseProcess = context.Process(
+            target=loadgen.main, args=(child, setup), name=setup.name, daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    @property
+    def pid(self) -> int:
+        pid = self.process.pid
+        assert pid is not None
+        return pid
+
+    def send(self, *command: Any) -> None:
+        self.pipe.send(command)
+
+    def expect(self, kind: str, timeout: float) -> tuple[Any, ...]:
+        if not self.pipe.poll(timeout):
+            raise BenchError(f"{self.name}: no {kind!r} within {timeout:.0f} s")
+        return self.check(self.pipe.recv(), kind)
+
+    def check(self, reply: tuple[Any, ...], kind: str) -> tuple[Any, ...]:
+        if reply[0] == "crashed":
+            raise BenchError(f"{self.name} crashed:\n{reply[1]}")
+        if reply[0] != kind:
+            raise BenchError(f"{self.name}: expected {kind!r}, got {reply[0]!r}")
+        return reply
+
+    def stop(self) -> None:
+        try:
+            if self.process.is_alive():
+                self.send("close")
+                self.process.join(5)
+        except (OSError, EOFError, BrokenPipeError):
+            pass
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
+        self.pipe.close()
+
+
+def gather(workers: Sequence[Worker], kind: str, timeout: float) -> list[tuple[Any, ...]]:
+    """The next ``kind`` reply of every worker (in worker order), within ``timeout`` overall."""
+    replies: dict[int, tuple[Any, ...]] = {}
+    deadline = time.monotonic() + timeout
+    by_pipe = {id(worker.pipe): index for index, worker in enumerate(workers)}
+    waiting = [worker.pipe for worker in workers]
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            names = ", ".join(workers[by_pipe[id(pipe)]].name for pipe in waiting)
+            raise BenchError(f"no {kind!r} from {names} within {timeout:.0f} s")
+        for ready in multiprocessing.connection.wait(waiting, left):
+            assert isinstance(ready, multiprocessing.connection.Connection)
+            index = by_pipe[id(ready)]
+            try:
+                reply = ready.recv()
+            except EOFError:
+                raise BenchError(f"{workers[index].name} exited") from None
+            replies[index] = workers[index].check(reply, kind)
+            waiting.remove(ready)
+    return [replies[index] for index in range(len(workers))]
+
+
+def spawn_context() -> Any:
+    # spawn, not fork: a generator must not inherit the other generators' pipes
+    # (it would never see EOF when the coordinator goes away).
+    return multiprocessing.get_context("spawn")
+
+
+# --- measured spans -----------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    """CPU of the server, the generators and the machine over one measured stretch."""
+
+    server: BenchServer
+    workers: Sequence[Worker]
+    started: float = field(init=False)
+    server_cpu: float = field(init=False)
+    worker_cpu: float = field(init=False)
+    machine: MachineTimes = field(init=False)
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.machine = MachineTimes.read()
+        self.server_cpu = self.server.cpu()
+        self.worker_cpu = self._workers_cpu()
+        self.started = time.monotonic()
+
+    def _workers_cpu(self) -> float:
+        return sum(cpu_seconds(worker.pid) for worker in self.workers)
+
+    def finish(self) -> dict[str, float]:
+        wall = time.monotonic() - self.started
+        server = self.server.cpu() - self.server_cpu
+        generators = self._workers_cpu() - self.worker_cpu
+        machine = MachineTimes.read().share_since(self.machine)
+        cpus = os.cpu_count() or 1
+        self.figures = {
+            "span_s": round(wall, 3),
+            "server_cpu_s": round(server, 3),
+            "server_cpu_share": round(server / wall, 3) if wall else 0.0,
+            "generator_cpu_s": round(generators, 3),
+            "generator_cpu_share": round(generators / wall, 3) if wall else 0.0,
+            **machine,
+            # Cores' worth of CPU used by everything else on the machine (noise).
+            "other_cpu_share": round(
+                max(0.0, machine["machine_busy_share"] * cpus - (server + generators) / wall), 3
+            )
+            if wall
+            else 0.0,
+        }
+        return self.figures

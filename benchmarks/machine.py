@@ -1,0 +1,149 @@
+"""What the benchmark knows about this machine and its processes, from /proc.
+
+CPU times come from ``/proc/PID/stat`` (utime + stime, every thread of the
+process, in clock ticks); memory from ``/proc/PID/status``; the machine's
+own busy and steal time from ``/proc/stat``. Linux only, like the server's
+production target.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads, also finished ones)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) is in parentheses and may hold spaces.
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS) and VmSize of ``pid``, in KiB."""
+    found: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "VmSize"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """Cumulative jiffies of all CPUs from ``/proc/stat``."""
+
+    busy: int
+    steal: int
+    total: int
+
+    @staticmethod
+    def read() -> MachineTimes:
+        with open("/proc/stat") as file:
+            first = file.readline().split()
+        values = [int(value) for value in first[1:]]
+        # user nice system idle iowait irq softirq steal guest guest_nice;
+        # guest time is already counted in user.
+        idle = values[3] + values[4]
+        steal = values[7] if len(values) > 7 else 0
+        total = sum(values[:8])
+        return MachineTimes(busy=total - idle - steal, steal=steal, total=total)
+
+    def share_since(self, before: MachineTimes) -> dict[str, float]:
+        """Busy and steal shares of all CPUs' time between ``before`` and this reading."""
+        total = max(1, self.total - before.total)
+        return {
+            "machine_busy_share": round((self.busy - before.busy) / total, 3),
+            "machine_steal_share": round((self.steal - before.steal) / total, 3),
+        }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision(repo: Path) -> str:
+    """The commit the server code comes from, with ``+dirty`` when the work tree has changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "securechat"],  # noqa: S607
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def busy_neighbours() -> list[str]:
+    """Other processes using CPU right now (over 0.5 s): they make the figures noisy."""
+    me = os.getpid()
+
+    def sample() -> dict[int, tuple[str, float]]:
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                name = (entry / "comm").read_text().strip()
+                found[int(entry.name)] = (name, cpu_seconds(int(entry.name)))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+
+    before = sample()
+    time.sleep(0.5)
+    after = sample()
+    busy = []
+    for pid, (name, cpu) in after.items():
+        if pid in before and cpu - before[pid][1] >= 0.05:
+            busy.append(f"{name}[{pid}] {100 * (cpu - before[pid][1]) / 0.5:.0f}%")
+    return busy
+
+
+def describe(repo: Path) -> dict[str, object]:
+    """The machine, the software and the code a result was measured with."""
+    import trio  # the server's versions: the same interpreter runs it
+
+    import securechat
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "openssl": ssl.OPENSSL_VERSION,
+        "securechat": securechat.__version__,
+        "revision": git_revision(repo),
+        "loadavg_at_start": [round(value, 2) for value in os.getloadavg()],
+        "busy_processes_at_start": busy_neighbours(),
+        "executable": sys.executable,
+    }

@@ -1,0 +1,215 @@
+"""The targets of issue 5, how a result compares with them, and the tables.
+
+A target names a figure of a result (a dotted path into its ``results``),
+a comparison and a bound, with the reference it came from. Each record
+carries a ``target_key`` saying which targets apply (the quick run keeps the
+key of the size it stands in for, and says that it is quick).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    figure: str
+    op: str  # "<=", "<", ">=", "=="
+    bound: float
+    reference: str = ""
+
+    def met(self, value: float) -> bool:
+        if self.op == "<=":
+            return value <= self.bound
+        if self.op == "<":
+            return value < self.bound
+        if self.op == ">=":
+            return value >= self.bound
+        return value == self.bound
+
+    def describe(self) -> str:
+        bound = f"{self.bound:g}"
+        return f"{self.op} {bound}" + (f" ({self.reference})" if self.reference else "")
+
+
+NGIRCD_FULL = "ngIRCd 4.3-5.1, miniircd 6.8"
+NGIRCD_PACED = "ngIRCd 8.6-10.8, miniircd 14.2"
+TARGETS = (
+    Target("fanout-1000-full", "server_cpu_us_per_delivery", "<=", 4.3, NGIRCD_FULL),
+    Target("fanout-1000-full", "deliveries_per_s", ">=", 200_000),
+    Target("fanout-1000-full", "lost", "==", 0),
+    Target("fanout-1000-paced", "deliveries_per_s", ">=", 49_500, "keeps up with 50 msg/s"),
+    Target("fanout-1000-paced", "server_cpu_us_per_delivery", "<=", 12, NGIRCD_PACED),
+    Target("fanout-1000-paced", "latency_ms.p99", "<=", 60, "ngIRCd 47-93 ms"),
+    Target("fanout-1000-paced", "lost", "==", 0),
+    Target("rooms-10x100", "deliveries_per_s", ">=", 150_000),
+    Target("rooms-10x100", "lost", "==", 0),
+    Target("connect-certs", "logins_per_s", ">=", 800, "ngIRCd ~975 registrations/s"),
+    Target("idle-10000", "rss_kib_per_connection", "<=", 64),
+    Target("idle-10000", "ping_rtt_ms.p99", "<", 50),
+    Target("durable", "acked_per_s", ">=", 20_000, "SQLite ~1000 writes/s unbatched"),
+)
+
+# The figures the table shows for each scenario, besides those with targets.
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "fanout": (
+        "deliveries_per_s",
+        "latency_ms.p50",
+        "latency_ms.p90",
+        "latency_ms.p99",
+        "latency_ms.max",
+        "lost",
+        "server_cpu_us_per_delivery",
+        "cpu.server_cpu_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+    ),
+    "rooms": (
+        "deliveries_per_s",
+        "latency_ms.p50",
+        "latency_ms.p99",
+        "lost",
+        "server_cpu_us_per_delivery",
+        "cpu.server_cpu_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+    ),
+    "connect": (
+        "logins_per_s",
+        "handshake_ms.p50",
+        "handshake_ms.p99",
+        "login_ms.p99",
+        "failed",
+        "presence_frames_received",
+        "server_cpu_ms_per_login",
+        "cpu.server_cpu_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+    ),
+    "idle": (
+        "connections",
+        "rss_kib_per_connection",
+        "ping_rtt_ms.p50",
+        "ping_rtt_ms.p99",
+        "ping_rtt_ms.max",
+        "connections_per_s",
+        "server_cpu_ms_per_connection",
+        "idle_cpu.server_cpu_share",
+        "shutdown_s",
+    ),
+    "durable": (
+        "acked_per_s",
+        "ack_latency_ms.p50",
+        "ack_latency_ms.p99",
+        "stored_after_stop",
+        "server_cpu_us_per_ack",
+        "cpu.server_cpu_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+    ),
+}
+
+
+def lookup(results: dict[str, Any], path: str) -> Any:
+    value: Any = results
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def evaluate(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target that applies to ``record``, with its value and whether it is met."""
+    verdicts = []
+    for target in TARGETS:
+        if target.key != record.get("target_key"):
+            continue
+        value = lookup(record["results"], target.figure)
+        verdicts.append(
+            {
+                "figure": target.figure,
+                "target": target.describe(),
+                "value": value,
+                "met": isinstance(value, int | float) and target.met(value),
+            }
+        )
+    return verdicts
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def rows(records: Iterable[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """(record, figure, value, target, verdict) for every headline figure and target."""
+    table = []
+    for record in records:
+        targets = {verdict["figure"]: verdict for verdict in record.get("targets", [])}
+        figures = list(HEADLINES.get(record["scenario"], ()))
+        figures += [figure for figure in targets if figure not in figures]
+        name = record["name"] + (" (quick)" if record.get("quick") else "")
+        for figure in figures:
+            value = lookup(record["results"], figure)
+            verdict = targets.get(figure)
+            table.append(
+                (
+                    name,
+                    figure,
+                    _format(value),
+                    verdict["target"] if verdict else "",
+                    ("met" if verdict["met"] else "MISSED") if verdict else "",
+                )
+            )
+            name = ""
+    return table
+
+
+def text_table(records: Iterable[dict[str, Any]]) -> str:
+    header = ("scenario", "figure", "value", "target", "")
+    body = rows(records)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(5)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * width for width in widths))
+    for row in body:
+        if row[0] and len(lines) > 2:
+            lines.append("")
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(records: Iterable[dict[str, Any]]) -> str:
+    lines = ["| scenario | figure | value | target | |", "|---|---|---:|---|---|"]
+    for row in rows(records):
+        cells = [row[0] and f"**{row[0]}**", f"`{row[1]}`", row[2], row[3], row[4]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_targets(records: Iterable[dict[str, Any]]) -> str:
+    """One row per target of issue 5: the figure measured, the bound, met or not."""
+    lines = ["| scenario | figure | measured | target | |", "|---|---|---:|---|---|"]
+    for record in records:
+        for verdict in record.get("targets", []):
+            lines.append(
+                f"| {record['name']} | `{verdict['figure']}` | {_format(verdict['value'])}"
+                f" | {verdict['target']} | {'met' if verdict['met'] else '**missed**'} |"
+            )
+    if len(lines) == 2:
+        lines.append("| (none: a quick run, or no scenario with targets) | | | | |")
+    return "\n".join(lines)
