@@ -43,6 +43,7 @@ from .protocol import (
     ProtocolError,
     RoomInfo,
     RoomList,
+    UtcClock,
     encode,
     utc_timestamp,
 )
@@ -252,11 +253,15 @@ class Hub:
             self._rooms.setdefault(name, Room(name)).members |= members
         self.configure_rooms(rooms)
         self._last_id = store.last_message_id()
+        self._clock = UtcClock()
         self._recent: dict[str, RecentIds] = {}
         # (user, client id) of messages waiting for their commit, and the
         # replies owed to re-sends that arrived meanwhile.
         self._pending: dict[tuple[str, str], list[Reply]] = {}
         self._handing_over: set[int] = set()
+        # Users with stored direct messages: a login of anyone else needs no query.
+        self._waiting_for: set[str] = store.users_with_undelivered()
+        self.shutting_down = False  # no presence updates while everyone is being let go
         since = utc_timestamp(datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS))
         for sent in store.recent_sends(RECENT_IDS, since):
             self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
@@ -318,13 +323,16 @@ class Hub:
             room.connections.pop(member, None)
         if not connections and user in self._online:
             del self._online[user]
-            self._announce_presence(user, self.rooms_of(user), "offline")
+            if not self.shutting_down:
+                self._announce_presence(user, self.rooms_of(user), "offline")
 
     async def deliver_stored(self, member: Member) -> None:
         """Send ``member`` the direct messages that arrived while its user was offline.
 
         Paced by the connection: a long backlog never overflows its queue.
         """
+        if member.username not in self._waiting_for:
+            return
         try:
             waiting = await self.store.undelivered(member.username)
         except StoreError as exc:
@@ -342,11 +350,15 @@ class Hub:
                 self._handing_over.difference_update(ids)
                 return  # not marked: they come again at the next login
             self._mark_delivered(ids)
+        self._waiting_for.discard(member.username)
 
     def _deliver_direct(self, user: str, message: Message, frame: bytes) -> None:
         """Hand a just-committed direct message to every connection of ``user`` (if any)."""
         connections = self._online.get(user)
-        if not connections or message.id in self._handing_over:
+        if not connections:
+            self._waiting_for.add(user)  # stored, for the next login
+            return
+        if message.id in self._handing_over:
             return
         for connection in connections:
             connection.outbox.put(frame)
@@ -549,8 +561,10 @@ class Hub:
         self, sender: str, text: str, *, room: str | None = None, to: str | None = None
     ) -> Message:
         self._last_id += 1
-        return Message(
-            id=self._last_id, room=room, to=to, sender=sender, text=text, ts=utc_timestamp()
+        # Every field is already valid (the text came in a validated envelope),
+        # so the model is built without validating it again.
+        return Message.model_construct(
+            id=self._last_id, room=room, to=to, sender=sender, text=text, ts=self._clock()
         )
 
     def _is_resend(self, member: Member, client_id: str | None) -> bool:

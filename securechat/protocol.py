@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -412,6 +413,25 @@ def utc_timestamp(now: datetime | None = None) -> str:
     """``2026-11-24T07:00:00.123Z``: the form of every ``ts`` field."""
     now = now or datetime.now(UTC)
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+class UtcClock:
+    """:func:`utc_timestamp` for now, fast: formats the date and time once per second.
+
+    (``strftime`` on every message was a tenth of the server's time under load.)
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        return f"{self._prefix}{int((now - second) * 1000):03d}Z"
 
 
 def parse_client_frame(frame: bytes) -> ClientEnvelope:

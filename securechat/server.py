@@ -188,6 +188,7 @@ class ChatServer:
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
             log.info("shutting down: %d connections", len(self._connections))
+            self.hub.shutting_down = True
             farewell = encode(Error(code=ErrorCode.SERVER_SHUTDOWN, message="server shutting down"))
             for connection in list(self._connections):
                 connection.finish(farewell)
@@ -399,6 +400,8 @@ class _Connection:
     async def _next_frame(self, frames: _Frames) -> bytes | None:
         """The next frame; pings the client after a silence and gives up if it stays silent."""
         limits = self.server.limits
+        if (frame := frames.buffered()) is not None:
+            return frame  # already here: no deadline needed
         with trio.move_on_after(limits.idle_timeout):
             return await frames.next()
         self._pings += 1
@@ -555,6 +558,10 @@ class _Frames:
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], decoder: FrameDecoder):
         self._stream = stream
         self._decoder = decoder
+
+    def buffered(self) -> bytes | None:
+        """The next frame if it has already arrived (no waiting)."""
+        return self._decoder.next_frame()
 
     async def next(self) -> bytes | None:
         """The next frame, or None at end of stream; raises ProtocolError (fatal)."""

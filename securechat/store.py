@@ -194,6 +194,13 @@ class Store:
             members.setdefault(room, set()).add(username)
         return members
 
+    def users_with_undelivered(self) -> set[str]:
+        """Users who have direct messages waiting for their next login."""
+        rows = self._reader_db.execute(
+            "SELECT DISTINCT recipient FROM messages WHERE delivered = 0"
+        )
+        return {row[0] for row in rows}
+
     def recent_sends(self, per_user: int, since: str) -> list[RecentSend]:
         """Messages sent with a client id: each user's newest ``per_user``, and every
         one at or after the timestamp ``since``; oldest first."""
