@@ -27,6 +27,7 @@ from securechat.auth import hash_password
 from securechat.client import ChatConnection
 from securechat.config import Config, parse_config
 from securechat.server import ChatServer
+from securechat.store import Store
 
 # Test-only passwords for throwaway users; never used outside the test suite.
 PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password", "dave": "dave-pw-1234"}
@@ -152,6 +153,23 @@ class RunningServer(Endpoint):
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+AnyStore = TypeVar("AnyStore", bound=Store)
+
+
+@asynccontextmanager
+async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
+    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run_writer)
+                try:
+                    yield store
+                finally:
+                    store.close()
+    finally:
+        store.close_database()
 
 
 @pytest.fixture

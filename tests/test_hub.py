@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import trio
@@ -38,6 +36,7 @@ from securechat.protocol import (
 from securechat.store import MarkDelivered, Store, Write
 
 # --- helpers -----------------------------------------------------------------
+from .conftest import WAIT, running
 
 
 class OverflowCounter:
@@ -200,7 +199,6 @@ async def test_draining_frees_room_in_the_outbox() -> None:
 
 # --- Hub: helpers ----------------------------------------------------------------------
 
-WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
 USERS = ("alice", "bob", "carol", "dave")
 ROOMS = {
     "secret": RoomSettings(topic="Shh", allowed=frozenset({"alice", "carol"})),
@@ -251,24 +249,6 @@ class HeldStore(Store):
             committed, release = held
             trio.from_thread.run_sync(committed.set)
             trio.from_thread.run(release.wait)
-
-
-AnyStore = TypeVar("AnyStore", bound=Store)
-
-
-@asynccontextmanager
-async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
-    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
-    try:
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run_writer)
-                try:
-                    yield store
-                finally:
-                    store.close()
-    finally:
-        store.close_database()
 
 
 def make_hub(store: Store, *, allow_room_create: bool = True) -> Hub:

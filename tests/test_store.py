@@ -6,9 +6,7 @@ import contextlib
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import trio
@@ -29,7 +27,8 @@ from securechat.store import (
     Write,
 )
 
-WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
+from .conftest import WAIT, running
+
 EPOCH = "1970-01-01T00:00:00.000Z"
 FUTURE = "9999-01-01T00:00:00.000Z"
 TS = "2026-01-02T03:04:05.678Z"
@@ -47,24 +46,6 @@ class CountingStore(Store):
     def _commit(self, writes: list[Write]) -> None:
         super()._commit(writes)
         self.transactions.append(len(writes))
-
-
-AnyStore = TypeVar("AnyStore", bound=Store)
-
-
-@asynccontextmanager
-async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
-    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
-    try:
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run_writer)
-                try:
-                    yield store
-                finally:
-                    store.close()
-    finally:
-        store.close_database()
 
 
 @pytest.fixture
