@@ -114,7 +114,11 @@ class ChatServer:
         """
         settings = self.config.server
         if config.server != settings or config.limits != self.limits:
-            log.warning("[server] and [limits] changes in the config file apply after a restart")
+            # (Also when the server was started with flags that override the file.)
+            log.warning(
+                "the file's [server] and [limits] differ from the running settings;"
+                " those sections are read at start only"
+            )
         try:
             self.ssl_context = tls.server_context(
                 settings.cert, settings.key, settings.ca, settings.client_certs
