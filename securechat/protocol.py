@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
@@ -536,11 +537,22 @@ def check_text(text: str) -> str:
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, reason) from None
 
 
+_KEY = re.compile(rb'"([^"]*)"[ \t\r\n]*:')
+
+
 def _reject_duplicate_keys(frame: bytes, ref: str | None) -> None:
     # pydantic keeps the last of duplicate keys; a frame such as
     # {"type":"say",...,"type":"bye"} must not mean different things to
     # different parsers. The frame already validated, so it is a flat object
     # and this second parse is cheap and cannot recurse deeply.
+    if b"\\" not in frame:
+        # Fast path: with no escapes, a string followed by ":" is a key, and
+        # nothing else is (in valid JSON a value string is never followed by ":").
+        keys = _KEY.findall(frame)
+        if len(set(keys)) != len(keys):
+            raise ProtocolError(ErrorCode.BAD_ENVELOPE, "duplicate key in envelope", ref=ref)
+        return
+
     def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
         if len(set(keys)) != len(keys):

@@ -108,23 +108,44 @@ Write = AppendMessage | MarkDelivered | SaveRoom | AddMember | RemoveMember
 Done = Callable[[BaseException | None], None]
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, room, recipient, sender, text, ts, client_id, delivered)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _message_row(write: AppendMessage) -> tuple[Any, ...]:
+    message = write.message
+    return (
+        message.id,
+        message.room,
+        message.to,
+        message.sender,
+        message.text,
+        message.ts,
+        write.client_id,
+        int(write.delivered),
+    )
+
+
+def _apply_all(cursor: sqlite3.Cursor, writes: list[Write]) -> None:
+    """Apply ``writes`` in order; runs of messages go in one ``executemany``."""
+    rows: list[tuple[Any, ...]] = []
+    for write in writes:
+        if isinstance(write, AppendMessage):
+            rows.append(_message_row(write))
+            continue
+        if rows:
+            cursor.executemany(_INSERT_MESSAGE, rows)
+            rows = []
+        _apply(cursor, write)
+    if rows:
+        cursor.executemany(_INSERT_MESSAGE, rows)
+
+
 def _apply(cursor: sqlite3.Cursor, write: Write) -> None:
     if isinstance(write, AppendMessage):
-        message = write.message
-        cursor.execute(
-            "INSERT INTO messages (id, room, recipient, sender, text, ts, client_id, delivered)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                message.id,
-                message.room,
-                message.to,
-                message.sender,
-                message.text,
-                message.ts,
-                write.client_id,
-                int(write.delivered),
-            ),
-        )
+        cursor.execute(_INSERT_MESSAGE, _message_row(write))
     elif isinstance(write, MarkDelivered):
         cursor.executemany(
             "UPDATE messages SET delivered = 1 WHERE id = ?", [(i,) for i in write.ids]
@@ -290,8 +311,7 @@ class Store:
         cursor = self._writer_db.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
-            for write in writes:
-                _apply(cursor, write)
+            _apply_all(cursor, writes)
             cursor.execute("COMMIT")
         except BaseException:
             if self._writer_db.in_transaction:

@@ -29,6 +29,7 @@ from securechat.protocol import (
     ProtocolError,
     Say,
     Welcome,
+    _reject_duplicate_keys,
     encode,
     json_schemas,
     parse_client_frame,
@@ -922,3 +923,32 @@ def test_property_server_envelopes_round_trip(
     data = encode(envelope)
     assert data.count(b"\n") == 1
     assert parse_server_frame(data) == envelope
+
+
+_PLAIN = st.characters(blacklist_characters='"\\', blacklist_categories=["Cs"], min_codepoint=32)
+
+
+@PROPERTY_SETTINGS
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.text(alphabet=_PLAIN, max_size=6),
+            st.one_of(st.integers(), st.text(alphabet=_PLAIN, max_size=8)),
+        ),
+        max_size=6,
+    )
+)
+def test_duplicate_key_fast_path_agrees_with_a_full_parse(
+    pairs: list[tuple[str, int | str]],
+) -> None:
+    def dump(value: object) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    frame = ("{" + ",".join(f"{dump(k)} : {dump(v)}" for k, v in pairs) + "}").encode()
+    assert b"\\" not in frame  # the fast path is the one under test
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) == len(keys):
+        _reject_duplicate_keys(frame, None)
+    else:
+        with pytest.raises(ProtocolError):
+            _reject_duplicate_keys(frame, None)
