@@ -200,8 +200,9 @@ class Room:
         return self.allowed is None or username in self.allowed
 
     def broadcast(self, frame: bytes, *, skip_user: str | None = None) -> None:
-        # list(): a put() that overflows disconnects, and that mutates connections.
-        for member in list(self.connections):
+        # No copy needed: an overflowing put() only cancels that connection's
+        # tasks; it leaves the room later, from its own task (logout).
+        for member in self.connections:
             if member.username != skip_user:
                 member.outbox.put(frame)
 
