@@ -47,6 +47,7 @@ from .protocol import (
     request_id,
 )
 from .store import Store
+from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
 
@@ -241,7 +242,7 @@ class ChatServer:
     async def _handle_counted(
         self, tcp_stream: trio.SocketStream, peer: str, host: str, allowed: bool
     ) -> None:
-        stream = trio.SSLStream(tcp_stream, self.ssl_context, server_side=True)
+        stream = trio.SSLStream(LeanSocketStream(tcp_stream), self.ssl_context, server_side=True)
         connection: _Connection | None = None
         graceful = (
             False  # only a stream that finished its handshake and every write can say goodbye
@@ -287,7 +288,7 @@ class _Connection:
     """One TLS connection after its handshake: login, then chat."""
 
     def __init__(
-        self, server: ChatServer, stream: trio.SSLStream[trio.SocketStream], peer: str, host: str
+        self, server: ChatServer, stream: trio.SSLStream[LeanSocketStream], peer: str, host: str
     ) -> None:
         self.server = server
         self.stream = stream
@@ -559,7 +560,7 @@ class _Unresponsive(Exception):
 class _Frames:
     """Frames from a stream: reads only when the decoder has no complete frame left."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], decoder: FrameDecoder):
+    def __init__(self, stream: trio.SSLStream[LeanSocketStream], decoder: FrameDecoder):
         self._stream = stream
         self._decoder = decoder
 
