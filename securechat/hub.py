@@ -23,7 +23,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 import trio
 
@@ -40,6 +39,7 @@ from .protocol import (
     Members,
     Message,
     Presence,
+    PresenceState,
     ProtocolError,
     RoomInfo,
     RoomList,
@@ -86,8 +86,11 @@ class Outbox:
         on_overflow: Callable[[], None],
         *,
         drain_timeout: float = 30.0,
+        later: DeferredWakeups | None = None,
     ) -> None:
         self._frames: deque[bytes] = deque()
+        self._later = later
+        self._wake_pending = False
         self._taken = trio.lowlevel.ParkingLot()  # woken when the writer takes a batch
         self._drain_timeout = drain_timeout
         self._bytes = 0
@@ -101,7 +104,13 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, *, urgent: bool = True) -> None:
+        """Queue ``frame``; a frame that is not ``urgent`` does not wake the writer itself.
+
+        It goes out with the next urgent frame, or when ``later`` (the
+        server's clock) wakes the writer: at most a presence delay after.
+        Order is kept either way: there is one queue.
+        """
         if self.closed:
             return
         if len(self._frames) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
@@ -109,6 +118,16 @@ class Outbox:
             return
         self._frames.append(frame)
         self._bytes += len(frame)
+        if self._waiters:
+            if urgent or self._later is None:
+                self._waiters.unpark_all()
+            elif not self._wake_pending:
+                self._wake_pending = True
+                self._later.add(self)
+
+    def wake(self) -> None:
+        """Wake the writer for frames that were not urgent (called by :class:`DeferredWakeups`)."""
+        self._wake_pending = False
         if self._waiters:
             self._waiters.unpark_all()
 
@@ -164,6 +183,29 @@ class Outbox:
         return batch
 
 
+class DeferredWakeups:
+    """Outboxes whose writers have frames that are not urgent, woken together later.
+
+    The server's flush clock calls :meth:`wake_all` every presence delay;
+    between calls, any number of non-urgent frames to one connection cost
+    one write instead of one each.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[Outbox] = []
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, outbox: Outbox) -> None:
+        self._due.append(outbox)
+
+    def wake_all(self) -> None:
+        due, self._due = self._due, []
+        for outbox in due:
+            outbox.wake()
+
+
 @dataclass(eq=False)
 class Member:
     """One logged-in connection, as the hub sees it."""
@@ -199,12 +241,21 @@ class Room:
     def may_join(self, username: str) -> bool:
         return self.allowed is None or username in self.allowed
 
-    def broadcast(self, frame: bytes, *, skip_user: str | None = None) -> None:
+    def broadcast(self, frame: bytes, *, skip_user: str | None = None, urgent: bool = True) -> None:
         # No copy needed: an overflowing put() only cancels that connection's
         # tasks; it leaves the room later, from its own task (logout).
         for member in self.connections:
             if member.username != skip_user:
-                member.outbox.put(frame)
+                member.outbox.put(frame, urgent=urgent)
+
+    def presence(self, username: str, state: PresenceState) -> None:
+        """Tell the room's connections, other than ``username``'s own, that it changed state.
+
+        Not urgent (see :meth:`Outbox.put`): in a login storm this is what
+        keeps the O(N²) presence frames from costing a write each.
+        """
+        frame = encode(Presence(room=self.name, username=username, state=state))
+        self.broadcast(frame, skip_user=username, urgent=False)
 
 
 class RecentIds:
@@ -285,7 +336,7 @@ class Hub:
                     for connection in self._online.get(user, ()):
                         room.connections.pop(connection, None)
                         connection.send(Left(room=name))
-                    room.broadcast(encode(Presence(room=name, username=user, state="left")))
+                    room.presence(user, "left")
                     self._spawn_persist(RemoveMember(name, user))
 
     def online_users(self) -> list[str]:
@@ -389,12 +440,9 @@ class Hub:
         except trio.WouldBlock:
             marked(None)  # they stay undelivered and come again at the next login
 
-    def _announce_presence(
-        self, user: str, rooms: Iterable[str], state: Literal["online", "offline"]
-    ) -> None:
+    def _announce_presence(self, user: str, rooms: Iterable[str], state: PresenceState) -> None:
         for name in rooms:
-            frame = encode(Presence(room=name, username=user, state=state))
-            self._rooms[name].broadcast(frame, skip_user=user)
+            self._rooms[name].presence(user, state)
 
     def connections_of(self, username: str) -> list[Member]:
         return list(self._online.get(username, ()))
@@ -427,9 +475,7 @@ class Hub:
                     ErrorCode.UNAVAILABLE, "cannot save that now; try again"
                 ) from None
             room.members.add(user)
-            room.broadcast(
-                encode(Presence(room=name, username=user, state="joined")), skip_user=user
-            )
+            room.presence(user, "joined")
         for connection in self._online.get(user, ()):
             room.connections[connection] = None
             reply = Joined(
@@ -449,7 +495,7 @@ class Hub:
         for connection in self._online.get(user, ()):
             room.connections.pop(connection, None)
             connection.send(Left(room=name, ref=ref if connection is member else None))
-        room.broadcast(encode(Presence(room=name, username=user, state="left")))
+        room.presence(user, "left")
         await self._persist(RemoveMember(name, user))
 
     def who(self, member: Member, name: str, ref: str | None) -> Members:

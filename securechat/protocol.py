@@ -304,13 +304,16 @@ class Left(_Envelope):
     ref: ClientId | None = None
 
 
+PresenceState = Literal["joined", "left", "online", "offline"]
+
+
 class Presence(_Envelope):
     """``username`` joined or left ``room``, or came online or went offline."""
 
     type: Literal["presence"] = "presence"
     room: Name
     username: Name
-    state: Literal["joined", "left", "online", "offline"]
+    state: PresenceState
 
 
 class Members(_Envelope):

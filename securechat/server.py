@@ -20,7 +20,7 @@ from . import __version__, tls
 from .auth import Account, Authenticator, AuthFailed
 from .certs import CertError, common_name
 from .config import Config
-from .hub import Hub, Member, Outbox
+from .hub import DeferredWakeups, Hub, Member, Outbox
 from .limits import ConnectionCounter, LoginThrottle, TokenBucket, Verdict, address_key
 from .protocol import (
     Bye,
@@ -72,7 +72,8 @@ class ChatServer:
         self.config = config
         self.limits = config.limits
         interval = config.server.flush_interval_ms / 1000
-        self.ticker = _Ticker(interval) if interval else None
+        delay = config.server.presence_delay_ms / 1000
+        self.ticker = _Ticker(interval, delay) if interval else None
         settings = config.server
         self.ssl_context = tls.server_context(
             settings.cert, settings.key, settings.ca, settings.client_certs
@@ -300,6 +301,7 @@ class _Connection:
             server.limits.max_outbound_bytes,
             self._overflowed,
             drain_timeout=server.limits.ping_timeout,
+            later=server.ticker.later if server.ticker is not None else None,
         )
         self.member: Member | None = None
         self.clean = True  # False when the stream may be mid-write and cannot say goodbye
@@ -529,11 +531,17 @@ class _Connection:
 
 class _Ticker:
     """The flush tick's clock: one task sleeps, and every writer waiting for the next
-    tick wakes at once (one timer in all instead of one per connection)."""
+    tick wakes at once (one timer in all instead of one per connection).
 
-    def __init__(self, interval: float) -> None:
+    Every ``presence_delay`` (rounded to ticks) it also wakes the writers that
+    hold only frames that were not urgent (:class:`DeferredWakeups`).
+    """
+
+    def __init__(self, interval: float, presence_delay: float) -> None:
         self.interval = interval
         self.count = 0
+        self.later: DeferredWakeups | None = DeferredWakeups() if presence_delay else None
+        self._later_every = max(1, round(presence_delay / interval))
         self._waiting = trio.lowlevel.ParkingLot()
         self._stopped = False
 
@@ -543,10 +551,14 @@ class _Ticker:
             self.count += 1
             if self._waiting:
                 self._waiting.unpark_all()
+            if self.later and self.count % self._later_every == 0:
+                self.later.wake_all()
 
     def stop(self) -> None:
         self._stopped = True
         self._waiting.unpark_all()
+        if self.later:
+            self.later.wake_all()
 
     async def next_tick(self) -> None:
         if not self._stopped:

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from securechat.hub import Hub, Member, Outbox, RoomSettings
+from securechat.hub import DeferredWakeups, Hub, Member, Outbox, RoomSettings
 from securechat.protocol import (
     Ack,
     Error,
@@ -97,6 +97,59 @@ async def test_get_batch_waits_for_a_put() -> None:
         assert received == []
         box.put(b"late\n")
     assert received == [b"late\n"]
+
+
+async def test_a_frame_that_is_not_urgent_waits_for_the_deferred_wakeup() -> None:
+    later = DeferredWakeups()
+    box = Outbox(100, 1 << 20, OverflowCounter(), later=later)
+    received: list[bytes | None] = []
+
+    async def writer() -> None:
+        received.append(await box.get_batch())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        box.put(b"presence 1\n", urgent=False)
+        box.put(b"presence 2\n", urgent=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == []  # queued, but the writer was not woken
+        assert len(later) == 1  # one wake-up owed, however many frames
+        later.wake_all()
+    assert received == [b"presence 1\npresence 2\n"]
+    assert len(later) == 0
+
+
+async def test_an_urgent_frame_takes_queued_frames_that_are_not_urgent_along_in_order() -> None:
+    later = DeferredWakeups()
+    box = Outbox(100, 1 << 20, OverflowCounter(), later=later)
+    received: list[bytes | None] = []
+
+    async def writer() -> None:
+        received.append(await box.get_batch())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        box.put(b"presence\n", urgent=False)
+        box.put(b"message\n")
+    assert received == [b"presence\nmessage\n"]
+    later.wake_all()  # the wake-up owed earlier is now harmless: nothing is queued
+    assert len(box) == 0
+
+
+async def test_without_deferred_wakeups_a_frame_that_is_not_urgent_wakes_the_writer() -> None:
+    box, _ = outbox()
+    received: list[bytes | None] = []
+
+    async def writer() -> None:
+        received.append(await box.get_batch())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        box.put(b"presence\n", urgent=False)
+    assert received == [b"presence\n"]
 
 
 async def test_close_wakes_a_waiting_get_batch_with_none() -> None:
