@@ -446,7 +446,7 @@ def parse_client_frame(frame: bytes) -> ClientEnvelope:
         envelope = _CLIENT_ADAPTER.validate_json(frame, by_alias=True, by_name=False)
     except ValidationError as exc:
         _raise_invalid(frame, exc)
-    _reject_duplicate_keys(frame, request_id(envelope))
+    _reject_duplicate_keys(frame, request_id(envelope), len(envelope.model_fields_set))
     return envelope
 
 
@@ -540,18 +540,33 @@ def check_text(text: str) -> str:
         raise ProtocolError(ErrorCode.BAD_ENVELOPE, reason) from None
 
 
-_KEY = re.compile(rb'"([^"]*)"[ \t\r\n]*:')
+# Every string of a frame without escapes, in order, with the ':' after it if
+# it is a key. Matching whole strings keeps the scan aligned: no quote is
+# ever taken for the start of a string when it ends one.
+_STRING = re.compile(rb'"([^"]*)"([ \t\r\n]*:)?')
 
 
-def _reject_duplicate_keys(frame: bytes, ref: str | None) -> None:
+_QUOTE_THEN_SPACE = re.compile(rb'"[ \t\r\n]')
+
+
+def _reject_duplicate_keys(frame: bytes, ref: str | None, distinct_keys: int) -> None:
     # pydantic keeps the last of duplicate keys; a frame such as
     # {"type":"say",...,"type":"bye"} must not mean different things to
     # different parsers. The frame already validated, so it is a flat object
-    # and this second parse is cheap and cannot recurse deeply.
+    # whose keys are all known fields: ``distinct_keys`` (the fields it set)
+    # is how many different keys it has, and this second look is cheap and
+    # cannot recurse deeply.
     if b"\\" not in frame:
-        # Fast path: with no escapes, a string followed by ":" is a key, and
-        # nothing else is (in valid JSON a value string is never followed by ":").
-        keys = _KEY.findall(frame)
+        # Compact JSON (what clients send): when no quote is followed by
+        # whitespace, every key's closing quote is followed by ':' at once, so
+        # '":' occurs at least once per key (more if a value starts with ':').
+        # As many as there are different keys: no key can be there twice.
+        if frame.count(b'":') == distinct_keys and not _QUOTE_THEN_SPACE.search(frame):
+            return
+        # Otherwise decide exactly: with no escapes, a string followed by ":"
+        # is a key, and nothing else is (in valid JSON a value string is never
+        # followed by ":").
+        keys = [key for key, colon in _STRING.findall(frame) if colon]
         if len(set(keys)) != len(keys):
             raise ProtocolError(ErrorCode.BAD_ENVELOPE, "duplicate key in envelope", ref=ref)
         return

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
@@ -584,10 +584,41 @@ def test_parse_error_message_is_short_and_summarises_many_errors() -> None:
         pytest.param(b'{"type":"say","room":"lobby","text":"hi","type":"bye"}', id="say-bye"),
         pytest.param(b'{"type":"ping","\\u0069d":"a","id":"b"}', id="escaped-key-id"),
         pytest.param(b'{"typ\\u0065":"bye","type":"ping"}', id="escaped-key-type"),
+        # One copy compact, the other spaced: counting '":' alone sees one key.
+        pytest.param(b'{"type":"ping","type" :"bye"}', id="spaced-second-type"),
+        pytest.param(b'{"type":"say","room":"lobby","text":"hi","room"\t:"x"}', id="tab-room"),
+        pytest.param(b'{"type":"say","room":"lobby","text":"hi","text"\n:"b"}', id="newline-text"),
     ],
 )
 def test_parse_rejects_duplicate_keys(data: bytes) -> None:
     bad_envelope(data)
+
+
+COMPACT_CLIENT_FRAMES = [
+    {"type": "hello", "username": "alice", "password": "pw", "id": "h1"},
+    {"type": "say", "room": "lobby", "text": 'a "quoted": text', "id": "s1"},
+    {"type": "say", "room": "lobby", "text": 'he said ":" then', "id": "s2"},
+    {"type": "dm", "to": "bob", "text": "hi", "id": "d1"},
+    {"type": "history", "with": "bob", "after": 3, "limit": 10, "id": "q1"},
+    {"type": "kick", "username": "bob", "reason": "spam", "id": "k1"},
+    {"type": "pong", "ref": "srv1"},
+    {"type": "bye"},
+]
+
+
+@pytest.mark.parametrize("fields", COMPACT_CLIENT_FRAMES, ids=lambda fields: fields["type"])
+def test_every_key_given_twice_in_a_compact_frame_is_a_duplicate(fields: dict[str, Any]) -> None:
+    # Compact JSON is what clients send and what the counting check sees.
+    def frame(pairs: list[tuple[str, Any]]) -> bytes:
+        body = ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs)
+        return ("{" + body + "}").encode()
+
+    pairs = list(fields.items())
+    parse_client_frame(frame(pairs))  # the frame itself is fine
+    for index, (key, value) in enumerate(pairs):
+        again = [*pairs[: index + 1], (key, value), *pairs[index + 1 :]]
+        error = bad_envelope(frame(again))
+        assert "duplicate key" in error.message, key
 
 
 def test_parse_duplicate_key_error_names_the_problem_and_keeps_the_ref() -> None:
@@ -936,19 +967,29 @@ _PLAIN = st.characters(blacklist_characters='"\\', blacklist_categories=["Cs"], 
             st.one_of(st.integers(), st.text(alphabet=_PLAIN, max_size=8)),
         ),
         max_size=6,
-    )
+    ),
+    separators=st.lists(st.sampled_from([":", " : ", ":\t", "\n:"]), min_size=6, max_size=6),
 )
-def test_duplicate_key_fast_path_agrees_with_a_full_parse(
-    pairs: list[tuple[str, int | str]],
+# A key scan that starts a string at the quote ending "" saw the keys ":" and ",".
+@example(pairs=[(":", ""), (":", 0)], separators=[":"] * 6)
+def test_duplicate_key_fast_paths_agree_with_a_full_parse(
+    pairs: list[tuple[str, int | str]], separators: list[str]
 ) -> None:
+    # Compact frames take the counting path, frames with whitespace the
+    # regex path (some pairs compact, some not, in one frame); both must
+    # agree with what a full parse sees, whatever the keys and values hold. The caller
+    # passes how many different keys the frame has (in the server: the
+    # fields the validated envelope set).
     def dump(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
 
-    frame = ("{" + ",".join(f"{dump(k)} : {dump(v)}" for k, v in pairs) + "}").encode()
-    assert b"\\" not in frame  # the fast path is the one under test
+    pieces = zip(pairs, separators, strict=False)
+    body = ",".join(f"{dump(k)}{sep}{dump(v)}" for (k, v), sep in pieces)
+    frame = ("{" + body + "}").encode()
+    assert b"\\" not in frame  # the fast paths are the ones under test
     keys = [key for key, _ in pairs]
     if len(set(keys)) == len(keys):
-        _reject_duplicate_keys(frame, None)
+        _reject_duplicate_keys(frame, None, len(set(keys)))
     else:
         with pytest.raises(ProtocolError):
-            _reject_duplicate_keys(frame, None)
+            _reject_duplicate_keys(frame, None, len(set(keys)))
