@@ -97,7 +97,10 @@ class Outbox:
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._on_overflow = on_overflow
-        self._waiters = trio.lowlevel.ParkingLot()
+        # The one writer task, while it waits for frames. Woken with a plain
+        # reschedule: a ParkingLot costs ~2.7 us more per wake-up, and a put
+        # to every member of a room wakes every member's writer.
+        self._writer: trio.lowlevel.Task | None = None
         self.closed = False
         self.overflowed = False
 
@@ -118,9 +121,9 @@ class Outbox:
             return
         self._frames.append(frame)
         self._bytes += len(frame)
-        if self._waiters:
+        if self._writer is not None:
             if urgent or self._later is None:
-                self._waiters.unpark_all()
+                self._wake_writer()
             elif not self._wake_pending:
                 self._wake_pending = True
                 self._later.add(self)
@@ -128,8 +131,13 @@ class Outbox:
     def wake(self) -> None:
         """Wake the writer for frames that were not urgent (called by :class:`DeferredWakeups`)."""
         self._wake_pending = False
-        if self._waiters:
-            self._waiters.unpark_all()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            trio.lowlevel.reschedule(writer)
 
     def _overflow(self) -> None:
         self.overflowed = True
@@ -141,7 +149,7 @@ class Outbox:
     def close(self) -> None:
         """No more frames will be accepted; ``get_batch`` drains what is left, then returns None."""
         self.closed = True
-        self._waiters.unpark_all()
+        self._wake_writer()
         self._taken.unpark_all()
 
     async def wait_for_room(self) -> None:
@@ -164,9 +172,16 @@ class Outbox:
         return self.take()
 
     async def wait_for_frames(self) -> None:
-        """Return when there is something to take, or the outbox is closed."""
+        """Return when there is something to take, or the outbox is closed (one writer only)."""
         while not self._frames and not self.closed:
-            await self._waiters.park()
+            if self._writer is not None:
+                raise RuntimeError("another task is already waiting on this outbox")
+            self._writer = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._writer = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def take(self) -> bytes | None:
         """Everything queued as one ``bytes`` (None if nothing is)."""

@@ -99,6 +99,34 @@ async def test_get_batch_waits_for_a_put() -> None:
     assert received == [b"late\n"]
 
 
+async def test_a_cancelled_wait_leaves_the_outbox_usable_by_the_next_writer() -> None:
+    box, _ = outbox()
+    with trio.move_on_after(0.01) as scope:
+        await box.wait_for_frames()  # nothing comes: cancelled by the deadline
+    assert scope.cancelled_caught
+    received: list[bytes | None] = []
+
+    async def writer() -> None:
+        received.append(await box.get_batch())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        box.put(b"after\n")
+    assert received == [b"after\n"]
+
+
+async def test_a_second_task_waiting_on_one_outbox_is_refused() -> None:
+    box, _ = outbox()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.wait_for_frames)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await box.wait_for_frames()
+        box.put(b"x\n")  # the first waiter is still the writer, and wakes
+    assert box.take() == b"x\n"
+
+
 async def test_a_frame_that_is_not_urgent_waits_for_the_deferred_wakeup() -> None:
     later = DeferredWakeups()
     box = Outbox(100, 1 << 20, OverflowCounter(), later=later)
