@@ -551,13 +551,13 @@ class _Ticker:
             self.count += 1
             if self._waiting:
                 self._waiting.unpark_all()
-            if self.later and self.count % self._later_every == 0:
+            if self.later is not None and self.count % self._later_every == 0:
                 self.later.wake_all()
 
     def stop(self) -> None:
         self._stopped = True
         self._waiting.unpark_all()
-        if self.later:
+        if self.later is not None:
             self.later.wake_all()
 
     async def next_tick(self) -> None:
