@@ -47,9 +47,24 @@ class OverflowCounter:
         self.calls += 1
 
 
-def outbox(max_frames: int = 100, max_bytes: int = 1 << 20) -> tuple[Outbox, OverflowCounter]:
+def outbox(
+    max_frames: int = 100, max_bytes: int = 1 << 20, *, later: DeferredWakeups | None = None
+) -> tuple[Outbox, OverflowCounter]:
     counter = OverflowCounter()
-    return Outbox(max_frames, max_bytes, counter), counter
+    return Outbox(max_frames, max_bytes, counter, later=later), counter
+
+
+async def waiting_writer(nursery: trio.Nursery, box: Outbox) -> list[bytes | None]:
+    """Start a writer that takes one batch from ``box``; returns, once it waits, the list
+    its batch will be appended to."""
+    received: list[bytes | None] = []
+
+    async def writer() -> None:
+        received.append(await box.get_batch())
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    return received
 
 
 def member(name: str, max_frames: int = 100, max_bytes: int = 1 << 20) -> Member:
@@ -86,14 +101,8 @@ async def test_get_batch_joins_queued_frames_into_one_bytes() -> None:
 
 async def test_get_batch_waits_for_a_put() -> None:
     box, _ = outbox()
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         assert received == []
         box.put(b"late\n")
     assert received == [b"late\n"]
@@ -104,14 +113,8 @@ async def test_a_cancelled_wait_leaves_the_outbox_usable_by_the_next_writer() ->
     with trio.move_on_after(0.01) as scope:
         await box.wait_for_frames()  # nothing comes: cancelled by the deadline
     assert scope.cancelled_caught
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         box.put(b"after\n")
     assert received == [b"after\n"]
 
@@ -129,15 +132,9 @@ async def test_a_second_task_waiting_on_one_outbox_is_refused() -> None:
 
 async def test_a_frame_that_is_not_urgent_waits_for_the_deferred_wakeup() -> None:
     later = DeferredWakeups()
-    box = Outbox(100, 1 << 20, OverflowCounter(), later=later)
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
+    box, _ = outbox(later=later)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         box.put(b"presence 1\n", urgent=False)
         box.put(b"presence 2\n", urgent=False)
         await trio.testing.wait_all_tasks_blocked()
@@ -150,15 +147,9 @@ async def test_a_frame_that_is_not_urgent_waits_for_the_deferred_wakeup() -> Non
 
 async def test_an_urgent_frame_takes_queued_frames_that_are_not_urgent_along_in_order() -> None:
     later = DeferredWakeups()
-    box = Outbox(100, 1 << 20, OverflowCounter(), later=later)
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
+    box, _ = outbox(later=later)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         box.put(b"presence\n", urgent=False)
         box.put(b"message\n")
     assert received == [b"presence\nmessage\n"]
@@ -168,28 +159,16 @@ async def test_an_urgent_frame_takes_queued_frames_that_are_not_urgent_along_in_
 
 async def test_without_deferred_wakeups_a_frame_that_is_not_urgent_wakes_the_writer() -> None:
     box, _ = outbox()
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         box.put(b"presence\n", urgent=False)
     assert received == [b"presence\n"]
 
 
 async def test_close_wakes_a_waiting_get_batch_with_none() -> None:
     box, _ = outbox()
-    received: list[bytes | None] = []
-
-    async def writer() -> None:
-        received.append(await box.get_batch())
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        await trio.testing.wait_all_tasks_blocked()
+        received = await waiting_writer(nursery, box)
         box.close()
     assert received == [None]
 

@@ -119,13 +119,9 @@ async def test_large_send_to_slow_reader_arrives_whole_and_in_order(
             await trio.testing.wait_all_tasks_blocked()
             # The kernel buffers are full and nobody reads: the sender must be waiting.
             assert not sent.is_set()
-            received = bytearray()
-            while len(received) < LARGE:
-                chunk = await peer.receive_some(16384)  # small reads: many partial writes
-                assert chunk, f"EOF after {len(received)} bytes"
-                received += chunk
+            # Small reads: many partial writes.
+            received = await receive_exactly(peer, LARGE, chunk=16384)
         assert sent.is_set()
-    assert len(received) == LARGE
     assert received == payload
 
 
