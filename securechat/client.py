@@ -114,6 +114,12 @@ class ChatConnection:
             raise ClientError(f"TLS handshake with {where} timed out") from None
         except trio.BrokenResourceError as exc:
             await trio.aclose_forcefully(stream)
+            if tls.is_unexpected_eof(exc) or isinstance(exc.__cause__, ConnectionResetError):
+                raise ClientError(
+                    f"{where} closed the connection before TLS started: the server may be"
+                    " refusing connections from your address (too many open), or it is not"
+                    " a securechat server"
+                ) from None
             raise ClientError(tls.describe_failure(exc, where)) from None
         return cls(stream)
 

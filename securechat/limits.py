@@ -129,8 +129,43 @@ class LoginThrottle:
         return len(self._keys)
 
 
+class Occasional:
+    """At most one log line per ``interval`` seconds for an event that may come in floods.
+
+    :meth:`due` says whether this occurrence should be logged, and how many
+    occurrences (this one included) the line stands for.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = float("-inf")
+        self._unlogged = 0
+
+    def due(self, now: float) -> int:
+        """0: stay quiet; else log now, for this many occurrences."""
+        self._unlogged += 1
+        if now < self._next:
+            return 0
+        self._next = now + self.interval
+        count, self._unlogged = self._unlogged, 0
+        return count
+
+
+class Admission(enum.Enum):
+    ADMIT = "admit"
+    BUSY = "busy"  # the server is full: refuse with server_busy after the handshake
+    REFUSE = "refuse"  # the address is at its own cap: close at once, before any TLS work
+
+
 class ConnectionCounter:
-    """Open connections, in total and per source address, against their caps."""
+    """Open connections, in total and per source address, against their caps.
+
+    The per-address count holds every connection of that address that is
+    still open, admitted or being told ``server_busy``; the total holds only
+    admitted ones. So one address holds at most ``max_per_address``
+    connections in any state, connections refused for the address cap cost
+    nothing, and only many addresses can fill the total.
+    """
 
     def __init__(self, max_total: int, max_per_address: int) -> None:
         self.max_total = max_total
@@ -139,16 +174,21 @@ class ConnectionCounter:
         self._per_address: dict[str, int] = {}
 
     @contextmanager
-    def hold(self, address: str) -> Iterator[bool]:
-        """Count a connection for the duration of the block; yields False if it is over a cap."""
+    def hold(self, address: str) -> Iterator[Admission]:
+        """Count a connection for the duration of the block, as the verdict it yields says."""
         count = self._per_address.get(address, 0)
-        allowed = self.total < self.max_total and count < self.max_per_address
-        self.total += 1
+        if count >= self.max_per_address:
+            yield Admission.REFUSE
+            return
+        admission = Admission.ADMIT if self.total < self.max_total else Admission.BUSY
         self._per_address[address] = count + 1
+        if admission is Admission.ADMIT:
+            self.total += 1
         try:
-            yield allowed
+            yield admission
         finally:
-            self.total -= 1
+            if admission is Admission.ADMIT:
+                self.total -= 1
             remaining = self._per_address[address] - 1
             if remaining:
                 self._per_address[address] = remaining

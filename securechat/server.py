@@ -11,8 +11,10 @@ reaches the others.
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+from dataclasses import dataclass
 
 import trio
 
@@ -21,7 +23,15 @@ from .auth import Account, Authenticator, AuthFailed
 from .certs import CertError, common_name
 from .config import Config
 from .hub import DeferredWakeups, Hub, Member, Outbox
-from .limits import ConnectionCounter, LoginThrottle, TokenBucket, Verdict, address_key
+from .limits import (
+    Admission,
+    ConnectionCounter,
+    LoginThrottle,
+    Occasional,
+    TokenBucket,
+    Verdict,
+    address_key,
+)
 from .protocol import (
     Bye,
     ClientEnvelope,
@@ -56,6 +66,9 @@ RECEIVE_BYTES = 65536
 # take to flush what is queued before the connection is dropped.
 FLUSH_TIMEOUT = 5.0
 SERVER_NAME = f"securechat/{__version__}"
+# accept() errors that mean "out of a resource for now" (trio.serve_listeners's list).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_DELAY = 0.1
 
 
 def raise_open_file_limit() -> None:
@@ -63,6 +76,18 @@ def raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class ServerStats:
+    """What happened to connections since the server started (counters only grow)."""
+
+    accepted: int = 0
+    gone_before_served: int = 0  # reset before its address could even be read
+    refused_per_address: int = 0  # closed at once: the address had max_connections_per_ip
+    refused_busy: int = 0  # told server_busy: the server had max_connections
+    handshake_failed: int = 0  # TLS handshake failed or timed out
+    failed: int = 0  # ended by an unexpected error (a bug): logged with its traceback
 
 
 class ChatServer:
@@ -101,6 +126,12 @@ class ChatServer:
         self._counter = ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
+        self.stats = ServerStats()
+        # Lines for events that come in floods: at most one per interval, with a count.
+        self._refusals = Occasional(10.0)
+        self._busy = Occasional(1.0)
+        self._handshake_failures = Occasional(1.0)
+        self._accept_failures = Occasional(1.0)
         self._buckets: dict[str, TokenBucket] = {}
         self._limited: set[str] = set()  # users whose flood has been logged
         self._shutdown = trio.Event()
@@ -205,10 +236,14 @@ class ChatServer:
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS: out of descriptors or memory for now;
-                # keep serving those already connected and retry shortly.
-                log.warning("accept failed: %s", exc.strerror or exc)
-                await trio.sleep(0.1)
+                # As trio.serve_listeners does: out of descriptors or memory
+                # for now, so keep serving those connected and retry shortly.
+                # (trio already skips the errors one bad peer can cause.)
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if count := self._accept_failures.due(trio.current_time()):
+                    log.warning("accept failed (%d times): %s", count, exc.strerror or exc)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             nursery.start_soon(self._handle, stream)
 
@@ -236,35 +271,78 @@ class ChatServer:
         return verdict
 
     async def _handle(self, tcp_stream: trio.SocketStream) -> None:
-        host, port = tcp_stream.socket.getpeername()[:2]
-        with self._counter.hold(address_key(host)) as allowed:
-            await self._handle_counted(tcp_stream, _format_address((host, port)), host, allowed)
+        """Run one connection from accept to close.
 
-    async def _handle_counted(
-        self, tcp_stream: trio.SocketStream, peer: str, host: str, allowed: bool
+        Nothing raised here reaches the nursery of connections: an error in
+        one connection, at any stage and in any of its tasks, ends that
+        connection only (logged with its traceback, counted in ``stats``).
+        """
+        self.stats.accepted += 1
+        peer = "-"
+        try:
+            try:
+                address = tcp_stream.socket.getpeername()
+            except OSError:
+                self.stats.gone_before_served += 1  # reset before we looked: nothing to serve
+                return
+            host, peer = address[0], _format_address(address)
+            key = address_key(host)
+            with self._counter.hold(key) as admission:
+                if admission is Admission.REFUSE:
+                    self.stats.refused_per_address += 1
+                    if count := self._refusals.due(trio.current_time()):
+                        log.warning(
+                            "connections refused (%d since the last such line): peer=%s"
+                            " has max_connections_per_ip=%d open",
+                            count,
+                            peer,
+                            self.limits.max_connections_per_ip,
+                        )
+                    return
+                await self._serve_tls(tcp_stream, peer, host, admission)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
+        except* Exception:
+            self.stats.failed += 1
+            log.exception("connection failed peer=%s", peer)
+        finally:
+            await trio.aclose_forcefully(tcp_stream)  # already closed on every normal path
+
+    async def _serve_tls(
+        self, tcp_stream: trio.SocketStream, peer: str, host: str, admission: Admission
     ) -> None:
         stream = trio.SSLStream(LeanSocketStream(tcp_stream), self.ssl_context, server_side=True)
         connection: _Connection | None = None
-        graceful = (
-            False  # only a stream that finished its handshake and every write can say goodbye
-        )
+        # Only a stream that finished its handshake and every write can say goodbye.
+        graceful = False
         try:
             try:
                 with trio.fail_after(self.limits.handshake_timeout):
                     await stream.do_handshake()
             except trio.TooSlowError:
-                log.warning("handshake timeout peer=%s", peer)
+                self.stats.handshake_failed += 1
+                if count := self._handshake_failures.due(trio.current_time()):
+                    log.warning("handshake timeout peer=%s (%d failed handshakes)", peer, count)
                 return
             except trio.BrokenResourceError as exc:
-                log.warning("handshake failed peer=%s reason=%s", peer, tls.failure_reason(exc))
+                self.stats.handshake_failed += 1
+                if count := self._handshake_failures.due(trio.current_time()):
+                    log.warning(
+                        "handshake failed peer=%s reason=%s (%d failed handshakes)",
+                        peer,
+                        tls.failure_reason(exc),
+                        count,
+                    )
                 return
-            if not allowed:
-                log.warning(
-                    "server busy peer=%s connections=%d from_ip=%d",
-                    peer,
-                    self._counter.total,
-                    self._counter.count(address_key(host)),
-                )
+            if admission is Admission.BUSY:
+                self.stats.refused_busy += 1
+                if count := self._busy.due(trio.current_time()):
+                    log.warning(
+                        "server busy peer=%s connections=%d (%d refused since the last such line)",
+                        peer,
+                        self._counter.total,
+                        count,
+                    )
                 busy = Error(code=ErrorCode.SERVER_BUSY, message="too many connections; try later")
                 with trio.move_on_after(self.limits.handshake_timeout) as scope:
                     await stream.send_all(encode(busy))
@@ -275,10 +353,6 @@ class ChatServer:
             self._connections.add(connection)
             await connection.run()
             graceful = connection.clean
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer went away
-        except Exception:
-            log.exception("connection failed peer=%s", peer)
         finally:
             if connection is not None:
                 self._connections.discard(connection)

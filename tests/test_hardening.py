@@ -171,12 +171,47 @@ async def test_connections_per_ip_are_capped_and_released(start_server: StartSer
     server = await start_server(limits={"max_connections_per_ip": 5})
     for _round in range(2):
         held = [await server.open() for _ in range(5)]
-        extra = await server.open()
-        assert errors(await receive_closed(extra)) == [ErrorCode.SERVER_BUSY]
+        with pytest.raises(ClientError, match="closed the connection before TLS"):
+            await server.open()
         for connection in held:  # crash: no goodbye, no close_notify
             await trio.aclose_forcefully(connection.stream)
         await wait_until(lambda: server.server._counter.total == 0)
     await server.login("bob")  # the full quota is back
+    assert server.server.stats.refused_per_address == 2
+
+
+async def open_from(server: RunningServer, source: str) -> ChatConnection:
+    """A TLS connection from another loopback address (the server listens on 127.0.0.1)."""
+    tcp = await trio.open_tcp_stream(server.host, server.port, local_address=source)
+    stream = trio.SSLStream(tcp, server.client_context(), server_hostname=server.host)
+    with trio.fail_after(WAIT):
+        await stream.do_handshake()
+    connection = ChatConnection(stream)
+    server.connections.append(connection)
+    return connection
+
+
+async def test_one_address_cannot_fill_the_server_and_costs_no_tls_over_its_cap(
+    start_server: StartServer,
+) -> None:
+    # The review's attack: more silent sockets from one address than the
+    # server's total cap. Refused ones are not counted, and get no handshake.
+    server = await start_server(limits={"max_connections": 40, "max_connections_per_ip": 5})
+    silent = [await trio.open_tcp_stream(server.host, server.port) for _ in range(45)]
+    try:
+        refused = silent[5:]
+        for stream in refused:  # closed at once, without a byte of TLS
+            with trio.fail_after(WAIT):
+                assert await stream.receive_some(1024) == b""
+        await wait_until(lambda: server.server.stats.refused_per_address == 40)
+        assert server.server._counter.total == 5
+        assert server.server.stats.handshake_failed == 0
+        bob = await open_from(server, "127.0.0.2")
+        welcome = await bob.login("bob", SecretStr(PASSWORDS["bob"]))
+        assert welcome.username == "bob"
+    finally:
+        for stream in silent:
+            await trio.aclose_forcefully(stream)
 
 
 async def test_total_connections_are_capped(start_server: StartServer) -> None:
