@@ -31,9 +31,9 @@ from pydantic import SecretStr
 from . import tls
 from .console import Console
 from .protocol import (
-    DEFAULT_MAX_FRAME_BYTES,
     LOBBY,
     MAX_HISTORY_LIMIT,
+    MAX_SERVER_FRAME_BYTES,
     NAME_PATTERN,
     Ack,
     Bye,
@@ -88,7 +88,7 @@ class ChatConnection:
     def __init__(
         self,
         stream: trio.SSLStream[trio.SocketStream],
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_frame_bytes: int = MAX_SERVER_FRAME_BYTES,
     ) -> None:
         self.stream = stream
         self._decoder = FrameDecoder(max_frame_bytes)

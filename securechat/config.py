@@ -54,6 +54,8 @@ class LimitsSection(_Section):
     max_connections_per_ip: int = Field(100, ge=1)
     messages_per_second: float = Field(10.0, gt=0)
     message_burst: int = Field(30, ge=1)
+    requests_per_second: float = Field(20.0, gt=0)
+    request_burst: int = Field(100, ge=1)
     login_failures_allowed: int = Field(5, ge=1)
     login_backoff_max: Seconds = 300.0
     max_outbound_queue: int = Field(1000, ge=1)

@@ -230,11 +230,30 @@ class Member:
     admin: bool = False
     # Send this error, then close the connection (kick, account removed).
     disconnect: Callable[[Error], None] = field(default=lambda error: None)
+    # Messages of this connection handed to the store and not yet answered.
+    unsettled: int = 0
+    _all_settled: trio.Event | None = field(default=None, repr=False)
 
     def send(
         self, envelope: Ack | Error | Joined | Left | Members | RoomList | HistoryEnd | Kicked
     ) -> None:
         self.outbox.put(encode(envelope))
+
+    def _submitted(self) -> None:
+        self.unsettled += 1
+
+    def _answered(self) -> None:
+        self.unsettled -= 1
+        if not self.unsettled and self._all_settled is not None:
+            self._all_settled.set()
+            self._all_settled = None
+
+    async def settled(self) -> None:
+        """Return once every message this connection sent has been acked or refused."""
+        if self.unsettled:
+            if self._all_settled is None:
+                self._all_settled = trio.Event()
+            await self._all_settled.wait()
 
 
 @dataclass(frozen=True)
@@ -252,6 +271,8 @@ class Room:
     allowed: frozenset[str] | None = None
     members: set[str] = field(default_factory=set)  # usernames, persistent
     connections: dict[Member, None] = field(default_factory=dict)  # members' online connections
+    # The hub's cache of the configured members, sorted, and the hub version it is for.
+    sorted_members: tuple[int, list[str]] = (-1, [])
 
     def may_join(self, username: str) -> bool:
         return self.allowed is None or username in self.allowed
@@ -313,6 +334,10 @@ class Hub:
         self.max_rooms = max_rooms
         self.users: set[str] = set(users)
         self._online: dict[str, list[Member]] = {}
+        # Bumped by every change to rooms, members or users; answers built
+        # from those (room lists, member lists) are cached until it moves.
+        self._version = 0
+        self._listing: tuple[int, list[tuple[Room, RoomInfo]]] = (-1, [])
         self._rooms: dict[str, Room] = {LOBBY: Room(LOBBY)}
         for name, (topic, allowed) in store.rooms().items():
             self._rooms[name] = Room(name, topic, allowed)
@@ -335,8 +360,28 @@ class Hub:
 
     # --- configuration ---
 
+    def reconfigure(self, users: Iterable[str], rooms: Mapping[str, RoomSettings]) -> None:
+        """Apply a reloaded config file's users and rooms.
+
+        Connections of users no longer configured are let go; so are users
+        taken off a private room's list (out of that room at once).
+        """
+        self.users = set(users)
+        self._version += 1
+        self.configure_rooms(rooms)
+        for username in sorted(set(self._online) - self.users):
+            self.disconnect_user(
+                username, Error(code=ErrorCode.KICKED, message="your account was removed")
+            )
+
+    def set_admin(self, username: str, admin: bool) -> None:
+        """A changed admin flag applies to the user's open connections at once."""
+        for connection in self._online.get(username, ()):
+            connection.admin = admin
+
     def configure_rooms(self, rooms: Mapping[str, RoomSettings]) -> None:
         """Apply the config file's rooms (at start-up and on reload)."""
+        self._version += 1
         for name, settings in rooms.items():
             room = self._rooms.setdefault(name, Room(name))
             if (room.topic, room.allowed) != (settings.topic, settings.allowed):
@@ -363,17 +408,27 @@ class Hub:
     # --- connections ---
 
     async def login(self, member: Member) -> list[str]:
-        """Attach a logged-in connection; returns the user's rooms (the lobby always among them)."""
+        """Attach a logged-in connection; returns the user's rooms (the lobby always among them).
+
+        Refuses (auth_failed) a user who is no longer configured. The connection is
+        registered before anything is awaited, so a reload from then on sees it.
+        """
         user = member.username
+        if user not in self.users:
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "invalid username, password or certificate")
         lobby = self._rooms[LOBBY]
         connections = self._online.setdefault(user, [])
+        connections.append(member)
         if user not in lobby.members:
             lobby.members.add(user)
+            self._version += 1
             for connection in connections:  # the user's other devices are back in too
-                lobby.connections[connection] = None
-                connection.send(Joined(room=LOBBY, topic=lobby.topic, members=self._members(lobby)))
+                if connection is not member:
+                    lobby.connections[connection] = None
+                    connection.send(
+                        Joined(room=LOBBY, topic=lobby.topic, members=self._members(lobby))
+                    )
             await self._persist(AddMember(LOBBY, user))
-        connections.append(member)
         rooms = self.rooms_of(user)
         for name in rooms:
             self._rooms[name].connections[member] = None
@@ -474,6 +529,7 @@ class Hub:
             if len(self._rooms) >= self.max_rooms:
                 raise ProtocolError(ErrorCode.FORBIDDEN, "the server has too many rooms")
             room = self._rooms[name] = Room(name)
+            self._version += 1
             writes: tuple[SaveRoom | AddMember, ...] = (SaveRoom(name, ""), AddMember(name, user))
         elif not room.may_join(user):
             raise ProtocolError(ErrorCode.FORBIDDEN, f"room {name!r} is private")
@@ -486,10 +542,16 @@ class Hub:
                 log.exception("cannot save membership user=%s room=%s", user, name)
                 if created and not room.members:
                     del self._rooms[name]
+                    self._version += 1
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "cannot save that now; try again"
                 ) from None
+            if member.outbox.closed or not room.may_join(user) or self._rooms.get(name) is not room:
+                # A reload while the write was in flight took the right away.
+                self._spawn_persist(RemoveMember(name, user))
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"room {name!r} is private")
             room.members.add(user)
+            self._version += 1
             room.presence(user, "joined")
         for connection in self._online.get(user, ()):
             room.connections[connection] = None
@@ -507,6 +569,7 @@ class Hub:
         if room is None or user not in room.members:
             raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {name!r}")
         room.members.discard(user)
+        self._version += 1
         for connection in self._online.get(user, ()):
             room.connections.pop(connection, None)
             connection.send(Left(room=name, ref=ref if connection is member else None))
@@ -515,27 +578,50 @@ class Hub:
 
     def who(self, member: Member, name: str, ref: str | None) -> Members:
         room = self._visible_room(member, name)
-        return Members(
+        members = self._members(room)
+        return Members.model_construct(
             room=name,
-            online=[user for user in self._members(room) if user in self._online],
-            members=self._members(room),
+            online=[user for user in members if user in self._online],
+            members=members,
             ref=ref,
         )
 
     def room_list(self, username: str | None, ref: str | None = None) -> RoomList:
         """The rooms ``username`` may join (every room when None: the operator)."""
-        return RoomList(
+        return RoomList.model_construct(
             rooms=[
-                RoomInfo(name=room.name, topic=room.topic, members=len(self._members(room)))
-                for room in sorted(self._rooms.values(), key=lambda room: room.name)
+                info
+                for room, info in self._room_infos()
                 if username is None or room.may_join(username)
             ],
             ref=ref,
         )
 
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    def room_size(self, name: str) -> int:
+        room = self._rooms.get(name)
+        return 0 if room is None else len(room.members)
+
+    def _room_infos(self) -> list[tuple[Room, RoomInfo]]:
+        # Cached: with a thousand rooms, building the list costs milliseconds.
+        version, infos = self._listing
+        if version != self._version:
+            infos = [
+                (room, RoomInfo.model_construct(name=room.name, topic=room.topic, members=count))
+                for room in sorted(self._rooms.values(), key=lambda room: room.name)
+                for count in [sum(1 for user in room.members if user in self.users)]
+            ]
+            self._listing = (self._version, infos)
+        return infos
+
     def _members(self, room: Room) -> list[str]:
         # Memberships of accounts removed from the config stay stored, unlisted.
-        return sorted(user for user in room.members if user in self.users)
+        if room.sorted_members[0] != self._version:
+            members = sorted(user for user in room.members if user in self.users)
+            room.sorted_members = (self._version, members)
+        return room.sorted_members[1]
 
     def _visible_room(self, member: Member, name: str) -> Room:
         room = self._rooms.get(name)
@@ -570,11 +656,13 @@ class Hub:
         write: AppendMessage,
         committed: Callable[[BaseException | None], None],
     ) -> None:
+        member._submitted()
         try:
             await self.store.submit(write, committed)
         except BaseException:
             # Never queued (cancelled while the queue was full): forget the
             # id, so that a re-send is a new attempt rather than a wait.
+            member._answered()
             if client_id is not None:
                 self._pending.pop((member.username, client_id), None)
             raise
@@ -660,6 +748,7 @@ class Hub:
                 ref=client_id,
             )
         member.send(reply)
+        member._answered()
         if client_id is not None:
             for send in self._pending.pop((member.username, client_id), []):
                 send(reply)

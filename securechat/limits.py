@@ -39,11 +39,11 @@ class Verdict(enum.Enum):
 
 @dataclass
 class TokenBucket:
-    """``rate`` messages per second on average, bursts of up to ``burst``.
+    """``rate`` tokens per second on average, bursts of up to ``burst``.
 
-    A refused message still costs a token (the bucket goes into debt), so a
-    client that ignores ``retry_after`` only pushes it further away; once the
-    debt passes ``flood_factor`` times the burst, the verdict is DISCONNECT.
+    A refused request still costs its tokens (the bucket goes into debt), so
+    a client that ignores ``retry_after`` only pushes it further away; once
+    the debt passes ``flood_factor`` times the burst, the verdict is DISCONNECT.
     """
 
     rate: float
@@ -56,17 +56,63 @@ class TokenBucket:
         self.tokens = self.burst
         self._updated = self.now
 
-    def take(self, now: float) -> tuple[Verdict, float]:
-        """Spend one token; returns the verdict and, for REJECT, seconds until one is accepted."""
+    def take(self, now: float, cost: float = 1.0) -> tuple[Verdict, float]:
+        """Spend ``cost`` tokens; returns the verdict and, for REJECT, seconds until
+        a request of the same cost is accepted.
+
+        A cost above the burst is charged as the burst, so that every request
+        can be made at some rate.
+        """
+        cost = min(cost, self.burst)
         self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
         self._updated = now
-        self.tokens -= 1
+        self.tokens -= cost
         if self.tokens >= 0:
             return Verdict.ACCEPT, 0.0
         if self.tokens < -self.flood_factor * self.burst:
             return Verdict.DISCONNECT, 0.0
-        # The next message is accepted once the bucket is back at one token.
-        return Verdict.REJECT, (1 - self.tokens) / self.rate
+        # Accepted again once the bucket is back at `cost` tokens.
+        return Verdict.REJECT, (cost - self.tokens) / self.rate
+
+
+class RateKind(enum.Enum):
+    MESSAGES = "messages"  # what others see: say, dm, join, leave, kick
+    REQUESTS = "requests"  # everything else a user asks of the server
+
+
+class RateLimiter:
+    """Every user's two token buckets (shared by all their connections).
+
+    Messages cost one token each. A request costs tokens in proportion to the
+    work it makes the server do (the caller says how much), so pipelining
+    cheap-looking requests is limited like sending messages.
+    """
+
+    def __init__(
+        self,
+        *,
+        message_rate: float,
+        message_burst: float,
+        request_rate: float,
+        request_burst: float,
+    ) -> None:
+        self._settings = {
+            RateKind.MESSAGES: (message_rate, message_burst),
+            RateKind.REQUESTS: (request_rate, request_burst),
+        }
+        self._buckets: dict[tuple[str, RateKind], TokenBucket] = {}
+
+    def take(self, user: str, kind: RateKind, cost: float, now: float) -> tuple[Verdict, float]:
+        bucket = self._buckets.get((user, kind))
+        if bucket is None:
+            rate, burst = self._settings[kind]
+            bucket = self._buckets[user, kind] = TokenBucket(rate, burst, now)
+        return bucket.take(now, cost)
+
+    def forget(self, user: str) -> None:
+        """Drop a user's buckets (their account was removed)."""
+        for kind in RateKind:
+            self._buckets.pop((user, kind), None)
 
 
 class LoginThrottle:

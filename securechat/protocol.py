@@ -37,6 +37,10 @@ from pydantic import (
 
 ALPN_PROTOCOL = "securechat/1"
 DEFAULT_MAX_FRAME_BYTES = 65536
+# What a client accepts from the server in one frame: room lists and member
+# lists grow with the server's rooms and users (a thousand rooms with long
+# topics are a quarter of a megabyte), so the client's cap is far above them.
+MAX_SERVER_FRAME_BYTES = 16 * 1024 * 1024
 MAX_TEXT_CHARS = 4000
 MAX_PASSWORD_CHARS = 1024
 MAX_HISTORY_LIMIT = 500

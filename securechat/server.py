@@ -28,7 +28,8 @@ from .limits import (
     ConnectionCounter,
     LoginThrottle,
     Occasional,
-    TokenBucket,
+    RateKind,
+    RateLimiter,
     Verdict,
     address_key,
 )
@@ -69,6 +70,9 @@ SERVER_NAME = f"securechat/{__version__}"
 # accept() errors that mean "out of a resource for now" (trio.serve_listeners's list).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_DELAY = 0.1
+# A request costs one rate-limit token plus one per this many items (history
+# messages asked for, members listed, rooms listed).
+ITEMS_PER_TOKEN = 100
 
 
 def raise_open_file_limit() -> None:
@@ -88,6 +92,7 @@ class ServerStats:
     refused_busy: int = 0  # told server_busy: the server had max_connections
     handshake_failed: int = 0  # TLS handshake failed or timed out
     failed: int = 0  # ended by an unexpected error (a bug): logged with its traceback
+    frames: int = 0  # frames read from logged-in clients
 
 
 class ChatServer:
@@ -132,8 +137,13 @@ class ChatServer:
         self._busy = Occasional(1.0)
         self._handshake_failures = Occasional(1.0)
         self._accept_failures = Occasional(1.0)
-        self._buckets: dict[str, TokenBucket] = {}
-        self._limited: set[str] = set()  # users whose flood has been logged
+        self.rates = RateLimiter(
+            message_rate=config.limits.messages_per_second,
+            message_burst=config.limits.message_burst,
+            request_rate=config.limits.requests_per_second,
+            request_burst=config.limits.request_burst,
+        )
+        self._limited: set[tuple[str, RateKind]] = set()  # rate limiting logged, per episode
         self._shutdown = trio.Event()
 
     def request_shutdown(self) -> None:
@@ -158,17 +168,40 @@ class ChatServer:
             )
         except CertError as exc:
             log.error("certificates not reloaded, keeping the current ones: %s", exc)
-        removed = set(self.config.users) - set(config.users)
         self.config = self.config.model_copy(update={"users": config.users, "rooms": config.rooms})
-        self.authenticator.accounts = config.accounts()
-        self.hub.users = set(config.users)
-        self.hub.configure_rooms(config.room_settings())
-        for username in sorted(removed):
-            self.hub.disconnect_user(
-                username, Error(code=ErrorCode.KICKED, message="your account was removed")
-            )
+        old, new = self.authenticator.accounts, config.accounts()
+        # An unchanged account stays the same object: a login checks, when it
+        # joins the chat, that its account is still the one it was checked
+        # against, so logins in flight during a reload cannot slip through.
+        accounts = {
+            name: old[name] if old.get(name) == account else account
+            for name, account in new.items()
+        }
+        self.authenticator.accounts = accounts
+        self.hub.reconfigure(accounts, config.room_settings())  # lets removed users go
+        added = sorted(set(accounts) - set(old))
+        removed = sorted(set(old) - set(accounts))
+        changed = sorted(name for name in set(old) & set(accounts) if old[name] != accounts[name])
+        for name in removed:
+            self.rates.forget(name)
+        for name in changed:
+            if old[name].password_hash != accounts[name].password_hash:
+                # Whoever logged in under the old credentials logs in again.
+                self.hub.disconnect_user(
+                    name,
+                    Error(
+                        code=ErrorCode.KICKED,
+                        message="your password was changed; log in again",
+                    ),
+                )
+            else:
+                self.hub.set_admin(name, accounts[name].admin)
         log.info(
-            "config reloaded: users=%d removed=%s", len(config.users), ",".join(removed) or "-"
+            "config reloaded: users=%d added=%s removed=%s changed=%s",
+            len(accounts),
+            ",".join(added) or "-",
+            ",".join(removed) or "-",
+            ",".join(changed) or "-",
         )
 
     async def listen(self) -> list[tuple[str, int]]:
@@ -247,25 +280,20 @@ class ChatServer:
                 continue
             nursery.start_soon(self._handle, stream)
 
-    def check_rate(self, username: str) -> Verdict:
-        """Spend one of ``username``'s message tokens; raises rate_limited when there is none."""
-        bucket = self._buckets.get(username)
-        now = trio.current_time()
-        if bucket is None:
-            limits = self.limits
-            bucket = self._buckets[username] = TokenBucket(
-                limits.messages_per_second, limits.message_burst, now
-            )
-        verdict, retry_after = bucket.take(now)
+    def charge(self, username: str, kind: RateKind, cost: float) -> Verdict:
+        """Spend ``cost`` of the user's ``kind`` tokens; raises rate_limited when they lack them."""
+        key = (username, kind)
+        verdict, retry_after = self.rates.take(username, kind, cost, trio.current_time())
         if verdict is Verdict.ACCEPT:
-            self._limited.discard(username)
+            self._limited.discard(key)
         elif verdict is Verdict.REJECT:
-            if username not in self._limited:
-                self._limited.add(username)
-                log.warning("rate limited user=%s", username)
+            if key not in self._limited:
+                self._limited.add(key)
+                log.warning("rate limited user=%s kind=%s", username, kind.value)
+            what = "messages" if kind is RateKind.MESSAGES else "requests"
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"too many messages; try again in {retry_after:.1f} s",
+                f"too many {what}; try again in {retry_after:.1f} s",
                 retry_after=round(retry_after, 3),
             )
         return verdict
@@ -456,18 +484,14 @@ class _Connection:
                 return
             # Attached outside the login deadline; run() detaches it however it ends.
             member = await self._attach(*login)
+            if member is None:
+                return
             while (frame := await self._next_frame(frames)) is not None:
-                try:
-                    envelope = parse_client_frame(frame)
-                except ProtocolError as exc:
-                    self.send(exc.to_envelope())
-                    continue
-                try:
-                    if not await self._dispatch(member, envelope):
-                        return
-                except ProtocolError as exc:
-                    exc.ref = request_id(envelope)
-                    self.send(exc.to_envelope())
+                if self.outbox.closed:
+                    return  # condemned (too slow) or let go (kicked): read no more of it
+                if not await self._serve_frame(member, frame):
+                    return
+            await self._settle(member)
         except _Unresponsive:
             user = self.member.username if self.member else "-"
             log.warning("unresponsive peer disconnected user=%s peer=%s", user, self.peer)
@@ -478,11 +502,67 @@ class _Connection:
         except trio.BrokenResourceError:
             pass  # the peer left without close_notify: an ordinary disconnect
 
+    async def _serve_frame(self, member: Member, frame: bytes) -> bool:
+        """Answer one frame; False when the connection should close.
+
+        Every frame is charged to the user's rate limits before it is acted
+        on, in proportion to its cost; a refused frame costs too. Refusals
+        are answered with an ``error`` naming the request.
+        """
+        self.server.stats.frames += 1
+        envelope: ClientEnvelope | None = None
+        try:
+            try:
+                envelope = parse_client_frame(frame)
+            except ProtocolError:
+                if not await self._pay(member, RateKind.REQUESTS, 1.0, None):
+                    return False
+                raise
+            if isinstance(envelope, Bye):
+                await self._settle(member)
+                return False
+            kind, cost = self._cost(envelope)
+            if not await self._pay(member, kind, cost, request_id(envelope)):
+                return False
+            await self._dispatch(member, envelope)
+        except ProtocolError as exc:
+            if envelope is not None:
+                exc.ref = request_id(envelope)
+            self.send(exc.to_envelope())
+        return True
+
+    async def _pay(self, member: Member, kind: RateKind, cost: float, ref: str | None) -> bool:
+        """Charge the user for a request: raises rate_limited when they are over the
+        limit, and says False (after the acks they are owed, and a goodbye) when they
+        kept going far past it."""
+        if self.server.charge(member.username, kind, cost) is not Verdict.DISCONNECT:
+            return True
+        log.warning(
+            "flood disconnected user=%s peer=%s kind=%s", member.username, self.peer, kind.value
+        )
+        await self._settle(member)
+        self.send(Error(code=ErrorCode.RATE_LIMITED, message="flooding: disconnected", ref=ref))
+        return False
+
+    async def _settle(self, member: Member) -> None:
+        """Before a goodbye: let the messages accepted so far be committed and acknowledged.
+
+        A sender that stops (bye, flood cut, end of stream) still gets the acks
+        of what the server took, so it need not send those again. Bounded in time.
+        """
+        if not self.outbox.closed:
+            with trio.move_on_after(FLUSH_TIMEOUT):
+                await member.settled()
+
     async def _next_frame(self, frames: _Frames) -> bytes | None:
         """The next frame; pings the client after a silence and gives up if it stays silent."""
         limits = self.server.limits
         if (frame := frames.buffered()) is not None:
-            return frame  # already here: no deadline needed
+            # Already here: no deadline needed. But let the others run first:
+            # one read can hold hundreds of frames, and a connection must not
+            # keep the event loop to itself while it works through them.
+            await trio.lowlevel.checkpoint()
+            return frame
         with trio.move_on_after(limits.idle_timeout):
             return await frames.next()
         self._pings += 1
@@ -538,7 +618,23 @@ class _Connection:
         )
         return hello, account
 
-    async def _attach(self, hello: Hello, account: Account) -> Member:
+    async def _attach(self, hello: Hello, account: Account) -> Member | None:
+        """Join the chat as ``hello.username``; None (after an error reply) if the account
+        changed since it was checked (a reload while the login was in flight)."""
+        if self.server.authenticator.accounts.get(hello.username) is not account:
+            log.warning(
+                "auth failed user=%s peer=%s reason=account changed during login",
+                hello.username,
+                self.peer,
+            )
+            self.send(
+                Error(
+                    code=ErrorCode.AUTH_FAILED,
+                    message="invalid username, password or certificate",
+                    ref=hello.id,
+                )
+            )
+            return None
         member = self.member = Member(
             hello.username,
             self.outbox,
@@ -546,27 +642,17 @@ class _Connection:
             disconnect=lambda error: self.finish(encode(error)),
         )
         hub = self.server.hub
+        # From here on a reload sees this connection (login registers it
+        # before it awaits anything) and can let it go.
         rooms = await hub.login(member)
         self.send(Welcome(username=hello.username, rooms=rooms, server=SERVER_NAME, ref=hello.id))
         await hub.deliver_stored(member)
         return member
 
-    async def _dispatch(self, member: Member, envelope: ClientEnvelope) -> bool:
-        """Act on one envelope; False when the connection should close.
-
-        Refusals are raised as ProtocolError and answered by the caller.
-        """
+    async def _dispatch(self, member: Member, envelope: ClientEnvelope) -> None:
+        """Act on one (paid-for) envelope; refusals are raised as ProtocolError."""
         hub = self.server.hub
-        if isinstance(envelope, Pong):
-            return True  # any frame proves the client alive; nothing else to do
-        ref = envelope.id
-        if (
-            isinstance(envelope, Say | Dm | Join)
-            and self.server.check_rate(member.username) is Verdict.DISCONNECT
-        ):
-            log.warning("flood disconnected user=%s peer=%s", member.username, self.peer)
-            self.send(Error(code=ErrorCode.RATE_LIMITED, message="flooding: disconnected", ref=ref))
-            return False
+        ref = request_id(envelope)
         if isinstance(envelope, Say):
             await hub.say(member, envelope.room, envelope.text, ref)
         elif isinstance(envelope, Dm):
@@ -596,11 +682,25 @@ class _Connection:
             )
         elif isinstance(envelope, Ping):
             self.send(Pong(ref=ref))
-        elif isinstance(envelope, Bye):
-            return False
-        else:
+        elif isinstance(envelope, Pong):
+            pass  # any frame proves the client alive; nothing else to do
+        else:  # hello again
             raise ProtocolError(ErrorCode.BAD_ENVELOPE, "already logged in")
-        return True
+
+    def _cost(self, envelope: ClientEnvelope) -> tuple[RateKind, float]:
+        """Which of the user's buckets a request draws on, and how many tokens:
+        one per request, plus one per hundred items it makes the server handle."""
+        if isinstance(envelope, Say | Dm | Join | Leave | Kick):
+            return RateKind.MESSAGES, 1.0
+        hub = self.server.hub
+        items = 0
+        if isinstance(envelope, History):
+            items = envelope.limit
+        elif isinstance(envelope, Who):
+            items = hub.room_size(envelope.room)
+        elif isinstance(envelope, Rooms):
+            items = hub.room_count()
+        return RateKind.REQUESTS, 1.0 + items / ITEMS_PER_TOKEN
 
 
 class _Ticker:

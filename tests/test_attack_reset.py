@@ -139,6 +139,8 @@ async def test_reset_while_the_server_is_writing(
             "max_connections_per_ip": 100_000,
             "message_burst": 1000,
             "messages_per_second": 1000,
+            "request_burst": 1000,
+            "requests_per_second": 1000,
         }
     )
     writer = await server.login("alice", cert_user="alice")

@@ -416,7 +416,7 @@ async def test_sighup_reload_updates_users_passwords_and_rooms(
         with_erin["users"]["bob"] = {"password_hash": hash_password("bob-new-password")}
         write_toml(config, with_erin)
         server.process.send_signal(signal.SIGHUP)
-        await server.wait_for_log(r"config reloaded: users=\d+ removed=dave")
+        await server.wait_for_log(r"config reloaded: users=\d+ added=erin removed=dave changed=bob")
 
         received = await receive_closed(dave)
         assert [(e.code, e.message) for e in received if isinstance(e, Error)] == [
@@ -424,10 +424,13 @@ async def test_sighup_reload_updates_users_passwords_and_rooms(
         ]
         erin = await server.endpoint.open()
         await erin.login("erin", SecretStr("erin-password-1"))
-        # bob is off the private room's list now, so out of the room
-        assert await receive_type(bob, Left) == Left(room="ops")
-        # bob's open connection stays; his new password applies at the next login
-        await say_and_ack(bob, "lobby", "still connected", "s1")
+        # bob is off the private room's list now, so out of the room; and his
+        # password changed, so whoever logged in with the old one must log in again
+        received = await receive_closed(bob)
+        assert Left(room="ops") in received
+        assert [(e.code, e.message) for e in received if isinstance(e, Error)] == [
+            (ErrorCode.KICKED, "your password was changed; log in again")
+        ]
         stale = await server.endpoint.open()
         with pytest.raises(ClientError, match="auth_failed"):
             await stale.login("bob", SecretStr(PASSWORDS["bob"]))
