@@ -132,7 +132,8 @@ class Authenticator:
         self.accounts = dict(accounts)
         self.client_certs = client_certs
         self.throttle = throttle if throttle is not None else LoginThrottle()
-        self._limiter = trio.CapacityLimiter(max_concurrent_checks)
+        # Every Argon2id check holds a token while its thread runs.
+        self.limiter = trio.CapacityLimiter(max_concurrent_checks)
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 
     async def authenticate(
@@ -146,8 +147,9 @@ class Authenticator:
         """The account of ``username``, or :class:`AuthFailed`.
 
         Password attempts are throttled per username and per ``source``
-        address: while either is backing off, the attempt fails without a
-        password check.
+        address (see :class:`LoginThrottle`): each attempt is reserved before
+        its password is checked, and one refused fails without a check. A
+        success clears the user's own failures, never the address's.
         """
         account = self.accounts.get(username)
         if cert_user is not None and self.client_certs != "none":
@@ -168,21 +170,41 @@ class Authenticator:
             # Nothing to check, so nothing to time: the client already knows
             # it sent no password.
             raise AuthFailed("no password given")
-        keys = (f"user:{username}", f"ip:{source}")
-        wait = self.throttle.blocked_for(keys, trio.current_time())
-        if wait > 0:
-            raise AuthFailed(f"backing off for {wait:.0f} s after repeated failures")
-        if account is None or account.password_hash is None:
-            await self._verify(password, self._dummy_hash)
-            self.throttle.failed(keys, trio.current_time())
-            raise AuthFailed("unknown user" if account is None else "user has no password")
-        if not await self._verify(password, account.password_hash):
-            self.throttle.failed(keys, trio.current_time())
-            raise AuthFailed("wrong password")
-        self.throttle.succeeded(keys)
+        user_key = f"user:{username}"
+        keys = (user_key, f"ip:{source}")
+        # Reserved before the hash, so that guesses sent in parallel are
+        # counted before any of them is checked.
+        refusal = self.throttle.reserve(keys, trio.current_time())
+        if refusal is not None:
+            raise AuthFailed(str(refusal))
+        right: bool | None = None  # None: the password was never checked
+        try:
+            if account is None or account.password_hash is None:
+                await self._verify(password, self._dummy_hash)
+                right = False
+                raise AuthFailed("unknown user" if account is None else "user has no password")
+            right = await self._verify(password, account.password_hash)
+            if not right:
+                raise AuthFailed("wrong password")
+            # A config reload during the check may have removed the user or
+            # changed their password or admin flag: the old account no longer
+            # counts. (Not a guess that failed: the reservation is released.)
+            if self.accounts.get(username) != account:
+                right = None
+                raise AuthFailed("account removed or changed during the password check")
+        finally:
+            # Also when the task was cancelled: a check that started always
+            # finishes (its thread cannot be interrupted) and is settled here;
+            # one cancelled while waiting for a worker checked nothing.
+            if right is None:
+                self.throttle.release(keys)
+            elif right:
+                self.throttle.succeeded(keys, clear=(user_key,))
+            else:
+                self.throttle.failed(keys, trio.current_time())
         return account
 
     async def _verify(self, password: SecretStr, phc: str) -> bool:
         return await trio.to_thread.run_sync(
-            verify_password, password.get_secret_value(), phc, limiter=self._limiter
+            verify_password, password.get_secret_value(), phc, limiter=self.limiter
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -115,14 +115,38 @@ class RateLimiter:
             self._buckets.pop((user, kind), None)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why :meth:`LoginThrottle.reserve` refused an attempt (for the server log)."""
+
+    key: str
+    wait: float  # seconds until the key's block ends; 0 when only attempts in flight refuse it
+    in_flight: int
+
+    def __str__(self) -> str:
+        if self.wait > 0:
+            return f"backing off for {self.wait:.1f} s after repeated failures ({self.key})"
+        return f"backing off: {self.in_flight} attempts in flight ({self.key})"
+
+
 class LoginThrottle:
     """Back-off after failed logins, per key (a username, a source address).
 
-    The first ``free_failures`` failures within ``window`` seconds cost
-    nothing; each one after that blocks the key for ``first_delay`` seconds,
-    doubling up to ``max_delay``. A success clears the key. At most
-    ``max_keys`` keys are remembered (the stalest are forgotten first), so an
-    attacker cycling through addresses cannot exhaust memory.
+    A key may fail ``free_failures`` times within ``window`` seconds; the
+    last of those failures blocks it for ``first_delay`` seconds, and each
+    further one for twice as long, up to ``max_delay``.
+
+    An attempt is reserved (:meth:`reserve`) before its password is checked
+    and settled after (:meth:`failed`, :meth:`succeeded` or :meth:`release`).
+    A reservation counts as a failure in waiting, so attempts made in
+    parallel get exactly as many password checks as the same attempts made
+    one after another. A success clears only the keys the caller names (the
+    user's own), never a shared one such as the address.
+
+    At most ``max_keys`` failure records are remembered (the stalest are
+    forgotten first), so an attacker cycling through addresses cannot exhaust
+    memory; reservations live only while their checks run, so there are never
+    more of them than logins in progress.
     """
 
     def __init__(
@@ -141,16 +165,32 @@ class LoginThrottle:
         self.max_keys = max_keys
         # key -> (failure times within the window, blocked until); least recently failed first
         self._keys: OrderedDict[str, tuple[deque[float], float]] = OrderedDict()
+        # key -> attempts reserved and not yet settled (no entry when none)
+        self._in_flight: dict[str, int] = {}
 
-    def blocked_for(self, keys: Iterable[str], now: float) -> float:
-        """Seconds until all of ``keys`` may try again (0: they may now)."""
-        return max((self._keys[key][1] - now for key in keys if key in self._keys), default=0.0)
+    def reserve(self, keys: Collection[str], now: float) -> Refusal | None:
+        """Reserve one attempt for all of ``keys``; or, reserving nothing, say why not.
 
-    def failed(self, keys: Iterable[str], now: float) -> None:
+        An attempt is refused while a key is blocked, and while the attempts
+        in flight would block it if they all failed: with ``f`` recent
+        failures and ``k > 0`` attempts in flight, once ``f + k`` reaches
+        ``free_failures``. Every reservation must be settled exactly once.
+        """
+        for key in keys:
+            refusal = self._refusal(key, now)
+            if refusal is not None:
+                return refusal
+        for key in keys:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return None
+
+    def failed(self, keys: Collection[str], now: float) -> None:
+        """Settle a reservation for ``keys`` as a failed attempt at ``now``."""
+        self.release(keys)
         for key in keys:
             failures, _ = self._keys.pop(key, (deque(), 0.0))
             failures.append(now)
-            while failures and failures[0] <= now - self.window:
+            while failures[0] <= now - self.window:
                 failures.popleft()
             excess = len(failures) - self.free_failures
             blocked_until = 0.0
@@ -159,9 +199,40 @@ class LoginThrottle:
             self._keys[key] = (failures, blocked_until)
         self._forget_stale(now)
 
-    def succeeded(self, keys: Iterable[str]) -> None:
-        for key in keys:
+    def succeeded(self, keys: Collection[str], *, clear: Collection[str]) -> None:
+        """Settle a reservation for ``keys`` as a success; forget the failures of ``clear`` only."""
+        self.release(keys)
+        for key in clear:
             self._keys.pop(key, None)
+
+    def release(self, keys: Collection[str]) -> None:
+        """Settle a reservation for ``keys`` whose password was never checked."""
+        for key in keys:
+            remaining = self._in_flight.get(key, 0) - 1
+            if remaining > 0:
+                self._in_flight[key] = remaining
+            else:
+                self._in_flight.pop(key, None)
+
+    def blocked_for(self, keys: Iterable[str], now: float) -> float:
+        """Seconds until every one of ``keys`` is out of its block (0: none is blocked)."""
+        return max((self._keys[key][1] - now for key in keys if key in self._keys), default=0.0)
+
+    def failures(self, key: str, now: float) -> int:
+        """Failures of ``key`` within the window before ``now``."""
+        failures, _ = self._keys.get(key, ((), 0.0))
+        return sum(1 for when in failures if when > now - self.window)
+
+    def in_flight(self, key: str) -> int:
+        """Attempts reserved for ``key`` and not yet settled."""
+        return self._in_flight.get(key, 0)
+
+    def _refusal(self, key: str, now: float) -> Refusal | None:
+        wait = self.blocked_for((key,), now)
+        in_flight = self.in_flight(key)
+        if wait > 0 or (in_flight and self.failures(key, now) + in_flight >= self.free_failures):
+            return Refusal(key, max(wait, 0.0), in_flight)
+        return None
 
     def _forget_stale(self, now: float) -> None:
         while self._keys:
@@ -172,6 +243,7 @@ class LoginThrottle:
             del self._keys[key]
 
     def __len__(self) -> int:
+        """Keys with a failure record (reservations in flight are not counted)."""
         return len(self._keys)
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+import trio
+import trio.testing
 from pydantic import SecretStr
 
 from securechat import auth
@@ -18,6 +23,9 @@ from securechat.auth import (
     hash_password,
     verify_password,
 )
+from securechat.limits import LoginThrottle
+
+from .conftest import WAIT
 
 # --- helpers -----------------------------------------------------------------
 
@@ -260,3 +268,230 @@ async def test_authenticator_copies_the_accounts() -> None:
     auth_ = Authenticator(accounts, "optional")
     del accounts["alice"]
     assert await auth_.authenticate("alice", secret(ALICE_PASSWORD), None) == ACCOUNTS["alice"]
+
+
+# --- Authenticator: throttling ------------------------------------------------------------------
+
+GUESSER = "192.0.2.66"
+
+
+def throttled(mode: ClientCertMode = "optional", *, checks: int = 1) -> Authenticator:
+    """An authenticator allowing 3 free failures, with ``checks`` Argon2id workers."""
+    return Authenticator(
+        ACCOUNTS,
+        mode,
+        max_concurrent_checks=checks,
+        throttle=LoginThrottle(free_failures=3),
+    )
+
+
+async def attempt(
+    auth_: Authenticator,
+    outcomes: list[Account | AuthFailed],
+    username: str,
+    password: str | None,
+    cert_user: str | None = None,
+) -> None:
+    given = None if password is None else secret(password)
+    try:
+        outcomes.append(await auth_.authenticate(username, given, cert_user, source=GUESSER))
+    except AuthFailed as exc:
+        outcomes.append(exc)
+
+
+@contextmanager
+def holding(limiter: trio.CapacityLimiter) -> Iterator[None]:
+    """Take every worker token, so that password checks wait (in flight) until the block ends."""
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+    for borrower in borrowers:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    try:
+        yield
+    finally:
+        for borrower in borrowers:
+            limiter.release_on_behalf_of(borrower)
+
+
+@pytest.fixture
+def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The PHC string of every real Argon2id verification (a spy on the real function)."""
+    calls: list[str] = []
+    real = auth.verify_password
+
+    def spy(password: str, phc: str) -> bool:
+        calls.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(auth, "verify_password", spy)
+    return calls
+
+
+def reasons(outcomes: list[Account | AuthFailed]) -> list[str]:
+    return [str(outcome) for outcome in outcomes if isinstance(outcome, AuthFailed)]
+
+
+async def test_parallel_guesses_are_counted_before_they_are_checked(
+    password_checks: list[str],
+) -> None:
+    auth_ = throttled(checks=2)
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        with holding(auth_.limiter):
+            for n in range(10):
+                nursery.start_soon(attempt, auth_, outcomes, "carol", f"guess number {n}")
+            await trio.testing.wait_all_tasks_blocked()
+            # three in flight (waiting for a worker), seven refused without a check
+            assert auth_.limiter.statistics().tasks_waiting == 3
+            assert reasons(outcomes) == ["backing off: 3 attempts in flight (user:carol)"] * 7
+            # the right password is refused too while three guesses are in flight
+            await attempt(auth_, outcomes, "carol", CAROL_PASSWORD)
+            assert reasons(outcomes)[-1] == "backing off: 3 attempts in flight (user:carol)"
+    assert reasons(outcomes)[-3:] == ["wrong password"] * 3
+    assert password_checks == [CAROL_HASH] * 3
+    throttle = auth_.throttle
+    now = trio.current_time()
+    assert throttle.failures("user:carol", now) == throttle.failures(f"ip:{GUESSER}", now) == 3
+    assert throttle.in_flight("user:carol") == throttle.in_flight(f"ip:{GUESSER}") == 0
+    # blocked now, as after three sequential failures: the right password still fails
+    await attempt(auth_, outcomes, "carol", CAROL_PASSWORD)
+    assert reasons(outcomes)[-1].startswith("backing off for ")
+    assert len(password_checks) == 3
+
+
+async def test_unknown_users_reserve_and_count_like_known_ones(
+    password_checks: list[str],
+) -> None:
+    auth_ = throttled(checks=2)
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        with holding(auth_.limiter):
+            for n in range(5):
+                nursery.start_soon(attempt, auth_, outcomes, "mallory", f"guess number {n}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert reasons(outcomes) == ["backing off: 3 attempts in flight (user:mallory)"] * 2
+    assert reasons(outcomes)[2:] == ["unknown user"] * 3
+    assert len(password_checks) == 3  # each against the dummy hash
+    assert auth_.throttle.failures("user:mallory", trio.current_time()) == 3
+
+
+async def test_a_success_clears_only_the_users_own_failures(password_checks: list[str]) -> None:
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    await attempt(auth_, outcomes, "carol", "a wrong guess")
+    await attempt(auth_, outcomes, "alice", "alice's typo")
+    await attempt(auth_, outcomes, "alice", ALICE_PASSWORD)
+    assert outcomes[-1] == ACCOUNTS["alice"]
+    throttle, now = auth_.throttle, trio.current_time()
+    assert throttle.failures("user:alice", now) == 0
+    assert throttle.failures("user:carol", now) == 1
+    assert throttle.failures(f"ip:{GUESSER}", now) == 2
+    # so the address's third failure blocks it, for alice too
+    await attempt(auth_, outcomes, "mallory", "a wrong guess")
+    await attempt(auth_, outcomes, "alice", ALICE_PASSWORD)
+    assert reasons(outcomes)[-1].startswith("backing off for ")
+    assert reasons(outcomes)[-1].endswith(f"(ip:{GUESSER})")
+    assert len(password_checks) == 4
+
+
+async def test_certificate_logins_are_not_throttled(password_checks: list[str]) -> None:
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    for n in range(4):
+        await attempt(auth_, outcomes, "alice", f"guess number {n}")
+    assert reasons(outcomes)[-1].startswith("backing off for ")
+    await attempt(auth_, outcomes, "alice", None, cert_user="alice")
+    assert outcomes[-1] == ACCOUNTS["alice"]
+    assert auth_.throttle.in_flight("user:alice") == 0
+    assert len(password_checks) == 3
+
+
+async def test_a_login_cancelled_during_its_check_still_settles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started, finish = trio.Event(), threading.Event()
+    checks: list[str] = []
+    real = auth.verify_password
+
+    def gated(password: str, phc: str) -> bool:  # runs in the worker thread
+        trio.from_thread.run_sync(started.set)
+        # (a threading.Event: waiting through trio.from_thread.run would be cancelled too)
+        assert finish.wait(WAIT)
+        checks.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(auth, "verify_password", gated)
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attempt, auth_, outcomes, "carol", "a wrong guess")
+        await started.wait()
+        assert auth_.throttle.in_flight("user:carol") == 1
+        nursery.cancel_scope.cancel()  # as when the connection's login deadline passes
+        finish.set()
+    # the thread could not be interrupted: its verdict still counts
+    assert checks == [CAROL_HASH]
+    assert reasons(outcomes) == ["wrong password"]
+    throttle = auth_.throttle
+    assert throttle.in_flight("user:carol") == throttle.in_flight(f"ip:{GUESSER}") == 0
+    assert throttle.failures("user:carol", trio.current_time()) == 1
+
+
+async def test_a_login_cancelled_before_its_check_releases_its_reservation(
+    password_checks: list[str],
+) -> None:
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        with holding(auth_.limiter):
+            nursery.start_soon(attempt, auth_, outcomes, "carol", "a wrong guess")
+            await trio.testing.wait_all_tasks_blocked()
+            assert auth_.throttle.in_flight("user:carol") == 1
+            nursery.cancel_scope.cancel()
+    assert outcomes == []
+    assert password_checks == []  # nothing was checked, so nothing counts
+    throttle = auth_.throttle
+    assert throttle.in_flight("user:carol") == throttle.in_flight(f"ip:{GUESSER}") == 0
+    assert throttle.failures("user:carol", trio.current_time()) == 0
+
+
+ALICE_CHANGES = {
+    "removed": None,
+    "new password": Account(password_hash=CAROL_HASH, admin=True),
+    "no longer admin": Account(password_hash=ALICE_HASH, admin=False),
+}
+
+
+@pytest.mark.parametrize("change", ALICE_CHANGES)
+async def test_an_account_changed_during_its_check_does_not_log_in(change: str) -> None:
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        with holding(auth_.limiter):
+            nursery.start_soon(attempt, auth_, outcomes, "alice", ALICE_PASSWORD)
+            await trio.testing.wait_all_tasks_blocked()
+            # a config reload while the right password waits for its check
+            accounts = {name: Account(a.password_hash, a.admin) for name, a in ACCOUNTS.items()}
+            if (new := ALICE_CHANGES[change]) is None:
+                del accounts["alice"]
+            else:
+                accounts["alice"] = new
+            auth_.accounts = accounts
+    assert reasons(outcomes) == ["account removed or changed during the password check"]
+    # not a failed guess: nothing is counted against alice or the address
+    throttle, now = auth_.throttle, trio.current_time()
+    assert throttle.failures("user:alice", now) == throttle.failures(f"ip:{GUESSER}", now) == 0
+    assert throttle.in_flight("user:alice") == 0
+
+
+async def test_a_reload_that_leaves_the_account_as_it_was_does_not_disturb_a_login() -> None:
+    auth_ = throttled()
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        with holding(auth_.limiter):
+            nursery.start_soon(attempt, auth_, outcomes, "alice", ALICE_PASSWORD)
+            await trio.testing.wait_all_tasks_blocked()
+            # a reload makes new Account objects with the same contents
+            auth_.accounts = {
+                name: Account(a.password_hash, a.admin) for name, a in ACCOUNTS.items()
+            }
+    assert outcomes == [ACCOUNTS["alice"]]

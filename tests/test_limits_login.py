@@ -1,0 +1,194 @@
+"""Unit tests for securechat.limits.LoginThrottle: back-off with reservations, in numbers."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from securechat.limits import LoginThrottle, Refusal
+
+USER = "user:carol"
+IP = "ip:192.0.2.7"
+KEYS = (USER, IP)
+
+
+def throttle(*, window: float = 600.0, max_keys: int = 100_000) -> LoginThrottle:
+    return LoginThrottle(
+        free_failures=5, window=window, first_delay=1.0, max_delay=300.0, max_keys=max_keys
+    )
+
+
+def guess(limiter: LoginThrottle, now: float, keys: tuple[str, ...] = KEYS) -> bool:
+    """One sequential wrong guess: True if its password was checked (and failed)."""
+    if limiter.reserve(keys, now) is not None:
+        return False
+    limiter.failed(keys, now)
+    return True
+
+
+def test_sequential_failures_are_free_then_back_off_doubling() -> None:
+    limiter = throttle()
+    assert [guess(limiter, 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    refusal = limiter.reserve(KEYS, 0.5)
+    assert refusal == Refusal(USER, 0.5, 0)
+    assert str(refusal) == "backing off for 0.5 s after repeated failures (user:carol)"
+    assert guess(limiter, 1.0)  # the 1 s block is over: one more check...
+    assert not guess(limiter, 2.9)  # ...which failed and blocks for 2 s
+    assert guess(limiter, 3.0)
+    assert limiter.blocked_for(KEYS, 3.0) == 4.0
+
+
+def test_the_delay_stops_growing_at_max_delay() -> None:
+    limiter = throttle()
+    now = 0.0
+    for _ in range(20):
+        assert guess(limiter, now)
+        now += limiter.blocked_for(KEYS, now)
+    assert limiter.blocked_for(KEYS, now - 300.0) == 300.0
+
+
+def test_parallel_attempts_count_before_they_are_checked() -> None:
+    limiter = throttle()
+    for _ in range(5):
+        assert limiter.reserve(KEYS, 0.0) is None
+    assert limiter.in_flight(USER) == limiter.in_flight(IP) == 5
+    refusal = limiter.reserve(KEYS, 0.0)
+    assert refusal == Refusal(USER, 0.0, 5)
+    assert str(refusal) == "backing off: 5 attempts in flight (user:carol)"
+    for _ in range(5):
+        limiter.failed(KEYS, 0.1)
+    assert limiter.in_flight(USER) == 0
+    # The same state as five sequential failures: blocked for 1 s from the last one.
+    assert limiter.failures(USER, 0.1) == 5
+    assert limiter.blocked_for(KEYS, 0.1) == 1.0
+
+
+def test_after_a_block_only_one_attempt_at_a_time() -> None:
+    limiter = throttle()
+    for _ in range(5):
+        guess(limiter, 0.0)
+    assert limiter.reserve(KEYS, 1.0) is None
+    assert limiter.reserve(KEYS, 1.0) == Refusal(USER, 0.0, 1)
+    limiter.failed(KEYS, 1.0)
+    assert limiter.blocked_for(KEYS, 1.0) == 2.0
+
+
+def test_in_flight_attempts_and_failures_add_up() -> None:
+    limiter = throttle()
+    for _ in range(3):
+        guess(limiter, 0.0)
+    assert limiter.reserve(KEYS, 0.0) is None
+    assert limiter.reserve(KEYS, 0.0) is None
+    assert limiter.reserve(KEYS, 0.0) == Refusal(USER, 0.0, 2)
+
+
+@given(
+    st.lists(st.sampled_from(["reserve", "fail", "succeed", "release"]), max_size=60),
+    st.integers(min_value=1, max_value=6),
+)
+def test_no_interleaving_checks_more_passwords_than_allowed(
+    steps: list[str], free_failures: int
+) -> None:
+    """At one instant, however attempts start and settle, at most ``free_failures`` wrong
+    passwords are checked per key, and successes of other users do not add to that."""
+    limiter = LoginThrottle(free_failures=free_failures)
+    in_flight = 0
+    checked_wrong = 0
+    for step in steps:
+        if step == "reserve":
+            if limiter.reserve(KEYS, 0.0) is None:
+                in_flight += 1
+        elif in_flight:
+            in_flight -= 1
+            if step == "fail":
+                checked_wrong += 1
+                limiter.failed(KEYS, 0.0)
+            elif step == "succeed":  # someone else's right password from the same address
+                limiter.succeeded(KEYS, clear=())
+            else:
+                limiter.release(KEYS)
+        assert checked_wrong + in_flight <= free_failures
+        assert limiter.in_flight(USER) == limiter.in_flight(IP) == in_flight
+
+
+def test_a_refusal_reserves_nothing() -> None:
+    limiter = throttle()
+    for n in range(5):
+        guess(limiter, 0.0, (f"user:u{n}", IP))  # the address is blocked, the users are not
+    assert limiter.reserve(("user:dave", IP), 0.0) == Refusal(IP, 1.0, 0)
+    assert limiter.in_flight("user:dave") == 0
+    assert limiter.failures("user:dave", 0.0) == 0
+
+
+def test_release_settles_without_counting() -> None:
+    limiter = throttle()
+    assert limiter.reserve(KEYS, 0.0) is None
+    limiter.release(KEYS)
+    assert limiter.in_flight(USER) == limiter.in_flight(IP) == 0
+    assert limiter.failures(USER, 0.0) == limiter.failures(IP, 0.0) == 0
+    assert len(limiter) == 0
+
+
+def test_success_clears_only_the_named_key() -> None:
+    limiter = throttle()
+    for name in ("bob", "dave", "erin"):
+        guess(limiter, 0.0, (f"user:{name}", IP))
+    guess(limiter, 0.0, ("user:alice", IP))  # alice mistyped
+    assert limiter.reserve(("user:alice", IP), 0.0) is None  # the address has 4 failures...
+    limiter.succeeded(("user:alice", IP), clear=("user:alice",))
+    assert limiter.failures("user:alice", 0.0) == 0
+    assert limiter.failures(IP, 0.0) == 4  # ...and keeps them
+    assert limiter.failures("user:bob", 0.0) == 1
+    assert limiter.in_flight(IP) == 0
+
+
+def test_an_insider_cannot_reset_the_address_with_their_own_logins() -> None:
+    """One guess per user, the insider's own login after every four: blocked all the same."""
+    limiter = throttle()
+    checked = 0
+    for n in range(20):
+        checked += guess(limiter, 0.0, (f"user:victim{n}", IP))
+        if n % 4 == 3 and limiter.reserve(("user:insider", IP), 0.0) is None:
+            limiter.succeeded(("user:insider", IP), clear=("user:insider",))
+    assert checked == 5
+    assert limiter.blocked_for((IP,), 0.0) == 1.0
+
+
+def test_a_success_for_one_user_does_not_unblock_the_address_for_another() -> None:
+    limiter = throttle()
+    for n in range(5):
+        guess(limiter, 0.0, (f"user:bob{n}", IP))  # the address is blocked for 1 s
+    assert limiter.reserve(("user:alice", IP), 0.5) == Refusal(IP, 0.5, 0)
+    assert limiter.reserve(("user:alice", IP), 1.0) is None
+    limiter.succeeded(("user:alice", IP), clear=("user:alice",))
+    # the next guess from the address is checked (as it would have been anyway)
+    # and the doubling goes on from where it was
+    assert guess(limiter, 1.0, ("user:bob5", IP))
+    assert limiter.blocked_for((IP,), 1.0) == 2.0
+    assert not guess(limiter, 2.9, ("user:bob6", IP))
+
+
+def test_failures_leave_the_window() -> None:
+    limiter = throttle(window=60.0)
+    for _ in range(4):
+        guess(limiter, 0.0)
+    assert limiter.failures(USER, 59.0) == 4
+    assert limiter.failures(USER, 60.0) == 0
+    # with the old failures gone, five attempts may be in flight again
+    for _ in range(5):
+        assert limiter.reserve(KEYS, 60.0) is None
+    assert limiter.reserve(KEYS, 60.0) is not None
+
+
+def test_memory_is_bounded_and_reservations_vanish_when_settled() -> None:
+    limiter = throttle(max_keys=100)
+    for n in range(1000):
+        keys = (f"user:u{n}", f"ip:10.0.{n // 256}.{n % 256}")
+        assert limiter.reserve(keys, float(n)) is None
+        limiter.failed(keys, float(n))
+    assert len(limiter) == 100
+    assert limiter._in_flight == {}
+    # keys with a reservation in flight are counted apart from the failure records
+    assert limiter.reserve(("user:new", "ip:new"), 1000.0) is None
+    assert limiter.in_flight("user:new") == 1
+    assert len(limiter) == 100
