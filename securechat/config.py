@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import auth
 from .hub import RoomSettings
-from .protocol import DEFAULT_MAX_FRAME_BYTES, SERVER_USER, Name, Topic
+from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -107,6 +107,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _room_members_are_users(self) -> Config:
+        lobby = self.rooms.get(LOBBY)
+        if lobby is not None and lobby.members is not None:
+            # Everyone joins the lobby at login and can read its history: a
+            # member list there would look like privacy and give none.
+            raise ValueError(
+                f"rooms.{LOBBY}.members: the lobby cannot be private (every user joins it at"
+                " login and reads its history); remove the key, or use another room"
+            )
         for name, room in self.rooms.items():
             unknown = sorted(set(room.members or ()) - set(self.users))
             if unknown:

@@ -172,6 +172,7 @@ def test_server_without_config_file(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("[users.Alice]\n", ["users.Alice"]),
         ("[users.bob]\npassword_hash = 'hunter2'\n", ["users.bob.password_hash", "PHC"]),
         ("[limits]\nlogin_timeout = -1\n", ["limits.login_timeout"]),
+        ("[rooms.lobby]\nmembers = []\n", ["rooms.lobby.members", "cannot be private"]),
     ],
 )
 def test_server_config_errors_name_file_and_key(

@@ -226,6 +226,20 @@ def test_bad_client_user_is_an_error(tmp_path: Path) -> None:
     assert "client.user: " in message
 
 
+@pytest.mark.parametrize("members", ['["alice"]', "[]"])
+def test_lobby_members_are_refused(tmp_path: Path, members: str) -> None:
+    # Everyone is in the lobby: a member list there would be ignored, not enforced.
+    path = write(tmp_path, f"[users.alice]\n[rooms.lobby]\nmembers = {members}\n")
+    message = config_error(path)
+    assert "rooms.lobby.members: the lobby cannot be private" in message
+
+
+def test_lobby_topic_is_fine(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[rooms.lobby]\ntopic = "Welcome"\n'))
+    assert config.room_settings()["lobby"].topic == "Welcome"
+    assert config.room_settings()["lobby"].allowed is None
+
+
 def test_several_errors_are_all_reported_on_one_line(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, "bogus = 1\n[server]\nport = 70000\n"))
     assert "bogus: unknown key" in message
