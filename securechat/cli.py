@@ -414,10 +414,7 @@ async def _chat(
     console = open_console(lambda: session.prompt())
     session = ChatSession(connection, welcome, console, reconnect=connect)
     try:
-        console.show(
-            f"logged in as {welcome.username} ({welcome.server}); rooms: "
-            f"{', '.join(welcome.rooms)}. Type /help for commands."
-        )
+        console.show(session.format.welcome(welcome))
         return await session.run()
     finally:
         await console.aclose()
