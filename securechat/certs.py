@@ -37,10 +37,15 @@ class CertError(Exception):
     """A certificate or key file problem; the message is one line saying what to do."""
 
 
+DIRECTORY_MODE = 0o700
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
 @dataclass
 class GenerationReport:
     written: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_server_names() -> list[str]:
@@ -72,8 +77,8 @@ def generate(
     for user in clients:
         if not re.fullmatch(NAME_PATTERN, user):
             raise CertError(f"client name {user!r} is not a valid username ({NAME_PATTERN})")
-    out.mkdir(parents=True, exist_ok=True)
     report = GenerationReport()
+    _prepare_directory(out, report)
 
     ca_cert_path, ca_key_path = out / "ca.crt", out / "ca.key"
     if not force and (ca_cert_path.exists() or ca_key_path.exists()):
@@ -106,6 +111,42 @@ def generate(
         cert = _make_leaf(key, common_name, extra, usage, ca_cert, ca_key, now)
         _write_pair(cert_path, cert, key_path, key, report)
     return report
+
+
+def _prepare_directory(out: Path, report: GenerationReport) -> None:
+    """Make ``out`` (and missing parents) mode 0700; take write access away from others.
+
+    Whoever can write to the directory can replace ``ca.crt`` (which clients
+    trust) or ``ca.key`` (which signs here). An existing directory keeps its
+    read permissions (it may be shared with a group on purpose), but not
+    write access for group or others.
+    """
+    missing = []
+    directory = out
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIRECTORY_MODE)
+        os.chmod(directory, DIRECTORY_MODE)  # mkdir applies the umask, which may be odd
+    if missing:
+        return
+    mode = out.stat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise CertError(f"--out {out}: not a directory")
+    if mode & _OTHERS_WRITE:
+        old, new = stat.S_IMODE(mode), stat.S_IMODE(mode) & ~_OTHERS_WRITE
+        try:
+            os.chmod(out, new)
+        except PermissionError:
+            raise CertError(
+                f"{out} is writable by group or others (mode {old:04o}) and not yours to change;"
+                f" fix with: chmod go-w {out}"
+            ) from None
+        report.warnings.append(
+            f"{out} was writable by group or others (mode {old:04o}), so the files in it could"
+            f" have been replaced; it is now {new:04o}. If you did not expect that, check them"
+        )
 
 
 def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -31,7 +31,7 @@ from . import __version__, tls
 from .auth import check_new_password, hash_password
 from .certs import CertError, generate
 from .client import ChatConnection, ChatSession, ClientError
-from .config import ClientSection, ConfigError, load_config
+from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
 from .console import Console, open_console
 from .operator_console import PROMPT, run_operator_console
 from .protocol import NAME_PATTERN, Welcome, json_schemas
@@ -236,6 +236,8 @@ def _cmd_gen_certs(args: argparse.Namespace) -> int:
         report = generate(args.out, sans=args.san, clients=args.client, force=args.force)
     except OSError as exc:
         raise RuntimeFailure(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    for warning in report.warnings:
+        print(f"securechat: warning: {warning}", file=sys.stderr, flush=True)
     for path in report.written:
         print(f"wrote {path}")
     for path in report.kept:
@@ -327,6 +329,8 @@ async def _handle_signals(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        # The config file's mode is checked here: at start, and at every reload.
+        _warn_if_exposed(config_path, server.config)
         task_status.started()
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
@@ -338,7 +342,14 @@ async def _handle_signals(
             except ConfigError as exc:
                 log.error("config reload failed, keeping the current config: %s", exc)
             else:
+                _warn_if_exposed(config_path, config)
                 server.reload(config)
+
+
+def _warn_if_exposed(config_path: Path, config: Config) -> None:
+    warning = exposure_warning(config_path, config)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _setup_logging(level: str) -> None:

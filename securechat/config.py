@@ -8,6 +8,7 @@ working directory.
 
 from __future__ import annotations
 
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -169,6 +170,36 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_errors(exc)}") from None
     return _anchor_paths(config, path.parent)
+
+
+def exposure_warning(path: Path, config: Config) -> str | None:
+    """One line for the log when other local users can write ``path``, or read the
+    password hashes in it; None when the file is private enough (or cannot be stat'ed).
+
+    A warning, not a refusal like for private keys: the example config and
+    configs without password hashes hold nothing secret.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    holds_hashes = any(user.password_hash is not None for user in config.users.values())
+    return describe_exposure(path, mode, holds_hashes=holds_hashes)
+
+
+def describe_exposure(path: Path, mode: int, *, holds_hashes: bool) -> str | None:
+    """The policy behind :func:`exposure_warning`, for a file with permission bits ``mode``."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path} is writable by group or others (mode {mode:04o}): they can add users and"
+            f" admins; fix with: chmod 600 {path}"
+        )
+    if holds_hashes and mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (
+            f"{path} holds password hashes and is readable by group or others"
+            f" (mode {mode:04o}); fix with: chmod 600 {path}"
+        )
+    return None
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ EXAMPLE_CONFIG = Path(__file__).parent.parent / "config.example.toml"
 
 
 def run_cli(
-    *args: str, stdin: str = "", env: dict[str, str] | None = None
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, umask: int = -1
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "securechat", *args],
@@ -45,7 +47,12 @@ def run_cli(
         timeout=60,
         env={**os.environ, **(env or {})},
         check=False,
+        umask=umask,  # -1: inherit ours
     )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -123,6 +130,42 @@ def test_gen_certs_writes_and_keeps(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (out / "server.key").read_bytes() == before
     assert main(["gen-certs", "--out", str(out), "--force"]) == 0
     assert (out / "server.key").read_bytes() != before
+
+
+def test_gen_certs_makes_private_directories_even_with_umask_000(tmp_path: Path) -> None:
+    # Under umask 000 a plain mkdir makes the directory 0777: anyone could swap ca.crt.
+    out = tmp_path / "new" / "certs"
+    result = run_cli("gen-certs", "--out", str(out), "--client", "zed", umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o700
+    assert mode(out.parent) == 0o700
+    assert {mode(key) for key in out.glob("*.key")} == {0o600}
+    assert {mode(cert) for cert in out.glob("*.crt")} == {0o644}
+
+
+def test_gen_certs_takes_write_access_to_its_directory_away_from_others(tmp_path: Path) -> None:
+    # What a fresh clone's certs/ (tracked in git for its README) looks like under umask 000.
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o777)
+    result = run_cli("gen-certs", "--out", str(out), umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o755
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(f"securechat: warning: {out} was writable by group or others")
+    assert "(mode 0777)" in warnings[0]
+    assert "now 0755" in warnings[0]
+
+
+def test_gen_certs_leaves_a_directory_shared_for_reading_as_it_is(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o750)
+    result = run_cli("gen-certs", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert mode(out) == 0o750
 
 
 def test_gen_certs_rejects_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -370,3 +413,24 @@ async def test_server_process_serves_and_shuts_down_on_sigterm(
     assert "login user=bob" in log
     assert "server stopped" in log
     assert PASSWORDS["bob"] not in log
+
+
+async def test_server_warns_at_start_and_reload_when_its_config_exposes_password_hashes(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    config.chmod(0o644)
+    warning = (
+        f"WARNING securechat: {config} holds password hashes and is readable by group or others"
+        f" (mode 0644); fix with: chmod 600 {config}"
+    )
+    async with server_process(config, pki) as process:
+        await process.wait_for_log(re.escape(warning))
+        process.process.send_signal(signal.SIGHUP)
+        await process.wait_for_log("config reloaded")
+        assert process.log().count(warning) == 2
+        config.chmod(0o600)
+        process.process.send_signal(signal.SIGHUP)
+        await process.wait_for_log("config reloaded(.|\n)*config reloaded")
+        assert process.log().count(warning) == 2
+        assert "WARNING securechat: " + str(config) not in process.log().replace(warning, "")
