@@ -11,13 +11,17 @@ import socket
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from securechat.auth import verify_password
+from securechat.certs import generate
 from securechat.cli import main
 from securechat.protocol import Error, ErrorCode, Message, Say
 
@@ -128,8 +132,95 @@ def test_gen_certs_writes_and_keeps(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["gen-certs", "--out", str(out)]) == 0
     assert "kept" in capsys.readouterr().out
     assert (out / "server.key").read_bytes() == before
-    assert main(["gen-certs", "--out", str(out), "--force"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--renew", "server"]) == 0
     assert (out / "server.key").read_bytes() != before
+
+
+def test_gen_certs_lists_every_certificate_and_its_expiry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out), "--client", "zed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pattern = (
+        r"(made|kept|renewed) +(\S+)\.crt, \S+\.key: (.*); expires"
+        r" (\d{4}-\d\d-\d\d \d\d:\d\d) UTC \(in (\d+) days\)"
+    )
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches), lines
+    listed = {Path(m[2]).name: (m[1], m[3], int(m[5])) for m in matches if m}
+    assert listed == {
+        "ca": ("made", "the CA", 3650),
+        "server": ("made", listed["server"][1], 366),
+        "zed": ("made", "client zed", 366),
+    }
+    assert listed["server"][1].startswith("server for localhost, 127.0.0.1, ::1")
+
+    assert main(["gen-certs", "--out", str(out), "--days", "30", "--renew", "zed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["kept", "kept", "renewed"]
+    assert lines[2].endswith("(in 30 days)")
+
+
+def test_gen_certs_flags_certificates_that_expire_soon_or_are_foreign(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    generate(out, clients=["alice"], now=datetime.now(UTC) - timedelta(days=350))
+    generate(tmp_path / "other", clients=["bob"])
+    for name in ("bob.crt", "bob.key"):
+        (out / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    assert main(["gen-certs", "--out", str(out)]) == 0
+    lines = {
+        Path(line.split()[1].rstrip(",")).stem: line
+        for line in capsys.readouterr().out.splitlines()
+    }
+    assert lines["server"].endswith("(in 16 days); renew with --renew server")
+    assert lines["alice"].endswith("(in 16 days); renew with --renew alice")
+    assert lines["bob"].endswith("; NOT signed by this directory's ca.crt; renew with --renew bob")
+    assert not lines["ca"].endswith("--new-ca")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--force"], ["--force is gone", "--renew server", "--new-ca"]),
+        (["--days", "367"], ["--days", "between 1 and 366"]),
+        (["--days", "0"], ["--days", "between 1 and 366"]),
+        (["--renew", "ca"], ["--new-ca"]),
+        (["--renew", "Bob"], ["--renew", "invalid username"]),
+        (["--client", "ca"], ["reserved"]),
+        (["--san", "chat.example.org"], ["does not cover chat.example.org", "--renew server"]),
+    ],
+)
+def test_gen_certs_refusals_are_one_line_and_change_nothing(
+    tmp_path: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert main(["gen-certs", "--out", str(out), *args]) == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_make_run_certificates_on_a_fresh_clone(tmp_path: Path) -> None:
+    # The Makefile's certs/server.crt target, in a clone: certs/ exists, holding its README.
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "README.md").write_text("# certs/\n")
+    result = run_cli("gen-certs", "--out", str(out), "--client", "alice", "--client", "bob")
+    assert result.returncode == 0, result.stderr
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(
+        [
+            "README.md",
+            *(f"{s}.{e}" for s in ("ca", "server", "alice", "bob") for e in ("crt", "key")),
+        ]
+    )
+    assert {mode(key) for key in out.glob("*.key")} == {0o600}
+    assert len(result.stdout.splitlines()) == 4
 
 
 def test_gen_certs_makes_private_directories_even_with_umask_000(tmp_path: Path) -> None:
@@ -434,3 +525,24 @@ async def test_server_warns_at_start_and_reload_when_its_config_exposes_password
         await process.wait_for_log("config reloaded(.|\n)*config reloaded")
         assert process.log().count(warning) == 2
         assert "WARNING securechat: " + str(config) not in process.log().replace(warning, "")
+
+
+async def test_renewing_the_server_and_adding_a_user_keep_issued_client_certificates_working(
+    tmp_path: Path, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The two README one-liners, then a real server: alice's certificate predates both.
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out), "--client", "alice"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--renew", "server", "--san", "chat.test"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--client", "carol"]) == 0
+    capsys.readouterr()
+    pki = Pki(out)
+    renewed = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_process(config, pki) as process:
+        alice = await process.endpoint.login("alice", cert_user="alice")
+        carol = await process.endpoint.login("carol", cert_user="carol")
+        presented = alice.stream.getpeercert(binary_form=True)
+        assert presented == renewed.public_bytes(serialization.Encoding.DER)
+        await carol.send(Say(room="lobby", text="signed by the same CA", id="c1"))
+        assert (await receive_type(alice, Message)).text == "signed by the same CA"
