@@ -411,10 +411,13 @@ def _prepare_directory(out: Path, report: GenerationReport) -> None:
                 f"{out} is writable by group or others (mode {old:04o}) and not yours to change;"
                 f" fix with: chmod go-w {out}"
             ) from None
-        report.warnings.append(
-            f"{out} was writable by group or others (mode {old:04o}), so the files in it could"
-            f" have been replaced; it is now {new:04o}. If you did not expect that, check them"
-        )
+        warning = f"{out} was writable by group or others (mode {old:04o}); it is now {new:04o}"
+        if any(out.glob("*.crt")) or any(out.glob("*.key")):
+            warning += (
+                ". Its certificates and keys could have been replaced: if you cannot rule that"
+                " out, make a new CA with --new-ca"
+            )
+        report.warnings.append(warning)
 
 
 def check_key_file(path: Path) -> None:

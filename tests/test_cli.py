@@ -245,8 +245,16 @@ def test_gen_certs_takes_write_access_to_its_directory_away_from_others(tmp_path
     warnings = result.stderr.splitlines()
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith(f"securechat: warning: {out} was writable by group or others")
-    assert "(mode 0777)" in warnings[0]
-    assert "now 0755" in warnings[0]
+    assert warnings[0].endswith("(mode 0777); it is now 0755")  # nothing in it to distrust yet
+    out.chmod(0o707)
+    result = run_cli("gen-certs", "--out", str(out), umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o705
+    assert result.stderr.splitlines() == [
+        f"securechat: warning: {out} was writable by group or others (mode 0707); it is now 0705."
+        " Its certificates and keys could have been replaced: if you cannot rule that out, make"
+        " a new CA with --new-ca"
+    ]
 
 
 def test_gen_certs_leaves_a_directory_shared_for_reading_as_it_is(tmp_path: Path) -> None:
