@@ -21,6 +21,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,9 +30,9 @@ from pydantic import SecretStr
 
 from . import __version__, tls
 from .auth import check_new_password, hash_password
-from .certs import CertError, generate
+from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
-from .config import ClientSection, ConfigError, load_config
+from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
 from .console import Console, open_console
 from .operator_console import PROMPT, run_operator_console
 from .protocol import NAME_PATTERN, Welcome, json_schemas
@@ -88,6 +89,22 @@ def _port(value: str) -> int:
     return port
 
 
+def _renewable(value: str) -> str:
+    if value == CA:
+        raise argparse.ArgumentTypeError("the CA is not renewed: --new-ca replaces it")
+    return value if value == SERVER else _username(value)
+
+
+def _leaf_days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if not 1 <= days <= MAX_LEAF_DAYS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_LEAF_DAYS}: {days}")
+    return days
+
+
 def _username(value: str) -> str:
     if not re.fullmatch(NAME_PATTERN, value):
         raise argparse.ArgumentTypeError(
@@ -115,12 +132,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser(
         "gen-certs",
-        help="make a private CA, a server certificate and client certificates",
+        help="make or renew the private CA, the server certificate and client certificates",
         description=(
             "Write ca.crt/ca.key, server.crt/server.key and <user>.crt/<user>.key into the"
-            " output directory (ECDSA P-256; keys mode 0600). Existing files are kept and an"
-            " existing CA signs new certificates; --force makes everything anew. The server"
-            " certificate is valid for localhost, 127.0.0.1, ::1 and this machine's hostname."
+            " output directory (ECDSA P-256; keys mode 0600, a new directory mode 0700), then"
+            " list every certificate there and when it expires. The CA is made once and kept:"
+            " existing files stay as they are, new certificates and renewals are signed by the"
+            " same CA, so issued client certificates keep working. The server certificate is"
+            " valid for localhost, 127.0.0.1, ::1 and this machine's hostname, plus every --san."
+            f" Server and client certificates are valid {MAX_LEAF_DAYS} days or --days."
         ),
     )
     gen.add_argument("--out", type=Path, default=Path("certs"), help="directory (default: certs)")
@@ -129,7 +149,8 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="another DNS name or IP address for the server certificate (repeatable)",
+        help="another DNS name or IP address for the server certificate (repeatable;"
+        " with --renew server for an existing one)",
     )
     gen.add_argument(
         "--client",
@@ -137,9 +158,31 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="USER",
         type=_username,
-        help="make a client certificate whose CN is USER (repeatable)",
+        help="make a client certificate whose CN is USER, unless there is one (repeatable)",
     )
-    gen.add_argument("--force", action="store_true", help="replace existing files")
+    gen.add_argument(
+        "--renew",
+        action="append",
+        default=[],
+        metavar="NAME",
+        type=_renewable,
+        help="reissue the certificate 'server' or USER's with a new key and the same CA"
+        " (repeatable); a renewed server certificate keeps its names",
+    )
+    gen.add_argument(
+        "--days",
+        type=_leaf_days,
+        default=MAX_LEAF_DAYS,
+        help=f"validity of the certificates issued now (1-{MAX_LEAF_DAYS};"
+        f" default {MAX_LEAF_DAYS})",
+    )
+    gen.add_argument(
+        "--new-ca",
+        action="store_true",
+        help="replace the CA and reissue every certificate in the directory: every client"
+        " certificate and ca.crt given out so far stops working",
+    )
+    gen.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # see _cmd_gen_certs
     gen.set_defaults(command=_cmd_gen_certs)
 
     hasher = commands.add_parser(
@@ -232,16 +275,56 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_gen_certs(args: argparse.Namespace) -> int:
+    if args.force:
+        # It used to replace the CA too, silently breaking every client certificate.
+        raise UsageError(
+            "--force is gone: --renew server (or --renew USER) reissues a certificate with the"
+            " same CA; --new-ca replaces the CA, and every client certificate with it"
+        )
     try:
-        report = generate(args.out, sans=args.san, clients=args.client, force=args.force)
+        report = generate(
+            args.out,
+            sans=args.san,
+            clients=args.client,
+            renew=args.renew,
+            new_ca=args.new_ca,
+            days=args.days,
+        )
     except OSError as exc:
         raise RuntimeFailure(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
-    for path in report.written:
-        print(f"wrote {path}")
-    for path in report.kept:
-        if path.suffix == ".crt":
-            print(f"kept  {path} (exists; --force replaces it)")
+    for warning in report.warnings:
+        print(f"securechat: warning: {warning}", file=sys.stderr, flush=True)
+    now = datetime.now(UTC)
+    for issued in report.certificates:
+        print(_describe_certificate(issued, now))
     return 0
+
+
+def _describe_certificate(issued: Issued, now: datetime) -> str:
+    """``made     certs/alice.crt, certs/alice.key: client alice; expires ... (in 366 days)``"""
+    files = f"{issued.cert_path}, {issued.key_path}" if issued.key_path else f"{issued.cert_path}"
+    if issued.stem == CA:
+        what = "the CA" if issued.key_path else "the CA (its key is not here)"
+    elif issued.stem == SERVER:
+        what = f"server for {', '.join(issued.names)}"
+    else:
+        what = f"client {issued.stem}"
+    left = issued.not_after - now
+    expiry = f"expires {issued.not_after:%Y-%m-%d %H:%M} UTC"
+    if left <= timedelta(0):
+        expiry = f"EXPIRED {issued.not_after:%Y-%m-%d %H:%M} UTC"
+    else:
+        expiry += f" (in {round(left / timedelta(days=1))} days)"
+    hints = []
+    if issued.stem != CA and issued.action == "kept":
+        if not issued.signed_by_ca:
+            hints.append("NOT signed by this directory's ca.crt")
+        if left <= RENEW_WITHIN or not issued.signed_by_ca:
+            hints.append(f"renew with --renew {issued.stem}")
+    elif issued.stem == CA and left <= RENEW_WITHIN:
+        hints.append("replace it with --new-ca")
+    tail = "".join(f"; {hint}" for hint in hints)
+    return f"{issued.action:<8} {files}: {what}; {expiry}{tail}"
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
@@ -327,6 +410,8 @@ async def _handle_signals(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        # The config file's mode is checked here: at start, and at every reload.
+        _warn_if_exposed(config_path, server.config)
         task_status.started()
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
@@ -338,7 +423,14 @@ async def _handle_signals(
             except ConfigError as exc:
                 log.error("config reload failed, keeping the current config: %s", exc)
             else:
+                _warn_if_exposed(config_path, config)
                 server.reload(config)
+
+
+def _warn_if_exposed(config_path: Path, config: Config) -> None:
+    warning = exposure_warning(config_path, config)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def _setup_logging(level: str) -> None:
@@ -414,10 +506,7 @@ async def _chat(
     console = open_console(lambda: session.prompt())
     session = ChatSession(connection, welcome, console, reconnect=connect)
     try:
-        console.show(
-            f"logged in as {welcome.username} ({welcome.server}); rooms: "
-            f"{', '.join(welcome.rooms)}. Type /help for commands."
-        )
+        console.show(session.format.welcome(welcome))
         return await session.run()
     finally:
         await console.aclose()

@@ -136,7 +136,7 @@ class ChatConnection:
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):
-                raise LoginRefused(f"login refused: {reply.message} ({reply.code})")
+                raise LoginRefused(f"login refused: {sanitize(reply.message)} ({reply.code})")
             if reply is None:
                 # With TLS 1.3 the server checks our certificate after the
                 # handshake, and trio drops the alert that would say why.
@@ -144,7 +144,7 @@ class ChatConnection:
                     "the server closed the connection during login: it may require a client"
                     " certificate signed by its CA (--cert and --key)"
                 )
-            raise ClientError(f"unexpected {reply.type!r} from the server during login")
+            raise ClientError(f"unexpected {sanitize(reply.type)!r} from the server during login")
         raise ClientError("login timed out: no answer from the server")
 
     async def send(self, envelope: ClientEnvelope) -> None:
@@ -306,11 +306,32 @@ def _text(text: str, make: Callable[[str], Command]) -> Command:
         return Invalid(exc.message)
 
 
-def sanitize(text: str) -> str:
-    """``text`` safe to print on a terminal: no escape sequences, no bidi tricks."""
-    return "".join(
-        char if char.isprintable() or char == "\n" else f"\\u{ord(char):04x}" for char in text
-    ).replace("\n", "\n    ")
+def sanitize(text: str, *, lines: bool = False) -> str:
+    """``text`` from the server, safe to print on a terminal; the one route wire text takes.
+
+    Every character that is not printable becomes a visible ``\\uXXXX``:
+    C0 and C1 controls (so ESC, and with it every ANSI/OSC sequence; BEL,
+    backspace, carriage return), DEL, Unicode format characters (bidi
+    overrides and isolates, zero-width characters), line and paragraph
+    separators, private-use and unassigned code points. Zero-width (non-)joiners
+    stay: Persian, Indic scripts and emoji need them, and they cannot move
+    the cursor or reorder text. Newlines are escaped too unless ``lines``
+    (message text, which may have several lines): then each following line
+    is indented, so it cannot pass for a line of its own.
+    """
+    if text.isprintable():
+        return text
+    keep = _JOINERS | {"\n"} if lines else _JOINERS
+    safe = "".join(char if char.isprintable() or char in keep else _escape(char) for char in text)
+    return safe.replace("\n", "\n    ") if lines else safe
+
+
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 _RESET, _BOLD, _DIM, _RED = "\x1b[0m", "\x1b[1m", "\x1b[2m", "\x1b[31m"
@@ -318,7 +339,14 @@ _CYAN, _MAGENTA = "\x1b[36m", "\x1b[35m"
 
 
 class Formatter:
-    """Turns server envelopes into lines for the screen; colour only when asked."""
+    """Turns what the server sent into lines for the screen; colour only when asked.
+
+    Nothing from the wire reaches the screen another way, and every field
+    shown here goes through :func:`sanitize`: names, room names and codes
+    too, although the protocol models already restrict them, so that a check
+    loosened there never turns into a terminal escape here. The only escape
+    sequences in the output are this class's own colours.
+    """
 
     def __init__(self, *, me: str, colour: bool) -> None:
         self.me = me
@@ -327,53 +355,72 @@ class Formatter:
     def _paint(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
 
+    def welcome(self, welcome: Welcome) -> str:
+        """The first line after logging in."""
+        return (
+            f"logged in as {sanitize(welcome.username)} ({sanitize(welcome.server)}); rooms: "
+            f"{_names(welcome.rooms)}. Type /help for commands."
+        )
+
     def message(self, message: Message) -> str:
         """``08:00:00 [lobby] alice: hi`` or ``08:00:00 [dm] alice -> bob: hi``, in local time."""
         try:
             clock = datetime.fromisoformat(message.ts).astimezone().strftime("%H:%M:%S")
         except ValueError:
             clock = "--:--:--"
-        sender = self._paint(_CYAN if message.sender == self.me else _BOLD, message.sender)
+        sender = sanitize(message.sender)
+        sender = self._paint(_CYAN if message.sender == self.me else _BOLD, sender)
         if message.to is not None:
             where = self._paint(_MAGENTA, "[dm]")
-            sender = f"{sender} -> {message.to}"
+            sender = f"{sender} -> {sanitize(message.to)}"
         else:
-            where = f"[{message.room}]"
-        return f"{self._paint(_DIM, clock)} {where} {sender}: {sanitize(message.text)}"
+            where = f"[{sanitize(message.room or '')}]"
+        text = sanitize(message.text, lines=True)
+        return f"{self._paint(_DIM, clock)} {where} {sender}: {text}"
 
     def error(self, error: Error) -> str:
-        return self._paint(_RED, f"error: {sanitize(error.message)} ({error.code})")
+        return self._paint(_RED, f"error: {sanitize(error.message)} ({sanitize(error.code)})")
+
+    def invalid_frame(self, exc: ProtocolError) -> str:
+        # The description names the offending fields, and their names came from the server.
+        return self.notice(f"ignored an invalid frame from the server: {sanitize(exc.message)}")
 
     def notice(self, text: str) -> str:
+        """A line of the client's own (its text is not from the wire)."""
         return self._paint(_DIM, text)
 
     def describe(self, envelope: ServerEnvelope) -> str | None:
         """A line for anything but messages, acks and history ends (None: nothing to show)."""
         if isinstance(envelope, Presence):
-            return self.notice(f"[{envelope.room}] * {envelope.username} {envelope.state}")
+            room, user = sanitize(envelope.room), sanitize(envelope.username)
+            return self.notice(f"[{room}] * {user} {sanitize(envelope.state)}")
         if isinstance(envelope, Joined):
             topic = f" ({sanitize(envelope.topic)})" if envelope.topic else ""
-            members = ", ".join(envelope.members)
-            return self.notice(f"joined {envelope.room}{topic}; members: {members}")
+            members = _names(envelope.members)
+            return self.notice(f"joined {sanitize(envelope.room)}{topic}; members: {members}")
         if isinstance(envelope, Left):
-            return self.notice(f"left {envelope.room}")
+            return self.notice(f"left {sanitize(envelope.room)}")
         if isinstance(envelope, Members):
             return (
-                f"[{envelope.room}] online: {', '.join(envelope.online) or '-'};"
-                f" members: {', '.join(envelope.members) or '-'}"
+                f"[{sanitize(envelope.room)}] online: {_names(envelope.online) or '-'};"
+                f" members: {_names(envelope.members) or '-'}"
             )
         if isinstance(envelope, RoomList):
             lines = [
-                f"  {room.name} ({room.members} members)"
+                f"  {sanitize(room.name)} ({room.members} members)"
                 + (f" {sanitize(room.topic)}" if room.topic else "")
                 for room in envelope.rooms
             ]
             return "\n".join(["rooms:", *lines])
         if isinstance(envelope, Kicked):
-            return self.notice(f"kicked {envelope.username}")
+            return self.notice(f"kicked {sanitize(envelope.username)}")
         if isinstance(envelope, Error):
             return self.error(envelope)
         return None
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(sanitize(name) for name in names)
 
 
 # --- the interactive session ----------------------------------------------------
@@ -574,7 +621,7 @@ class ChatSession:
             try:
                 envelope = await self.connection.receive()
             except ProtocolError as exc:
-                self._notice(f"ignored an invalid frame from the server: {exc.message}")
+                self.console.show(self.format.invalid_frame(exc))
                 continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not self._leaving:

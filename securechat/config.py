@@ -8,6 +8,7 @@ working directory.
 
 from __future__ import annotations
 
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import auth
 from .hub import RoomSettings
-from .protocol import DEFAULT_MAX_FRAME_BYTES, SERVER_USER, Name, Topic
+from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -109,6 +110,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _room_members_are_users(self) -> Config:
+        lobby = self.rooms.get(LOBBY)
+        if lobby is not None and lobby.members is not None:
+            # Everyone joins the lobby at login and can read its history: a
+            # member list there would look like privacy and give none.
+            raise ValueError(
+                f"rooms.{LOBBY}.members: the lobby cannot be private (every user joins it at"
+                " login and reads its history); remove the key, or use another room"
+            )
         for name, room in self.rooms.items():
             unknown = sorted(set(room.members or ()) - set(self.users))
             if unknown:
@@ -163,6 +172,36 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_errors(exc)}") from None
     return _anchor_paths(config, path.parent)
+
+
+def exposure_warning(path: Path, config: Config) -> str | None:
+    """One line for the log when other local users can write ``path``, or read the
+    password hashes in it; None when the file is private enough (or cannot be stat'ed).
+
+    A warning, not a refusal like for private keys: the example config and
+    configs without password hashes hold nothing secret.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    holds_hashes = any(user.password_hash is not None for user in config.users.values())
+    return describe_exposure(path, mode, holds_hashes=holds_hashes)
+
+
+def describe_exposure(path: Path, mode: int, *, holds_hashes: bool) -> str | None:
+    """The policy behind :func:`exposure_warning`, for a file with permission bits ``mode``."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path} is writable by group or others (mode {mode:04o}): they can add users and"
+            f" admins; fix with: chmod 600 {path}"
+        )
+    if holds_hashes and mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (
+            f"{path} holds password hashes and is readable by group or others"
+            f" (mode {mode:04o}); fix with: chmod 600 {path}"
+        )
+    return None
 
 
 def describe_errors(exc: ValidationError) -> str:

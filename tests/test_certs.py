@@ -46,7 +46,12 @@ def eku(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def names_of(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name) for name in san.get_values_for_type(x509.DNSName)]
 
 
 def mode(path: Path) -> int:
@@ -200,14 +205,63 @@ def test_validity_periods(tmp_path: Path) -> None:
     for stem in ("server", "alice"):
         leaf = load_cert(tmp_path / f"{stem}.crt")
         assert leaf.not_valid_before_utc == now - certs.CLOCK_SKEW
-        assert leaf.not_valid_after_utc == now + certs.LEAF_VALIDITY
+        lifespan = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        assert lifespan == dt.timedelta(days=366)
+        # sslyze's Mozilla-profile check: (not_after - not_before).days > 366 is flagged.
+        assert lifespan.days <= 366
         assert leaf.not_valid_after_utc <= ca.not_valid_after_utc
+
+
+def test_shorter_validity_on_request(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    generate(tmp_path, clients=["alice"], days=90, now=now)
+    for stem in ("server", "alice"):
+        leaf = load_cert(tmp_path / f"{stem}.crt")
+        assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(days=90)
+    assert load_cert(tmp_path / "ca.crt").not_valid_after_utc == now + certs.CA_VALIDITY
+
+
+@pytest.mark.parametrize("days", [0, -1, 367, 397])
+def test_validity_over_366_days_is_refused(tmp_path: Path, days: int) -> None:
+    with pytest.raises(CertError, match="--days"):
+        generate(tmp_path / "out", days=days)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_leaf_never_outlives_the_ca(tmp_path: Path) -> None:
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    generate(tmp_path, now=start)
+    late = start + certs.CA_VALIDITY - dt.timedelta(days=100)
+    report = generate(tmp_path, clients=["alice"], now=late)
+    alice = load_cert(tmp_path / "alice.crt")
+    assert alice.not_valid_after_utc == load_cert(tmp_path / "ca.crt").not_valid_after_utc
+    assert any("alice.crt expires with the CA" in w and "--new-ca" in w for w in report.warnings)
+
+
+def test_report_lists_every_certificate_with_its_expiry(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    generate(tmp_path, clients=["alice", "bob"], now=now)
+    report = generate(tmp_path, clients=["carol"], now=now)  # alice and bob are not named
+    listed = {(c.stem, c.action): c for c in report.certificates}
+    assert set(listed) == {
+        ("ca", "kept"),
+        ("server", "kept"),
+        ("alice", "kept"),
+        ("bob", "kept"),
+        ("carol", "made"),
+    }
+    assert listed["ca", "kept"].not_after == now + certs.CA_VALIDITY
+    assert (
+        listed["carol", "made"].not_after == load_cert(tmp_path / "carol.crt").not_valid_after_utc
+    )
+    assert "localhost" in listed["server", "kept"].names
+    assert all(c.signed_by_ca for c in report.certificates)
 
 
 # --- reruns ----------------------------------------------------------------------------
 
 
-def test_rerun_without_force_keeps_files_byte_identical(tmp_path: Path) -> None:
+def test_rerun_keeps_files_byte_identical(tmp_path: Path) -> None:
     generate(tmp_path, clients=["alice"])
     before = snapshot(tmp_path)
     report = generate(tmp_path, clients=["alice"])
@@ -229,29 +283,111 @@ def test_rerun_signs_new_clients_with_the_existing_ca(tmp_path: Path) -> None:
     assert mode(tmp_path / "carol.key") == 0o600
 
 
-def test_force_replaces_everything(tmp_path: Path) -> None:
+def test_renewing_the_server_certificate_keeps_the_ca_and_its_names(tmp_path: Path) -> None:
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    generate(tmp_path, sans=["old.example.test"], clients=["alice"], now=start)
+    before = snapshot(tmp_path)
+    later = start + dt.timedelta(days=350)
+    report = generate(tmp_path, renew=["server"], sans=["new.example.test"], now=later)
+    after = snapshot(tmp_path)
+    for name in ("ca.crt", "ca.key", "alice.crt", "alice.key"):
+        assert after[name] == before[name], name
+    assert after["server.key"] != before["server.key"]
+    server = load_cert(tmp_path / "server.crt")
+    server.verify_directly_issued_by(load_cert(tmp_path / "ca.crt"))
+    assert server.not_valid_after_utc == later - certs.CLOCK_SKEW + dt.timedelta(days=366)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "old.example.test", "new.example.test"} <= set(
+        san.get_values_for_type(x509.DNSName)
+    )
+    assert set(report.written) == {tmp_path / "server.crt", tmp_path / "server.key"}
+    assert [c.action for c in report.certificates if c.stem == "server"] == ["renewed"]
+    assert mode(tmp_path / "server.key") == 0o600
+
+
+def test_renewing_a_client_certificate_keeps_the_ca(tmp_path: Path) -> None:
+    generate(tmp_path, clients=["alice", "bob"])
+    before = snapshot(tmp_path)
+    generate(tmp_path, renew=["alice"])
+    after = snapshot(tmp_path)
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed == {"alice.crt", "alice.key"}
+    alice = load_cert(tmp_path / "alice.crt")
+    alice.verify_directly_issued_by(load_cert(tmp_path / "ca.crt"))
+    assert (cn(alice), eku(alice)) == ("alice", [ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def test_a_new_server_name_for_an_existing_certificate_asks_for_renew(tmp_path: Path) -> None:
+    # The README used to say `--san chat.example.org --force`, which replaced the CA.
     generate(tmp_path, clients=["alice"])
     before = snapshot(tmp_path)
-    report = generate(tmp_path, clients=["alice"], force=True)
+    with pytest.raises(CertError, match=r"does not cover chat\.example\.org.*--renew server"):
+        generate(tmp_path, sans=["chat.example.org"])
+    assert snapshot(tmp_path) == before
+    generate(tmp_path, sans=["127.0.0.1", "localhost"])  # names it has: nothing to do
+
+
+def test_new_ca_replaces_the_ca_and_reissues_every_certificate(tmp_path: Path) -> None:
+    generate(tmp_path, sans=["chat.example.test"], clients=["alice", "bob"])
+    (tmp_path / "notes.crt").write_text("not ours\n")
+    before = snapshot(tmp_path)
+    report = generate(tmp_path, new_ca=True)
     after = snapshot(tmp_path)
-    assert set(after) == set(before)
-    for name in before:
+    assert after["notes.crt"] == before["notes.crt"]
+    for name in set(before) - {"notes.crt"}:
         assert after[name] != before[name], name
-    assert set(report.written) == {tmp_path / name for name in before}
-    assert report.kept == []
     ca = load_cert(tmp_path / "ca.crt")
-    for stem in ("server", "alice"):
+    for stem in ("server", "alice", "bob"):
         load_cert(tmp_path / f"{stem}.crt").verify_directly_issued_by(ca)
-    for stem in ("ca", "server", "alice"):
         assert mode(tmp_path / f"{stem}.key") == 0o600
+    assert "chat.example.test" in names_of(load_cert(tmp_path / "server.crt"))
+    assert {(c.stem, c.action) for c in report.certificates} == {
+        ("ca", "replaced"),
+        ("server", "renewed"),
+        ("alice", "renewed"),
+        ("bob", "renewed"),
+    }
+    assert len(report.warnings) == 1
+    assert "every certificate the old CA signed stops working" in report.warnings[0]
 
 
 def test_missing_ca_key_is_an_error_not_a_silent_new_ca(tmp_path: Path) -> None:
     generate(tmp_path)
     (tmp_path / "ca.key").unlink()
-    with pytest.raises(CertError, match="--force"):
+    with pytest.raises(CertError, match=r"ca\.key is missing.*--new-ca"):
         generate(tmp_path, clients=["alice"])
     assert not (tmp_path / "alice.crt").exists()
+
+
+def test_a_directory_without_the_ca_key_can_still_be_listed(tmp_path: Path) -> None:
+    # docs/security.md: keep the CA key off the server when you can.
+    generate(tmp_path, clients=["alice"])
+    (tmp_path / "ca.key").unlink()
+    before = snapshot(tmp_path)
+    report = generate(tmp_path)
+    assert snapshot(tmp_path) == before
+    first = report.certificates[0]
+    assert (first.stem, first.key_path) == ("ca", None)
+
+
+def test_a_ca_key_that_does_not_match_the_ca_certificate_is_refused(tmp_path: Path) -> None:
+    generate(tmp_path)
+    other = tmp_path / "other"
+    generate(other)
+    (tmp_path / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    with pytest.raises(CertError, match="does not belong to"):
+        generate(tmp_path, clients=["alice"])
+    assert not (tmp_path / "alice.crt").exists()
+
+
+def test_a_kept_certificate_from_another_ca_is_flagged(tmp_path: Path) -> None:
+    generate(tmp_path, clients=["alice"])
+    other = tmp_path / "other"
+    generate(other, clients=["alice"])
+    for name in ("alice.crt", "alice.key"):
+        (tmp_path / name).write_bytes((other / name).read_bytes())
+    report = generate(tmp_path)
+    assert [c.signed_by_ca for c in report.certificates if c.stem == "alice"] == [False]
 
 
 @pytest.mark.parametrize("missing", ["server.crt", "server.key", "alice.key"])
@@ -259,11 +395,13 @@ def test_half_a_leaf_pair_is_refused(tmp_path: Path, missing: str) -> None:
     generate(tmp_path, clients=["alice"])
     (tmp_path / missing).unlink()
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-    with pytest.raises(CertError, match=rf"{re.escape(missing)} does not.*--force"):
+    stem = missing.split(".")[0]
+    with pytest.raises(CertError, match=rf"{re.escape(missing)} does not.*--renew {stem}"):
         generate(tmp_path, clients=["alice"])
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
-    generate(tmp_path, clients=["alice"], force=True)
+    generate(tmp_path, clients=["alice"], renew=[stem])
     assert (tmp_path / missing).exists()
+    assert (tmp_path / "ca.key").read_bytes() == before["ca.key"]
 
 
 # --- invalid input -------------------------------------------------------------------------
@@ -282,6 +420,17 @@ def test_invalid_san_raises_cert_error(tmp_path: Path, san: str) -> None:
 def test_invalid_client_name_raises_cert_error(tmp_path: Path, name: str) -> None:
     with pytest.raises(CertError, match="client name"):
         generate(tmp_path / "out", clients=[name])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["ca", "server"])
+def test_client_names_that_would_overwrite_the_ca_or_server_files_are_refused(
+    tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(CertError, match="reserved"):
+        generate(tmp_path / "out", clients=[name])
+    with pytest.raises(CertError, match="reserved"):
+        generate(tmp_path / "out", renew=[name] if name == "ca" else ["ca"])
     assert not (tmp_path / "out").exists()
 
 

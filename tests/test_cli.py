@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from securechat.auth import verify_password
+from securechat.certs import generate
 from securechat.cli import main
 from securechat.protocol import Error, ErrorCode, Message, Say
 
@@ -35,7 +41,7 @@ EXAMPLE_CONFIG = Path(__file__).parent.parent / "config.example.toml"
 
 
 def run_cli(
-    *args: str, stdin: str = "", env: dict[str, str] | None = None
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, umask: int = -1
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "securechat", *args],
@@ -45,7 +51,12 @@ def run_cli(
         timeout=60,
         env={**os.environ, **(env or {})},
         check=False,
+        umask=umask,  # -1: inherit ours
     )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -121,8 +132,139 @@ def test_gen_certs_writes_and_keeps(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["gen-certs", "--out", str(out)]) == 0
     assert "kept" in capsys.readouterr().out
     assert (out / "server.key").read_bytes() == before
-    assert main(["gen-certs", "--out", str(out), "--force"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--renew", "server"]) == 0
     assert (out / "server.key").read_bytes() != before
+
+
+def test_gen_certs_lists_every_certificate_and_its_expiry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out), "--client", "zed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pattern = (
+        r"(made|kept|renewed) +(\S+)\.crt, \S+\.key: (.*); expires"
+        r" (\d{4}-\d\d-\d\d \d\d:\d\d) UTC \(in (\d+) days\)"
+    )
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches), lines
+    listed = {Path(m[2]).name: (m[1], m[3], int(m[5])) for m in matches if m}
+    assert listed == {
+        "ca": ("made", "the CA", 3650),
+        "server": ("made", listed["server"][1], 366),
+        "zed": ("made", "client zed", 366),
+    }
+    assert listed["server"][1].startswith("server for localhost, 127.0.0.1, ::1")
+
+    assert main(["gen-certs", "--out", str(out), "--days", "30", "--renew", "zed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["kept", "kept", "renewed"]
+    assert lines[2].endswith("(in 30 days)")
+
+
+def test_gen_certs_flags_certificates_that_expire_soon_or_are_foreign(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    generate(out, clients=["alice"], now=datetime.now(UTC) - timedelta(days=350))
+    generate(tmp_path / "other", clients=["bob"])
+    for name in ("bob.crt", "bob.key"):
+        (out / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    assert main(["gen-certs", "--out", str(out)]) == 0
+    lines = {
+        Path(line.split()[1].rstrip(",")).stem: line
+        for line in capsys.readouterr().out.splitlines()
+    }
+    assert lines["server"].endswith("(in 16 days); renew with --renew server")
+    assert lines["alice"].endswith("(in 16 days); renew with --renew alice")
+    assert lines["bob"].endswith("; NOT signed by this directory's ca.crt; renew with --renew bob")
+    assert not lines["ca"].endswith("--new-ca")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--force"], ["--force is gone", "--renew server", "--new-ca"]),
+        (["--days", "367"], ["--days", "between 1 and 366"]),
+        (["--days", "0"], ["--days", "between 1 and 366"]),
+        (["--renew", "ca"], ["--new-ca"]),
+        (["--renew", "Bob"], ["--renew", "invalid username"]),
+        (["--client", "ca"], ["reserved"]),
+        (["--san", "chat.example.org"], ["does not cover chat.example.org", "--renew server"]),
+    ],
+)
+def test_gen_certs_refusals_are_one_line_and_change_nothing(
+    tmp_path: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert main(["gen-certs", "--out", str(out), *args]) == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_make_run_certificates_on_a_fresh_clone(tmp_path: Path) -> None:
+    # The Makefile's certs/server.crt target, in a clone: certs/ exists, holding its README.
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "README.md").write_text("# certs/\n")
+    result = run_cli("gen-certs", "--out", str(out), "--client", "alice", "--client", "bob")
+    assert result.returncode == 0, result.stderr
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(
+        [
+            "README.md",
+            *(f"{s}.{e}" for s in ("ca", "server", "alice", "bob") for e in ("crt", "key")),
+        ]
+    )
+    assert {mode(key) for key in out.glob("*.key")} == {0o600}
+    assert len(result.stdout.splitlines()) == 4
+
+
+def test_gen_certs_makes_private_directories_even_with_umask_000(tmp_path: Path) -> None:
+    # Under umask 000 a plain mkdir makes the directory 0777: anyone could swap ca.crt.
+    out = tmp_path / "new" / "certs"
+    result = run_cli("gen-certs", "--out", str(out), "--client", "zed", umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o700
+    assert mode(out.parent) == 0o700
+    assert {mode(key) for key in out.glob("*.key")} == {0o600}
+    assert {mode(cert) for cert in out.glob("*.crt")} == {0o644}
+
+
+def test_gen_certs_takes_write_access_to_its_directory_away_from_others(tmp_path: Path) -> None:
+    # What a fresh clone's certs/ (tracked in git for its README) looks like under umask 000.
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o777)
+    result = run_cli("gen-certs", "--out", str(out), umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o755
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(f"securechat: warning: {out} was writable by group or others")
+    assert warnings[0].endswith("(mode 0777); it is now 0755")  # nothing in it to distrust yet
+    out.chmod(0o707)
+    result = run_cli("gen-certs", "--out", str(out), umask=0)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o705
+    assert result.stderr.splitlines() == [
+        f"securechat: warning: {out} was writable by group or others (mode 0707); it is now 0705."
+        " Its certificates and keys could have been replaced: if you cannot rule that out, make"
+        " a new CA with --new-ca"
+    ]
+
+
+def test_gen_certs_leaves_a_directory_shared_for_reading_as_it_is(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    out.mkdir()
+    out.chmod(0o750)
+    result = run_cli("gen-certs", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert mode(out) == 0o750
 
 
 def test_gen_certs_rejects_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,6 +314,7 @@ def test_server_without_config_file(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("[users.Alice]\n", ["users.Alice"]),
         ("[users.bob]\npassword_hash = 'hunter2'\n", ["users.bob.password_hash", "PHC"]),
         ("[limits]\nlogin_timeout = -1\n", ["limits.login_timeout"]),
+        ("[rooms.lobby]\nmembers = []\n", ["rooms.lobby.members", "cannot be private"]),
     ],
 )
 def test_server_config_errors_name_file_and_key(
@@ -369,3 +512,45 @@ async def test_server_process_serves_and_shuts_down_on_sigterm(
     assert "login user=bob" in log
     assert "server stopped" in log
     assert PASSWORDS["bob"] not in log
+
+
+async def test_server_warns_at_start_and_reload_when_its_config_exposes_password_hashes(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    config.chmod(0o644)
+    warning = (
+        f"WARNING securechat: {config} holds password hashes and is readable by group or others"
+        f" (mode 0644); fix with: chmod 600 {config}"
+    )
+    async with server_process(config, pki) as process:
+        await process.wait_for_log(re.escape(warning))
+        process.process.send_signal(signal.SIGHUP)
+        await process.wait_for_log("config reloaded")
+        assert process.log().count(warning) == 2
+        config.chmod(0o600)
+        process.process.send_signal(signal.SIGHUP)
+        await process.wait_for_log("config reloaded(.|\n)*config reloaded")
+        assert process.log().count(warning) == 2
+        assert "WARNING securechat: " + str(config) not in process.log().replace(warning, "")
+
+
+async def test_renewing_the_server_and_adding_a_user_keep_issued_client_certificates_working(
+    tmp_path: Path, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The two README one-liners, then a real server: alice's certificate predates both.
+    out = tmp_path / "certs"
+    assert main(["gen-certs", "--out", str(out), "--client", "alice"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--renew", "server", "--san", "chat.test"]) == 0
+    assert main(["gen-certs", "--out", str(out), "--client", "carol"]) == 0
+    capsys.readouterr()
+    pki = Pki(out)
+    renewed = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_process(config, pki) as process:
+        alice = await process.endpoint.login("alice", cert_user="alice")
+        carol = await process.endpoint.login("carol", cert_user="carol")
+        presented = alice.stream.getpeercert(binary_form=True)
+        assert presented == renewed.public_bytes(serialization.Encoding.DER)
+        await carol.send(Say(room="lobby", text="signed by the same CA", id="c1"))
+        assert (await receive_type(alice, Message)).text == "signed by the same CA"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from securechat import auth
-from securechat.config import Config, ConfigError, load_config
+from securechat.config import Config, ConfigError, describe_exposure, exposure_warning, load_config
 from securechat.protocol import DEFAULT_MAX_FRAME_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -226,10 +226,66 @@ def test_bad_client_user_is_an_error(tmp_path: Path) -> None:
     assert "client.user: " in message
 
 
+@pytest.mark.parametrize("members", ['["alice"]', "[]"])
+def test_lobby_members_are_refused(tmp_path: Path, members: str) -> None:
+    # Everyone is in the lobby: a member list there would be ignored, not enforced.
+    path = write(tmp_path, f"[users.alice]\n[rooms.lobby]\nmembers = {members}\n")
+    message = config_error(path)
+    assert "rooms.lobby.members: the lobby cannot be private" in message
+
+
+def test_lobby_topic_is_fine(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[rooms.lobby]\ntopic = "Welcome"\n'))
+    assert config.room_settings()["lobby"].topic == "Welcome"
+    assert config.room_settings()["lobby"].allowed is None
+
+
 def test_several_errors_are_all_reported_on_one_line(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, "bogus = 1\n[server]\nport = 70000\n"))
     assert "bogus: unknown key" in message
     assert "server.port: " in message
+
+
+# --- the file's own permissions -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "holds_hashes", "expected"),
+    [
+        (0o600, True, None),
+        (0o400, True, None),
+        (0o644, False, None),  # nothing secret in it: the example config, certificate-only users
+        (0o644, True, "holds password hashes and is readable by group or others (mode 0644)"),
+        (0o640, True, "readable by group or others (mode 0640)"),
+        (0o604, True, "readable by group or others (mode 0604)"),
+        (0o664, False, "writable by group or others (mode 0664): they can add users and admins"),
+        (0o602, True, "writable by group or others (mode 0602)"),
+    ],
+)
+def test_describe_exposure(mode: int, holds_hashes: bool, expected: str | None) -> None:
+    path = Path("conf/securechat.toml")
+    warning = describe_exposure(path, mode, holds_hashes=holds_hashes)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert warning.startswith(f"{path} ")
+        assert expected in warning
+        assert warning.endswith(f"fix with: chmod 600 {path}")
+
+
+def test_exposure_warning_reads_the_file_mode_and_its_users(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[users.carol]\npassword_hash = "{PASSWORD_HASH}"\n')
+    config = load_config(path)
+    path.chmod(0o644)
+    warning = exposure_warning(path, config)
+    assert warning is not None
+    assert "holds password hashes" in warning
+    assert PASSWORD_HASH not in warning
+    path.chmod(0o600)
+    assert exposure_warning(path, config) is None
+    path.chmod(0o644)
+    assert exposure_warning(path, load_config(write(tmp_path, "[users.carol]\n"))) is None
 
 
 # --- unreadable files --------------------------------------------------------------------
