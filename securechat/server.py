@@ -345,7 +345,13 @@ class _Connection:
         # into one TLS write instead of one per message (and its task is not
         # woken for each of them); the first write after a quiet spell goes
         # out at once. Ticks are global, so waiting writers wake together.
+        # A batch is at most the outbox's batch_bytes (or one larger frame);
+        # when a batch was cut there, the rest follows at once, not a tick
+        # later. A batch is encrypted one TLS record (16 KiB) at a time: the
+        # ciphertext the stream holds while the peer does not read, and the
+        # buffer OpenSSL keeps for it, stay that small.
         ticker = self.server.ticker
+        piece = 16 * 1024
         flushed_in = -1
         try:
             while True:
@@ -355,9 +361,15 @@ class _Connection:
                 batch = self.outbox.take()
                 if batch is None:
                     return  # closed, and everything was sent
-                await self.stream.send_all(batch)
+                cut = len(self.outbox) > 0
+                if len(batch) <= piece:
+                    await self.stream.send_all(batch)
+                else:
+                    view = memoryview(batch)
+                    for start in range(0, len(view), piece):
+                        await self.stream.send_all(view[start : start + piece])
                 if ticker is not None:
-                    flushed_in = ticker.count
+                    flushed_in = -1 if cut else ticker.count
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.Cancelled:
