@@ -50,11 +50,15 @@ from .protocol import (
 from .store import (
     AddMember,
     AppendMessage,
+    HistoryScope,
     MarkDelivered,
+    PeerScope,
     RemoveMember,
+    RoomScope,
     SaveRoom,
     Store,
     StoreError,
+    VisibleScope,
 )
 
 log = logging.getLogger(__name__)
@@ -64,9 +68,15 @@ log = logging.getLogger(__name__)
 RECENT_IDS = 1000
 RECENT_SECONDS = 600.0
 RECENT_IDS_MAX = 20_000
-# Stored direct messages are marked delivered this many at a time. Bulk
-# replies wait whenever the connection's queue is more than half full.
-REPLAY_CHUNK = 100
+# Bulk replies (history, stored direct messages) read at most READ_ROWS
+# messages, and not much more than READ_CHARS characters of text, from the
+# database at a time, and wait whenever the connection's queue is more than
+# half full. Stored direct messages are marked delivered one read at a time.
+READ_ROWS = 16
+READ_CHARS = 16 * 1024
+# The most a connection's writer takes from its queue at once (unless one
+# frame is larger): what it holds and encrypts in one go.
+BATCH_BYTES = 64 * 1024
 
 
 class Outbox:
@@ -75,8 +85,12 @@ class Outbox:
     ``put`` never blocks. When a frame would take the queue past
     ``max_frames`` or ``max_bytes``, the queue is dropped, closed, and
     ``on_overflow`` is called: that connection is too slow to keep, and the
-    caller must disconnect it. ``get_batch`` returns everything queued as
-    one ``bytes`` so the writer makes one ``send_all`` per wake-up.
+    caller must disconnect it. ``take`` returns queued frames as one
+    ``bytes`` of at most ``batch_bytes`` (or one larger frame), so the writer
+    makes one ``send_all`` per wake-up and never encrypts more than that at
+    once. A taken batch still counts against ``max_bytes`` until the writer
+    comes back for the next one, having sent it: what is queued plus what the
+    writer holds never exceeds ``max_bytes``.
     """
 
     def __init__(
@@ -87,16 +101,19 @@ class Outbox:
         *,
         drain_timeout: float = 30.0,
         later: DeferredWakeups | None = None,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self._frames: deque[bytes] = deque()
         self._later = later
         self._wake_pending = False
-        self._taken = trio.lowlevel.ParkingLot()  # woken when the writer takes a batch
+        self._room = trio.lowlevel.ParkingLot()  # woken when the writer frees room
         self._drain_timeout = drain_timeout
-        self._bytes = 0
+        self._bytes = 0  # queued, plus the batch the writer holds
+        self._in_flight = 0  # the batch the writer holds
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._on_overflow = on_overflow
+        self.batch_bytes = batch_bytes
         # The one writer task, while it waits for frames. Woken with a plain
         # reschedule: a ParkingLot costs ~2.7 us more per wake-up, and a put
         # to every member of a room wakes every member's writer.
@@ -142,7 +159,7 @@ class Outbox:
     def _overflow(self) -> None:
         self.overflowed = True
         self._frames.clear()
-        self._bytes = 0
+        self._bytes = self._in_flight = 0
         self.close()
         self._on_overflow()
 
@@ -150,7 +167,7 @@ class Outbox:
         """No more frames will be accepted; ``get_batch`` drains what is left, then returns None."""
         self.closed = True
         self._wake_writer()
-        self._taken.unpark_all()
+        self._room.unpark_all()
 
     async def wait_for_room(self) -> None:
         """Back-pressure for bulk replies: wait while the queue is more than half full.
@@ -162,17 +179,22 @@ class Outbox:
             while not self.closed and (
                 2 * len(self._frames) > self._max_frames or 2 * self._bytes > self._max_bytes
             ):
-                await self._taken.park()
+                await self._room.park()
             return
         self._overflow()
 
     async def get_batch(self) -> bytes | None:
-        """Everything queued as one ``bytes``, waiting for a frame; None once closed and empty."""
+        """The next batch (see :meth:`take`), waiting for a frame; None once closed and empty."""
         await self.wait_for_frames()
         return self.take()
 
     async def wait_for_frames(self) -> None:
-        """Return when there is something to take, or the outbox is closed (one writer only)."""
+        """Return when there is something to take, or the outbox is closed (one writer only).
+
+        The writer calls this when it has sent its last batch: that batch
+        stops counting against the limit.
+        """
+        self._release()
         while not self._frames and not self.closed:
             if self._writer is not None:
                 raise RuntimeError("another task is already waiting on this outbox")
@@ -184,18 +206,39 @@ class Outbox:
         return trio.lowlevel.Abort.SUCCEEDED
 
     def take(self) -> bytes | None:
-        """Everything queued as one ``bytes`` (None if nothing is)."""
-        if not self._frames:
+        """The oldest queued frames as one ``bytes`` (None if nothing is queued).
+
+        At most ``batch_bytes``, but always at least one whole frame; a
+        single frame is returned as the very object that was put. The batch
+        counts against ``max_bytes`` until the next ``take`` or
+        :meth:`wait_for_frames` (the previous one is released now).
+        """
+        self._release()
+        frames = self._frames
+        if not frames:
             return None
-        if len(self._frames) == 1:
-            batch = self._frames.popleft()
+        if len(frames) == 1:
+            batch = frames.popleft()
+        elif self._bytes <= self.batch_bytes:
+            batch = b"".join(frames)
+            frames.clear()
         else:
-            batch = b"".join(self._frames)
-            self._frames.clear()
-        self._bytes = 0
-        if self._taken:
-            self._taken.unpark_all()
+            parts = [frames.popleft()]
+            size = len(parts[0])
+            while frames and size + len(frames[0]) <= self.batch_bytes:
+                size += len(frames[0])
+                parts.append(frames.popleft())
+            batch = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._in_flight = len(batch)
         return batch
+
+    def _release(self) -> None:
+        """The writer is done with its batch: its bytes no longer count."""
+        if self._in_flight:
+            self._bytes -= self._in_flight
+            self._in_flight = 0
+            if self._room:
+                self._room.unpark_all()
 
 
 class DeferredWakeups:
@@ -451,28 +494,45 @@ class Hub:
     async def deliver_stored(self, member: Member) -> None:
         """Send ``member`` the direct messages that arrived while its user was offline.
 
-        Paced by the connection: a long backlog never overflows its queue.
+        Read a few at a time and paced by the connection: a long backlog
+        never overflows its queue, nor is it held in memory at once. Each
+        read's messages are claimed, queued, then marked delivered; if the
+        connection closes meanwhile they are not marked, and come again at
+        the next login.
         """
-        if member.username not in self._waiting_for:
+        user = member.username
+        if user not in self._waiting_for:
             return
-        try:
-            waiting = await self.store.undelivered(member.username)
-        except StoreError as exc:
-            log.error("cannot read stored direct messages user=%s: %s", member.username, exc)
-            return
-        for start in range(0, len(waiting), REPLAY_CHUNK):
-            chunk = [
-                m for m in waiting[start : start + REPLAY_CHUNK] if m.id not in self._handing_over
-            ]
-            ids = self._claim(chunk)
-            for message in chunk:
-                member.outbox.put(encode(message))
-                await member.outbox.wait_for_room()
-            if member.outbox.closed:
-                self._handing_over.difference_update(ids)
-                return  # not marked: they come again at the next login
+        # Direct messages with later ids were sent while the user was online:
+        # their commit hands them over (or keeps them for the next login).
+        through = self._last_id
+        after = 0
+        while not member.outbox.closed:
+            try:
+                chunk = await self.store.undelivered(
+                    user, after, READ_ROWS, through=through, max_chars=READ_CHARS
+                )
+            except StoreError as exc:
+                log.error("cannot read stored direct messages user=%s: %s", user, exc)
+                return
+            if not chunk:
+                self._waiting_for.discard(user)
+                return
+            after = chunk[-1].id
+            fresh = [message for message in chunk if message.id not in self._handing_over]
+            ids = self._claim(fresh)
+            handed_over = False
+            try:
+                for message in fresh:
+                    member.outbox.put(encode(message))
+                    await member.outbox.wait_for_room()
+                handed_over = not member.outbox.closed
+            finally:
+                if not handed_over:  # closed or cancelled: they come again at the next login
+                    self._handing_over.difference_update(ids)
+            if not handed_over:
+                return
             self._mark_delivered(ids)
-        self._waiting_for.discard(member.username)
 
     def _deliver_direct(self, user: str, message: Message, frame: bytes) -> None:
         """Hand a just-committed direct message to every connection of ``user`` (if any)."""
@@ -768,32 +828,51 @@ class Hub:
         limit: int,
         ref: str | None,
     ) -> None:
-        """Replay stored messages to ``member``, then ``history_end``."""
+        """Replay stored messages to ``member``, then ``history_end``.
+
+        The page's ids are looked up first; the messages are then read a few
+        at a time, each read after the previous one was queued and the
+        connection had room for more, so a page is never held whole.
+        """
         user = member.username
+        scope: HistoryScope
         if room is not None:
-            found = self._rooms.get(room)
-            if found is None or user not in found.members:
-                raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room!r}")
+            if not self._is_member(user, room):
+                raise _not_member(room)
+            scope = RoomScope(room)
+        elif peer is not None:
+            scope = PeerScope(user, peer)
+        else:
+            scope = VisibleScope(user, tuple(self.rooms_of(user)))
         try:
             # One more than asked for tells whether there is more.
-            if room is not None:
-                messages = await self.store.room_history(room, after, limit + 1)
-            elif peer is not None:
-                messages = await self.store.direct_history(user, peer, after, limit + 1)
-            else:
-                messages = await self.store.visible_history(
-                    user, self.rooms_of(user), after, limit + 1
+            ids = await self.store.history_ids(scope, after, limit + 1)
+            more = len(ids) > limit
+            ids = ids[:limit] if after is not None else ids[-limit:]
+            start = 0
+            while start < len(ids) and not member.outbox.closed:
+                messages = await self.store.messages(
+                    ids[start : start + READ_ROWS], max_chars=READ_CHARS
                 )
+                start = ids.index(messages[-1].id, start) + 1 if messages else start + READ_ROWS
+                for message in messages:
+                    # The user may have left a room (or been taken off a
+                    # private room's list) since the replay began.
+                    if message.room is not None and not self._is_member(user, message.room):
+                        if room is not None:
+                            raise _not_member(room)
+                        continue
+                    member.outbox.put(encode(message))
+                    await member.outbox.wait_for_room()
         except StoreError as exc:
             log.error("history query failed user=%s: %s", user, exc)
             raise ProtocolError(ErrorCode.UNAVAILABLE, "history is unavailable now") from None
-        more = len(messages) > limit
-        messages = messages[:limit] if after is not None else messages[-limit:]
-        for message in messages:
-            member.outbox.put(encode(message))
-            await member.outbox.wait_for_room()
-        last = messages[-1].id if messages else (after or 0)
+        last = ids[-1] if ids else (after or 0)
         member.send(HistoryEnd(room=room, peer=peer, last=last, more=more, ref=ref))
+
+    def _is_member(self, user: str, room: str) -> bool:
+        found = self._rooms.get(room)
+        return found is not None and user in found.members
 
     # --- moderation ---
 
@@ -832,6 +911,10 @@ class Hub:
             self.store.submit_nowait(write, done)
         except trio.WouldBlock:
             log.error("store queue full; %s not saved", write)
+
+
+def _not_member(room: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room!r}")
 
 
 def _epoch(ts: str) -> float:

@@ -63,6 +63,7 @@ from .transport import LeanSocketStream
 log = logging.getLogger("securechat.server")
 
 RECEIVE_BYTES = 65536
+TLS_RECORD_BYTES = 16 * 1024  # the most plaintext one TLS record holds
 # After the reader stops (bye, EOF, fatal error), how long the writer may
 # take to flush what is queued before the connection is dropped.
 FLUSH_TIMEOUT = 5.0
@@ -447,7 +448,13 @@ class _Connection:
         # into one TLS write instead of one per message (and its task is not
         # woken for each of them); the first write after a quiet spell goes
         # out at once. Ticks are global, so waiting writers wake together.
+        # A batch is at most the outbox's batch_bytes (or one larger frame);
+        # when a batch was cut there, the rest follows at once, not a tick
+        # later. A batch is encrypted one TLS record (16 KiB) at a time: the
+        # ciphertext the stream holds while the peer does not read, and the
+        # buffer OpenSSL keeps for it, stay that small.
         ticker = self.server.ticker
+        piece = TLS_RECORD_BYTES
         flushed_in = -1
         try:
             while True:
@@ -457,9 +464,15 @@ class _Connection:
                 batch = self.outbox.take()
                 if batch is None:
                     return  # closed, and everything was sent
-                await self.stream.send_all(batch)
+                cut = len(self.outbox) > 0
+                if len(batch) <= piece:
+                    await self.stream.send_all(batch)
+                else:
+                    view = memoryview(batch)
+                    for start in range(0, len(view), piece):
+                        await self.stream.send_all(view[start : start + piece])
                 if ticker is not None:
-                    flushed_in = ticker.count
+                    flushed_in = -1 if cut else ticker.count
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.Cancelled:

@@ -7,25 +7,33 @@ so no message is acknowledged before it is on disk. The database runs in
 WAL mode with ``synchronous=FULL``, so a committed transaction survives the
 process being killed, and the machine losing power.
 
-Reads (history replay, start-up state) use a second connection, so they
-never wait behind a commit. SQLite calls block, so both connections are only
-used from worker threads, one call at a time each.
+Reads (history replay, start-up state) use a small pool of other
+connections, so they never wait behind a commit, and one user's read never
+queues everyone else's (WAL lets readers run at once). SQLite calls block, so
+every connection is only used from worker threads, one call at a time each.
+
+History is read in two steps, so that neither its cost nor its memory grows
+with the database or with what a client asks for: :meth:`Store.history_ids`
+finds the ids of a page, walking indexes in id order and stopping at the
+limit (several scopes are merged lazily, never sorted whole), then
+:meth:`Store.messages` fetches their rows a few at a time.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
-from .protocol import Message
+from .protocol import MAX_MESSAGE_ID, Message
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,8 @@ log = logging.getLogger(__name__)
 # writer before submitters are made to wait (back-pressure).
 MAX_BATCH = 1024
 QUEUE_SIZE = 1024
+# Reader connections: reads run at once on this many threads.
+READERS = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -50,6 +60,8 @@ CREATE INDEX IF NOT EXISTS messages_by_recipient
     ON messages(recipient, sender, id) WHERE recipient IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_by_sender
     ON messages(sender, id) WHERE recipient IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_to
+    ON messages(recipient, id) WHERE recipient IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_undelivered
     ON messages(recipient, id) WHERE delivered = 0;
 CREATE TABLE IF NOT EXISTS rooms (
@@ -181,14 +193,128 @@ class RecentSend:
     ts: str
 
 
+@dataclass(frozen=True)
+class RoomScope:
+    """History of one room."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class PeerScope:
+    """The direct messages between ``user`` and ``peer`` (both ways; a note to self when equal)."""
+
+    user: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class VisibleScope:
+    """Everything ``user`` can see: the messages of ``rooms`` and their direct messages."""
+
+    user: str
+    rooms: tuple[str, ...]
+
+
+HistoryScope = RoomScope | PeerScope | VisibleScope
+
+# One index range per part of a scope: (index, condition). Each is read in id
+# order straight from its index, so a page costs one seek per range plus one
+# step per message, however many messages match. Only these constant
+# fragments are interpolated into SQL; every value is bound.
+_ROOM_RANGE = ("messages_by_room", "room = ?")
+_CONVERSATION_RANGE = ("messages_by_recipient", "recipient = ? AND sender = ?")
+_TO_RANGE = ("messages_to", "recipient = ?")
+_FROM_RANGE = ("messages_by_sender", "sender = ? AND recipient IS NOT NULL")
+_Range = tuple[tuple[str, str], tuple[str, ...]]
+
+T = TypeVar("T")
+
+
+def _ranges(scope: HistoryScope) -> list[_Range]:
+    if isinstance(scope, RoomScope):
+        return [(_ROOM_RANGE, (scope.room,))]
+    if isinstance(scope, PeerScope):
+        ranges: list[_Range] = [(_CONVERSATION_RANGE, (scope.peer, scope.user))]
+        if scope.peer != scope.user:
+            ranges.append((_CONVERSATION_RANGE, (scope.user, scope.peer)))
+        return ranges
+    visible: list[_Range] = [(_ROOM_RANGE, (room,)) for room in sorted(set(scope.rooms))]
+    # A note to self is in both of these; the merge drops the second copy.
+    visible += [(_TO_RANGE, (scope.user,)), (_FROM_RANGE, (scope.user,))]
+    return visible
+
+
+def _range_sql(index: str, condition: str, latest: bool) -> str:
+    if latest:
+        return (
+            f"SELECT id FROM messages INDEXED BY {index}"  # noqa: S608
+            f" WHERE {condition} ORDER BY id DESC LIMIT ?"
+        )
+    return (
+        f"SELECT id FROM messages INDEXED BY {index}"  # noqa: S608
+        f" WHERE {condition} AND id > ? ORDER BY id LIMIT ?"
+    )
+
+
+def _page_ids(
+    db: sqlite3.Connection, scope: HistoryScope, after: int | None, limit: int
+) -> list[int]:
+    """The ids of a history page, ascending (see :meth:`Store.history_ids`)."""
+    latest = after is None
+    cursors: list[sqlite3.Cursor] = []
+    try:
+        for (index, condition), params in _ranges(scope):
+            args = (*params, limit) if latest else (*params, after, limit)
+            cursors.append(db.execute(_range_sql(index, condition, latest), args))
+        # A lazy k-way merge: each cursor is stepped only when its id is next.
+        merged: Iterator[int] = heapq.merge(
+            *((row[0] for row in cursor) for cursor in cursors), reverse=latest
+        )
+        ids: list[int] = []
+        for id_ in merged:
+            if ids and ids[-1] == id_:
+                continue
+            ids.append(id_)
+            if len(ids) == limit:
+                break
+    finally:
+        for cursor in cursors:
+            cursor.close()
+    if latest:
+        ids.reverse()
+    return ids
+
+
+def _rows(cursor: sqlite3.Cursor, max_chars: int | None) -> list[Message]:
+    """``cursor``'s message rows, stopping after the row that takes their texts to ``max_chars``."""
+    messages: list[Message] = []
+    chars = 0
+    try:
+        for id_, room, recipient, sender, text, ts in cursor:
+            # Rows were validated on the way in; skip validating them again.
+            messages.append(
+                Message.model_construct(
+                    id=id_, room=room, to=recipient, sender=sender, text=text, ts=ts
+                )
+            )
+            chars += len(text)
+            if max_chars is not None and chars >= max_chars:
+                break
+    finally:
+        cursor.close()
+    return messages
+
+
 class Store:
     """The database, its writer task and its history queries."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readers: int = READERS) -> None:
         self.path = path
         self._writer_db = _connect(path)
-        self._reader_db = _connect(path)
-        self._reader_lock = trio.CapacityLimiter(1)
+        self._readers = [_connect(path, schema=False) for _ in range(readers)]
+        self._idle_readers = list(self._readers)
+        self._reader_slots = trio.CapacityLimiter(readers)
         self._send, self._receive = trio.open_memory_channel[tuple[tuple[Write, ...], Done]](
             QUEUE_SIZE
         )
@@ -197,27 +323,27 @@ class Store:
     # -- start-up state (call before serving; blocking) --
 
     def last_message_id(self) -> int:
-        row = self._reader_db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+        row = self._readers[0].execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
         return int(row[0])
 
     def rooms(self) -> dict[str, tuple[str, frozenset[str] | None]]:
         """Every saved room: its topic and, for a private room, who may join."""
         return {
             name: (topic, None if allowed is None else frozenset(json.loads(allowed)))
-            for name, topic, allowed in self._reader_db.execute(
+            for name, topic, allowed in self._readers[0].execute(
                 "SELECT name, topic, allowed FROM rooms"
             )
         }
 
     def memberships(self) -> dict[str, set[str]]:
         members: dict[str, set[str]] = {}
-        for room, username in self._reader_db.execute("SELECT room, username FROM memberships"):
+        for room, username in self._readers[0].execute("SELECT room, username FROM memberships"):
             members.setdefault(room, set()).add(username)
         return members
 
     def users_with_undelivered(self) -> set[str]:
         """Users who have direct messages waiting for their next login."""
-        rows = self._reader_db.execute(
+        rows = self._readers[0].execute(
             "SELECT DISTINCT recipient FROM messages WHERE delivered = 0"
         )
         return {row[0] for row in rows}
@@ -225,14 +351,18 @@ class Store:
     def recent_sends(self, per_user: int, since: str) -> list[RecentSend]:
         """Messages sent with a client id: each user's newest ``per_user``, and every
         one at or after the timestamp ``since``; oldest first."""
-        rows = self._reader_db.execute(
-            "SELECT sender, client_id, id, ts FROM ("
-            "  SELECT sender, client_id, id, ts,"
-            "   ROW_NUMBER() OVER (PARTITION BY sender ORDER BY id DESC) AS newest"
-            "  FROM messages WHERE client_id IS NOT NULL"
-            ") WHERE newest <= ? OR ts >= ? ORDER BY id",
-            (per_user, since),
-        ).fetchall()
+        rows = (
+            self._readers[0]
+            .execute(
+                "SELECT sender, client_id, id, ts FROM ("
+                "  SELECT sender, client_id, id, ts,"
+                "   ROW_NUMBER() OVER (PARTITION BY sender ORDER BY id DESC) AS newest"
+                "  FROM messages WHERE client_id IS NOT NULL"
+                ") WHERE newest <= ? OR ts >= ? ORDER BY id",
+                (per_user, since),
+            )
+            .fetchall()
+        )
         return [RecentSend(*row) for row in rows]
 
     # -- writes --
@@ -325,68 +455,86 @@ class Store:
 
     def close_database(self) -> None:
         self._writer_db.close()
-        self._reader_db.close()
+        for db in self._readers:
+            db.close()
 
     # -- reads --
 
+    async def history_ids(self, scope: HistoryScope, after: int | None, limit: int) -> list[int]:
+        """The ids of a history page, ascending: the first ``limit`` after ``after``, or
+        without ``after`` the latest ``limit``.
+
+        Costs O((ranges + limit) · log n) for n stored messages: one index seek
+        per room in the scope (plus two for direct messages), then one step
+        per id returned.
+        """
+        return await self._read(lambda db: _page_ids(db, scope, after, limit))
+
+    async def messages(self, ids: Sequence[int], *, max_chars: int | None = None) -> list[Message]:
+        """The messages with these ids, in id order (ids that do not exist are skipped).
+
+        With ``max_chars``, stops after the message that takes the texts read
+        to that many characters: the caller asks again for the ids after the
+        last one returned.
+        """
+        if not ids:
+            return []
+        placeholders = ", ".join("?" * len(ids))
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE id IN ({placeholders}) ORDER BY id"  # noqa: S608
+        return await self._read(lambda db: _rows(db.execute(sql, tuple(ids)), max_chars))
+
+    async def undelivered(
+        self,
+        user: str,
+        after: int = 0,
+        limit: int = 10_000,
+        *,
+        through: int | None = None,
+        max_chars: int | None = None,
+    ) -> list[Message]:
+        """Direct messages to ``user`` stored while they were offline, with ids after
+        ``after`` (and up to ``through``), oldest first; ``max_chars`` as for :meth:`messages`."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages INDEXED BY messages_undelivered"  # noqa: S608
+            " WHERE recipient = ? AND delivered = 0 AND id > ? AND id <= ? ORDER BY id LIMIT ?"
+        )
+        args = (user, after, MAX_MESSAGE_ID if through is None else through, limit)
+        return await self._read(lambda db: _rows(db.execute(sql, args), max_chars))
+
     async def room_history(self, room: str, after: int | None, limit: int) -> list[Message]:
-        return await self._query("room = ?", (room,), after, limit)
+        """A whole page at once (:meth:`history_ids` then :meth:`messages`)."""
+        return await self._page(RoomScope(room), after, limit)
 
     async def direct_history(
         self, user: str, peer: str, after: int | None, limit: int
     ) -> list[Message]:
-        return await self._query(
-            "recipient IS NOT NULL AND ((sender = ? AND recipient = ?)"
-            " OR (sender = ? AND recipient = ?))",
-            (user, peer, peer, user),
-            after,
-            limit,
-        )
+        return await self._page(PeerScope(user, peer), after, limit)
 
     async def visible_history(
         self, user: str, rooms: Iterable[str], after: int | None, limit: int
     ) -> list[Message]:
         """Messages in ``rooms`` and direct messages to or from ``user``."""
-        room_list = sorted(rooms)
-        placeholders = ", ".join("?" * len(room_list))
-        condition = "(recipient = ? OR (recipient IS NOT NULL AND sender = ?))"
-        if room_list:
-            condition = f"(room IN ({placeholders}) OR {condition})"
-        return await self._query(condition, (*room_list, user, user), after, limit)
+        return await self._page(VisibleScope(user, tuple(rooms)), after, limit)
 
-    async def undelivered(self, user: str) -> list[Message]:
-        """Direct messages to ``user`` stored while they were offline."""
-        return await self._query("recipient = ? AND delivered = 0", (user,), 0, 10_000)
+    async def _page(self, scope: HistoryScope, after: int | None, limit: int) -> list[Message]:
+        return await self.messages(await self.history_ids(scope, after, limit))
 
-    async def _query(
-        self, condition: str, params: tuple[Any, ...], after: int | None, limit: int
-    ) -> list[Message]:
-        # Only constant SQL fragments are interpolated; every value is bound.
-        select = f"SELECT {_COLUMNS} FROM messages WHERE {condition}"  # noqa: S608
-        if after is None:  # the latest `limit` messages, oldest first
-            sql = f"SELECT * FROM ({select} ORDER BY id DESC LIMIT ?) ORDER BY id"  # noqa: S608
-            args: tuple[Any, ...] = (*params, limit)
-        else:
-            sql = f"{select} AND id > ? ORDER BY id LIMIT ?"
-            args = (*params, after, limit)
-
-        def run() -> list[tuple[Any, ...]]:
-            return self._reader_db.execute(sql, args).fetchall()
-
-        try:
-            rows = await trio.to_thread.run_sync(run, limiter=self._reader_lock)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
-        return [
-            # Rows were validated on the way in; skip validating them again.
-            Message.model_construct(
-                id=id_, room=room, to=recipient, sender=sender, text=text, ts=ts
-            )
-            for id_, room, recipient, sender, text, ts in rows
-        ]
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """``run(connection)`` in a worker thread on an idle reader connection."""
+        async with self._reader_slots:
+            db = self._idle_readers.pop()
+            try:
+                # Not abandoned on cancel: the connection is back in the pool
+                # only once its thread is done with it.
+                return await trio.to_thread.run_sync(run, db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+            finally:
+                self._idle_readers.append(db)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, *, schema: bool = True) -> sqlite3.Connection:
+    """Open ``path``; with ``schema``, create or upgrade the tables and indexes (the writer)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
@@ -396,10 +544,11 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA busy_timeout = 5000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
-        db.executescript(_SCHEMA)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(rooms)")}
-        if "allowed" not in columns:  # a database from before private rooms were saved
-            db.execute("ALTER TABLE rooms ADD COLUMN allowed TEXT")
+        if schema:
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(rooms)")}
+            if "allowed" not in columns:  # a database from before private rooms were saved
+                db.execute("ALTER TABLE rooms ADD COLUMN allowed TEXT")
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open the database ({exc})") from None
     return db

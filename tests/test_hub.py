@@ -247,14 +247,64 @@ def test_a_single_frame_larger_than_max_bytes_overflows() -> None:
     assert len(box) == 0
 
 
-async def test_draining_frees_room_in_the_outbox() -> None:
+async def test_draining_frees_room_in_the_outbox_once_the_writer_is_back() -> None:
     box, counter = outbox(max_frames=2, max_bytes=8)
     for _ in range(5):
         box.put(b"abc\n")
         box.put(b"def\n")
         assert await box.get_batch() == b"abc\ndef\n"
+        assert box.take() is None  # the writer is back: that batch was sent
     assert counter.calls == 0
     assert not box.closed
+
+
+def test_a_taken_batch_counts_against_max_bytes_until_the_writer_is_back() -> None:
+    box, counter = outbox(max_frames=10, max_bytes=8)
+    box.put(b"abc\n")
+    box.put(b"def\n")
+    assert box.take() == b"abc\ndef\n"  # the writer holds it while the peer is slow
+    box.put(b"!")
+    assert counter.calls == 1
+    assert box.overflowed
+
+
+def test_take_returns_at_most_batch_bytes_and_leaves_the_rest_in_order() -> None:
+    box = Outbox(100, 1 << 20, OverflowCounter(), batch_bytes=10)
+    for frame in (b"aaaa\n", b"bbbb\n", b"cccc\n", b"d\n"):
+        box.put(frame)
+    assert box.take() == b"aaaa\nbbbb\n"
+    assert len(box) == 2
+    assert box.take() == b"cccc\nd\n"
+    assert box.take() is None
+
+
+def test_a_frame_larger_than_batch_bytes_is_taken_whole_and_as_is() -> None:
+    box = Outbox(100, 1 << 20, OverflowCounter(), batch_bytes=10)
+    large, small = b"x" * 30 + b"\n", b"y\n"
+    box.put(large)
+    box.put(small)
+    assert box.take() is large
+    assert box.take() is small
+
+
+async def test_a_bulk_reply_waits_until_the_writer_has_sent_the_batch_it_took() -> None:
+    box, counter = outbox(max_bytes=100)
+    box.put(b"x" * 60)  # more than half full
+    waited: list[bool] = []
+
+    async def bulk_reply() -> None:
+        await box.wait_for_room()
+        waited.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bulk_reply)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.take() == b"x" * 60
+        await trio.testing.wait_all_tasks_blocked()
+        assert waited == []  # taken, but still being sent
+        assert box.take() is None  # the writer is back
+    assert waited == [True]
+    assert counter.calls == 0
 
 
 # --- Hub: helpers ----------------------------------------------------------------------
@@ -280,11 +330,12 @@ class Conn:
 
     async def take(self) -> list[ServerEnvelope]:
         """Everything queued since the last take, parsed, and removed from the outbox."""
-        if not len(self.outbox):
-            return []
-        batch = await self.outbox.get_batch()  # returns at once: frames are queued
-        assert batch is not None
-        return [parse_server_frame(line) for line in batch.splitlines()]
+        envelopes: list[ServerEnvelope] = []
+        while len(self.outbox):  # one batch at a time, as the writer takes them
+            batch = await self.outbox.get_batch()  # returns at once: frames are queued
+            assert batch is not None
+            envelopes.extend(parse_server_frame(line) for line in batch.splitlines())
+        return envelopes
 
     async def messages(self) -> list[Message]:
         return [envelope for envelope in await self.take() if isinstance(envelope, Message)]

@@ -555,9 +555,9 @@ async def test_wire_names_only(server: RunningServer) -> None:
 async def test_history_read_failure_is_unavailable(server: RunningServer) -> None:
     bob = await server.login("bob")
     store = server.server.store
-    healthy = store._reader_db
-    # Inject a database that fails every read (it has no tables).
-    store._reader_db = sqlite3.connect(":memory:", check_same_thread=False)
+    healthy = list(store._idle_readers)
+    # Inject databases that fail every read (they have no tables).
+    store._idle_readers[:] = [sqlite3.connect(":memory:", check_same_thread=False) for _ in healthy]
     try:
         await bob.send(History(room="lobby", id="h"))
         error = await receive_type(bob, Error)
@@ -565,8 +565,9 @@ async def test_history_read_failure_is_unavailable(server: RunningServer) -> Non
         await bob.send(Ping(id="alive"))
         assert (await receive_type(bob, Pong)).ref == "alive"
     finally:
-        store._reader_db.close()
-        store._reader_db = healthy
+        for db in store._idle_readers:
+            db.close()
+        store._idle_readers[:] = healthy
 
 
 async def test_private_room_stays_private_when_dropped_from_config(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,12 +21,16 @@ from securechat.store import (
     AddMember,
     AppendMessage,
     Done,
+    HistoryScope,
     MarkDelivered,
+    PeerScope,
     RecentSend,
     RemoveMember,
+    RoomScope,
     SaveRoom,
     Store,
     StoreError,
+    VisibleScope,
     Write,
 )
 
@@ -256,6 +263,216 @@ async def test_undelivered_lists_waiting_direct_messages_until_marked_delivered(
     assert await store.undelivered("bob") == []
     # Delivered messages stay in the history.
     assert len(await store.direct_history("alice", "bob", None, 100)) == 3
+
+
+def model_page(
+    messages: list[Message], visible: Callable[[Message], bool], after: int | None, limit: int
+) -> list[int]:
+    """What a history page is, computed the plain way: filter everything, sort, cut."""
+    ids = sorted(m.id for m in messages if visible(m))
+    if after is None:
+        return ids[-limit:]
+    return [i for i in ids if i > after][:limit]
+
+
+async def test_history_ids_match_the_plain_definition_for_every_scope_and_cursor(
+    store: Store,
+) -> None:
+    draw = random.Random(9)  # noqa: S311 (test data, not secrets)
+    users, rooms = ("alice", "bob", "carol"), ("lobby", "dev", "ops")
+    messages: list[Message] = []
+    for id_ in range(1, 401):
+        sender = draw.choice(users)
+        if draw.random() < 0.5:
+            messages.append(room_message(id_, room=draw.choice(rooms), sender=sender))
+        else:  # including notes to self
+            messages.append(direct_message(id_, sender, draw.choice(users)))
+    await store.write(*(AppendMessage(m) for m in messages))
+
+    def dm_between(a: str, b: str) -> Callable[[Message], bool]:
+        return lambda m: m.to is not None and {m.sender, m.to} == {a, b}
+
+    def sees(user: str, rooms: tuple[str, ...]) -> Callable[[Message], bool]:
+        return lambda m: m.room in rooms or (m.to is not None and user in (m.sender, m.to))
+
+    scopes: list[tuple[HistoryScope, Callable[[Message], bool]]] = [
+        (RoomScope("dev"), lambda m: m.room == "dev"),
+        (RoomScope("nowhere"), lambda m: False),
+        (PeerScope("alice", "bob"), dm_between("alice", "bob")),
+        (PeerScope("bob", "alice"), dm_between("alice", "bob")),
+        (PeerScope("alice", "alice"), lambda m: m.to == m.sender == "alice"),
+        (VisibleScope("alice", ("lobby", "dev")), sees("alice", ("lobby", "dev"))),
+        (VisibleScope("carol", ()), sees("carol", ())),
+        (VisibleScope("bob", rooms), sees("bob", rooms)),
+    ]
+    for scope, visible in scopes:
+        for after in (None, 0, 57, 399, 400, 10_000):
+            for limit in (1, 7, 50, 500):
+                expected = model_page(messages, visible, after, limit)
+                assert await store.history_ids(scope, after, limit) == expected, (
+                    scope,
+                    after,
+                    limit,
+                )
+
+
+async def test_messages_are_read_in_id_order_up_to_max_chars_skipping_unknown_ids(
+    store: Store,
+) -> None:
+    texts = {1: "a" * 10, 2: "b" * 10, 3: "c" * 10, 5: "d" * 10}
+    await store.write(
+        *(
+            AppendMessage(Message(id=i, room="lobby", sender="alice", text=t, ts=TS))
+            for i, t in texts.items()
+        )
+    )
+    assert [m.id for m in await store.messages([1, 2, 3, 4, 5])] == [1, 2, 3, 5]
+    # Stops after the message that reaches max_chars: the caller asks again from there.
+    assert [m.id for m in await store.messages([1, 2, 3, 5], max_chars=15)] == [1, 2]
+    assert [m.id for m in await store.messages([3, 5], max_chars=1)] == [3]
+    assert await store.messages([]) == []
+    assert (await store.messages([5]))[0].text == "d" * 10
+
+
+async def test_undelivered_reads_a_range_of_ids_up_to_max_chars(store: Store) -> None:
+    await store.write(
+        *(AppendMessage(direct_message(i, "alice", "bob"), delivered=False) for i in range(1, 9))
+    )
+    assert [m.id for m in await store.undelivered("bob", 2, 3)] == [3, 4, 5]
+    assert [m.id for m in await store.undelivered("bob", 2, 10, through=6)] == [3, 4, 5, 6]
+    # "dm 1" is 4 characters: the second message reaches 8.
+    assert [m.id for m in await store.undelivered("bob", 0, 10, max_chars=8)] == [1, 2]
+
+
+async def test_a_slow_read_does_not_hold_up_other_reads(store: Store) -> None:
+    await store.write(AppendMessage(room_message(1)))
+    release = threading.Event()
+
+    def slow(db: sqlite3.Connection) -> None:
+        release.wait(WAIT)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store._read, slow)  # holds one reader connection
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(WAIT):
+            assert await store.room_history("lobby", None, 10) == [room_message(1)]
+        release.set()
+
+
+async def test_a_database_from_before_the_direct_message_index_gets_it(db_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.executescript(securechat.store._SCHEMA)
+        db.execute("DROP INDEX messages_to")
+        db.execute(
+            "INSERT INTO messages (id, recipient, sender, text, ts)"
+            " VALUES (1, 'bob', 'alice', 'hi', ?)",
+            (TS,),
+        )
+        db.commit()
+    async with running(Store(db_path)) as store:
+        assert [m.id for m in await store.visible_history("bob", [], None, 10)] == [1]
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "messages_to" in names
+
+
+# --- history on a large database: cost O(limit), not O(messages) -----------------------------
+
+BIG_ROOMS = tuple(f"r{i}" for i in range(20))
+BIG_MESSAGES = 240_000
+
+
+@pytest.fixture(scope="module")
+def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 000 messages: the lobby (60%), 20 rooms (20%), alice's and bob's direct
+    messages with each other (10%) and bob's with carol (10%)."""
+    path = tmp_path_factory.mktemp("big") / "big.db"
+    Store(path).close_database()
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for n in range(1, BIG_MESSAGES + 1):
+            kind = n % 10
+            if kind < 6:
+                yield (n, "lobby", None, "dave", "x", TS)
+            elif kind < 8:
+                yield (n, BIG_ROOMS[n % 20], None, "bob", "x", TS)
+            elif kind == 8:
+                yield (n, None, *(("bob", "alice") if n % 3 else ("alice", "bob")), "x", TS)
+            else:
+                yield (n, None, "carol", "bob", "x", TS)
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA synchronous = OFF")
+        with db:
+            db.executemany(
+                "INSERT INTO messages (id, room, recipient, sender, text, ts)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows(),
+            )
+    return path
+
+
+class ReadCost:
+    """Every statement the store's connections run, and their SQLite VM steps (in tens)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.statements: list[str] = []
+
+    def watch(self, db: sqlite3.Connection) -> None:
+        def step() -> int:
+            self.steps += 10
+            return 0
+
+        db.set_progress_handler(step, 10)
+        db.set_trace_callback(self.statements.append)
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.statements.clear()
+
+
+@pytest.fixture
+def read_cost(monkeypatch: pytest.MonkeyPatch) -> ReadCost:
+    cost = ReadCost()
+    connect = securechat.store._connect
+
+    def watched(path: Path, **options: Any) -> sqlite3.Connection:
+        db = connect(path, **options)
+        cost.watch(db)
+        return db
+
+    monkeypatch.setattr(securechat.store, "_connect", watched)
+    return cost
+
+
+@pytest.mark.parametrize("after", [None, 1000, BIG_MESSAGES // 2])
+@pytest.mark.parametrize("scope", ["room", "peer", "visible"])
+async def test_history_touches_o_limit_rows_however_many_messages_match(
+    big_db: Path, read_cost: ReadCost, scope: str, after: int | None
+) -> None:
+    limit = 101  # what the hub asks for a page of 100
+    rooms = ("lobby", *BIG_ROOMS)
+    async with running(Store(big_db)) as store:
+        read_cost.reset()
+        if scope == "room":
+            page, ranges = await store.room_history("lobby", after, limit), 1
+        elif scope == "peer":
+            page, ranges = await store.direct_history("alice", "bob", after, limit), 2
+        else:
+            page, ranges = await store.visible_history("alice", rooms, after, limit), len(rooms) + 2
+        assert len(page) == limit
+        steps, statements = read_cost.steps, list(read_cost.statements)
+    # Tens of thousands of messages match each scope; a page steps through
+    # its own rows and one index entry per range, a few VM steps each.
+    assert steps < 100 * (ranges + limit), steps
+    with contextlib.closing(sqlite3.connect(big_db)) as db:
+        for sql in statements:
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            assert not any("TEMP B-TREE" in step or step.startswith("SCAN") for step in plan), (
+                sql,
+                plan,
+            )
 
 
 # --- rooms, memberships and start-up state -------------------------------------------------
