@@ -82,7 +82,13 @@ def rss(pid: int) -> int:
 
 def server_config(tmp_path: Path, pki: Pki, password_hashes: dict[str, str]) -> Path:
     data = config_data(pki, password_hashes)
-    data["limits"] = {"max_outbound_bytes": MAX_OUTBOUND, "ping_timeout": 3.0}
+    # Twenty history pages of 500 at once are over one user's request rate: lift it,
+    # the memory of each page is what is measured.
+    data["limits"] = {
+        "max_outbound_bytes": MAX_OUTBOUND,
+        "ping_timeout": 3.0,
+        "request_burst": 1000,
+    }
     data["storage"] = {"path": str(tmp_path / "chat.db")}
     return write_toml(tmp_path / "server.toml", data)
 
