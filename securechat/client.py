@@ -510,12 +510,15 @@ class ChatSession:
         self._leaving = False
         self._replays = 0  # explicit /history requests not yet ended
         self._exit_code = 1
+        self._sync_after = 0  # where the last catch-up page started
+        self._tasks: trio.Nursery | None = None
 
     def prompt(self) -> str:
         return f"[{self.room}] send>>> "
 
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             nursery.start_soon(self._network_loop, nursery.cancel_scope)
             nursery.start_soon(self._keepalive_loop)
             self._exit_code = await self._input_loop()
@@ -665,6 +668,11 @@ class ChatSession:
                 self.room = (
                     LOBBY if LOBBY in self.rooms else (self.rooms[0] if self.rooms else LOBBY)
                 )
+        elif isinstance(envelope, Error) and envelope.ref == "sync":
+            if envelope.code == ErrorCode.RATE_LIMITED and self._tasks is not None:
+                # Catching up is worth waiting for: ask again when the server says.
+                self._tasks.start_soon(self._sync_later, envelope.retry_after or 1.0)
+                return
         elif isinstance(envelope, Error) and envelope.ref in self.pending:
             self.refused += 1
             self._acknowledged(envelope.ref)
@@ -675,10 +683,21 @@ class ChatSession:
     async def _history_ended(self, end: HistoryEnd) -> None:
         if end.ref is not None and end.ref.startswith("sync"):
             if end.more:  # catching up after a reconnect: fetch the next page
-                await self._send(History(after=end.last, limit=MAX_HISTORY_LIMIT, id="sync"))
+                await self._sync(end.last)
             return
         self._replays = max(0, self._replays - 1)
         self._notice("-- end of history --")
+
+    async def _sync(self, after: int) -> None:
+        """Ask for the next catch-up page: everything visible to us after ``after``."""
+        self._sync_after = after
+        await self._send(History(after=after, limit=MAX_HISTORY_LIMIT, id="sync"))
+
+    async def _sync_later(self, delay: float) -> None:
+        after = self._sync_after
+        await trio.sleep(delay)
+        if self._sync_after == after:  # no reconnect started a new catch-up meanwhile
+            await self._sync(after)
 
     def _acknowledged(self, ref: str | None) -> None:
         if ref is not None and self.pending.pop(ref, None) is not None and not self.pending:
@@ -717,7 +736,7 @@ class ChatSession:
         self._notice("[RECONNECTED]")
         if self.seen.highest:
             # Everything visible to us since the last message we saw.
-            await self._send(History(after=self.seen.highest, limit=MAX_HISTORY_LIMIT, id="sync"))
+            await self._sync(self.seen.highest)
         for envelope in list(self.pending.values()):
             await self._send(envelope)  # the same ids: the server will not deliver twice
         return True
