@@ -665,10 +665,13 @@ RAW_ATTACKS = {
     "half_hello_then_eof": RawAttack(half, "eof"),
     "half_hello_then_close": RawAttack(half, "close"),
     "half_hello_then_silence": RawAttack(
-        half, "wait", logged="handshake timeout", handshake_timeout=0.3
+        half, "wait", logged="handshake timeout", handshake_timeout=1.0
     ),
     "record_header_then_silence": RawAttack(
-        lambda _: b"\x16\x03\x01\x40\x00", "wait", logged="handshake timeout", handshake_timeout=0.3
+        lambda _: b"\x16\x03\x01\x40\x00",
+        "wait",
+        logged="handshake timeout",
+        handshake_timeout=1.0,
     ),
     "hello_then_eof": RawAttack(lambda h: h, "eof", answer="handshake"),
     "hello_then_close": RawAttack(lambda h: h, "close"),
