@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import trio
 from pydantic import SecretStr
 
-from . import __version__, tls
+from . import __version__, process, tls
 from .auth import check_new_password, hash_password
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
@@ -378,6 +378,7 @@ async def _serve(server: ChatServer, config_path: Path, with_console: bool, log_
     # so that log lines print above the prompt.
     console = open_console(lambda: PROMPT) if with_console else None
     _setup_logging(log_level)
+    process.tune_allocator()
     settings = server.config.server
     try:
         await server.listen()

@@ -4,15 +4,19 @@ The server context is what passes scanners (Mozilla "intermediate"):
 TLS 1.2+ with forward-secret AEAD suites only, one curve (P-256), no
 compression, no renegotiation, server cipher preference, no session
 tickets (a long-lived ticket key would undo forward secrecy for resumed
-sessions). When client certificates are on, OpenSSL also sends the CA
-certificate from ``[server] ca`` after the leaf (it is public). The client
-trusts only the given CA and checks the server's hostname. Both offer ALPN
-``securechat/1``.
+sessions) and no server-side session cache: nothing of a finished
+connection stays in memory (see :func:`_disable_session_cache`). When
+client certificates are on, OpenSSL also sends the CA certificate from
+``[server] ca`` after the leaf (it is public). The client trusts only the
+given CA and checks the server's hostname. Both offer ALPN ``securechat/1``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import ssl
+import sys
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,20 @@ CLOSE_TIMEOUT = 1.0
 
 AnyStream = trio.SSLStream[Any]
 
+log = logging.getLogger("securechat.tls")
+
+# OpenSSL's server session cache, when it cannot be turned off: at most
+# 20 480 sessions (SSL_SESSION_CACHE_MAX_SIZE_DEFAULT), each kept 7200 s
+# (the TLS default timeout), the oldest evicted first.
+SESSION_CACHE_MAX_ENTRIES = 20480
+SESSION_CACHE_TIMEOUT = 7200
+# From openssl/ssl.h (the same values since OpenSSL 0.9.x).
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+_SSL_SESS_CACHE_SERVER = 2
+_SSL_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
 
 def server_context(cert: Path, key: Path, ca: Path, client_certs: ClientCertMode) -> ssl.SSLContext:
     """The server's context; raises :class:`CertError` for unusable files."""
@@ -38,11 +56,89 @@ def server_context(cert: Path, key: Path, ca: Path, client_certs: ClientCertMode
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    # OP_NO_TICKET alone turns TLS 1.3 tickets into stateful ones, each a
+    # session (~11 KiB with a client certificate) in the server's cache for
+    # two hours. Our clients never resume: issue no TLS 1.3 tickets at all.
+    context.num_tickets = 0
     _load_chain(context, cert, key)
     if client_certs != "none":
         _load_ca(context, ca)
         context.verify_mode = ssl.CERT_REQUIRED if client_certs == "required" else ssl.CERT_OPTIONAL
+    if not _disable_session_cache(context):
+        log.warning(
+            "cannot turn off OpenSSL's TLS session cache here (%s, %s): a TLS 1.2 client"
+            " may leave up to %d sessions (~11 KiB each with a client certificate) for %d s",
+            sys.implementation.name,
+            ssl.OPENSSL_VERSION,
+            SESSION_CACHE_MAX_ENTRIES,
+            SESSION_CACHE_TIMEOUT,
+        )
     return context
+
+
+def _disable_session_cache(context: ssl.SSLContext) -> bool:
+    """Turn off OpenSSL's server-side session cache of ``context``; False where that is unsafe.
+
+    A TLS 1.2 client that sends no session-ticket extension gets a session
+    id, and its session (~11 KiB with a client certificate, ~1 KiB without)
+    stays in the context's cache for 7200 s whenever the server closed the
+    connection with close_notify, up to 20 480 sessions. Python's ``ssl``
+    has no API for ``SSL_CTX_set_session_cache_mode``, so this calls it
+    through ctypes, on the ``SSL_CTX`` that CPython keeps right after the
+    object header of an ``SSLContext`` (the layout since ``SSLContext`` came in 3.2; run
+    on 3.11, 3.12 and 3.13). Each step is checked first, and anything
+    unexpected leaves the cache on: the caller then logs what remains.
+    """
+    if sys.implementation.name != "cpython" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import _ssl
+
+        libssl = ctypes.CDLL(_ssl.__file__)  # finds the libssl that _ssl itself uses
+        version = libssl.OpenSSL_version_num
+        version.restype, version.argtypes = ctypes.c_ulong, []
+        if version() != ssl.OPENSSL_VERSION_NUMBER:
+            return False
+        ctrl = libssl.SSL_CTX_ctrl
+        ctrl.restype = ctypes.c_long
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        get_options = libssl.SSL_CTX_get_options
+        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        get_verify_mode = libssl.SSL_CTX_get_verify_mode
+        get_verify_mode.restype, get_verify_mode.argtypes = ctypes.c_int, [ctypes.c_void_p]
+
+        offset = object.__basicsize__  # after PyObject_HEAD
+        pointer_size = ctypes.sizeof(ctypes.c_void_p)
+        if type(context).__basicsize__ < offset + pointer_size:
+            return False
+        ssl_ctx = ctypes.c_void_p.from_address(id(context) + offset).value
+        # Read through the pointer only if it points into writable memory
+        # with room for an SSL_CTX: a wrong guess then reads garbage and
+        # fails the checks below, instead of crashing the process.
+        if ssl_ctx is None or not _in_writable_mapping(ssl_ctx, 4096):
+            return False
+        if (
+            get_options(ssl_ctx) != context.options
+            or get_verify_mode(ssl_ctx) != _SSL_VERIFY_MODES[context.verify_mode]
+            or ctrl(ssl_ctx, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)
+            not in (_SSL_SESS_CACHE_SERVER, _SSL_SESS_CACHE_OFF)
+        ):
+            return False
+        ctrl(ssl_ctx, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        return bool(ctrl(ssl_ctx, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == _SSL_SESS_CACHE_OFF)
+    except (ImportError, OSError, AttributeError, KeyError, ValueError):
+        return False
+
+
+def _in_writable_mapping(address: int, size: int) -> bool:
+    """Whether ``address`` to ``address + size`` lies in one readable and writable mapping."""
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            bounds, perms = line.split(maxsplit=2)[:2]
+            start, end = (int(bound, 16) for bound in bounds.split("-"))
+            if start <= address < end:
+                return perms.startswith("rw") and address + size <= end
+    return False
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
