@@ -613,14 +613,7 @@ class _Connection:
             # login that overran its deadline must still fail.
             await trio.lowlevel.checkpoint_if_cancelled()
         except AuthFailed as exc:
-            log.warning("auth failed user=%s peer=%s reason=%s", hello.username, self.peer, exc)
-            self.send(
-                Error(
-                    code=ErrorCode.AUTH_FAILED,
-                    message="invalid username, password or certificate",
-                    ref=hello.id,
-                )
-            )
+            self._refuse_login(hello, str(exc))
             return None
         log.info(
             "login user=%s peer=%s method=%s admin=%s",
@@ -631,22 +624,22 @@ class _Connection:
         )
         return hello, account
 
+    def _refuse_login(self, hello: Hello, reason: str) -> None:
+        # The reason is for the log only: every refusal looks the same to the client.
+        log.warning("auth failed user=%s peer=%s reason=%s", hello.username, self.peer, reason)
+        self.send(
+            Error(
+                code=ErrorCode.AUTH_FAILED,
+                message="invalid username, password or certificate",
+                ref=hello.id,
+            )
+        )
+
     async def _attach(self, hello: Hello, account: Account) -> Member | None:
         """Join the chat as ``hello.username``; None (after an error reply) if the account
         changed since it was checked (a reload while the login was in flight)."""
         if self.server.authenticator.accounts.get(hello.username) is not account:
-            log.warning(
-                "auth failed user=%s peer=%s reason=account changed during login",
-                hello.username,
-                self.peer,
-            )
-            self.send(
-                Error(
-                    code=ErrorCode.AUTH_FAILED,
-                    message="invalid username, password or certificate",
-                    ref=hello.id,
-                )
-            )
+            self._refuse_login(hello, "account changed during login")
             return None
         member = self.member = Member(
             hello.username,

@@ -12,8 +12,8 @@ import re
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +22,7 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat import certs, tls
-from securechat.auth import hash_password
+from securechat import auth, certs, tls
 from securechat.client import ChatConnection
 from securechat.config import Config, parse_config
 from securechat.server import ChatServer
@@ -67,7 +66,7 @@ def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
-    return {name: hash_password(password) for name, password in PASSWORDS.items()}
+    return {name: auth.hash_password(password) for name, password in PASSWORDS.items()}
 
 
 def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dict[str, Any]:
@@ -194,6 +193,33 @@ async def start_server(
 @pytest.fixture
 async def server(start_server: StartServer) -> RunningServer:
     return await start_server()
+
+
+@pytest.fixture
+def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The PHC string of every Argon2id verification the server runs (a spy on the real one)."""
+    calls: list[str] = []
+    real = auth.verify_password
+
+    def spy(password: str, phc: str) -> bool:
+        calls.append(phc)
+        return real(password, phc)
+
+    monkeypatch.setattr(auth, "verify_password", spy)
+    return calls
+
+
+@contextmanager
+def holding(limiter: trio.CapacityLimiter) -> Iterator[None]:
+    """Take every password-check worker: checks already started wait, in flight, until the end."""
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+    for borrower in borrowers:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    try:
+        yield
+    finally:
+        for borrower in borrowers:
+            limiter.release_on_behalf_of(borrower)
 
 
 T = TypeVar("T")

@@ -9,37 +9,21 @@ counted with a spy on the real ``verify_password``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat import auth
 from securechat.client import ChatConnection, LoginRefused
 from securechat.protocol import Error, ErrorCode, Hello, ServerEnvelope, Welcome
 from securechat.server import raise_open_file_limit
 
-from .conftest import PASSWORDS, WAIT, RunningServer, StartServer
+from .conftest import PASSWORDS, WAIT, RunningServer, StartServer, holding
 
 raise_open_file_limit()
 
 GUESSES = 40
-
-
-@pytest.fixture
-def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The PHC string of every Argon2id verification the server runs (a spy on the real one)."""
-    calls: list[str] = []
-    real = auth.verify_password
-
-    def spy(password: str, phc: str) -> bool:
-        calls.append(phc)
-        return real(password, phc)
-
-    monkeypatch.setattr(auth, "verify_password", spy)
-    return calls
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -47,19 +31,6 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(WAIT):
         while not condition():  # noqa: ASYNC110
             await trio.sleep(0.005)
-
-
-@contextmanager
-def holding(limiter: trio.CapacityLimiter) -> Iterator[None]:
-    """Take every Argon2id worker token: checks already reserved wait, in flight, until the end."""
-    borrowers = [object() for _ in range(int(limiter.total_tokens))]
-    for borrower in borrowers:
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    try:
-        yield
-    finally:
-        for borrower in borrowers:
-            limiter.release_on_behalf_of(borrower)
 
 
 def sequential_bound(allowed: int, elapsed: float) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import trio
@@ -25,7 +23,7 @@ from securechat.auth import (
 )
 from securechat.limits import LoginThrottle
 
-from .conftest import WAIT
+from .conftest import WAIT, holding
 
 # --- helpers -----------------------------------------------------------------
 
@@ -297,33 +295,6 @@ async def attempt(
         outcomes.append(await auth_.authenticate(username, given, cert_user, source=GUESSER))
     except AuthFailed as exc:
         outcomes.append(exc)
-
-
-@contextmanager
-def holding(limiter: trio.CapacityLimiter) -> Iterator[None]:
-    """Take every worker token, so that password checks wait (in flight) until the block ends."""
-    borrowers = [object() for _ in range(int(limiter.total_tokens))]
-    for borrower in borrowers:
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    try:
-        yield
-    finally:
-        for borrower in borrowers:
-            limiter.release_on_behalf_of(borrower)
-
-
-@pytest.fixture
-def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The PHC string of every real Argon2id verification (a spy on the real function)."""
-    calls: list[str] = []
-    real = auth.verify_password
-
-    def spy(password: str, phc: str) -> bool:
-        calls.append(phc)
-        return real(password, phc)
-
-    monkeypatch.setattr(auth, "verify_password", spy)
-    return calls
 
 
 def reasons(outcomes: list[Account | AuthFailed]) -> list[str]:

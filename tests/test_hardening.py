@@ -14,7 +14,6 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat import auth
 from securechat.client import Backoff, ChatConnection, ChatSession, ClientError
 from securechat.protocol import (
     Ack,
@@ -308,20 +307,6 @@ async def test_rate_limited_sender_can_send_again_after_retry_after(
 
 
 # --- 5. brute force ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every real Argon2id verification the server runs (a spy on the real function)."""
-    calls: list[str] = []
-    real = auth.verify_password
-
-    def spy(password: str, phc: str) -> bool:
-        calls.append(phc)
-        return real(password, phc)
-
-    monkeypatch.setattr(auth, "verify_password", spy)
-    return calls
 
 
 async def failed_login(server: RunningServer, username: str, password: str) -> None:
