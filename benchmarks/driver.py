@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,14 @@ def _die_with_parent() -> None:
 
 
 class BenchServer:
-    """A securechat server process with its own config, database and log."""
+    """A securechat server process with its own config, database and log.
+
+    ``limits`` is the config's [limits] table (:data:`BENCH_LIMITS` unless
+    given; ``{}`` for the server's defaults), ``rooms`` its [rooms.NAME]
+    tables, and ``code`` a directory holding another copy of the
+    ``securechat`` package to run instead of this checkout's (an older commit
+    in a ``git worktree``, to compare).
+    """
 
     def __init__(
         self,
@@ -102,8 +109,12 @@ class BenchServer:
         users: dict[str, str | None],
         *,
         overrides: dict[str, dict[str, Any]] | None = None,
+        limits: dict[str, Any] | None = None,
+        rooms: dict[str, dict[str, Any]] | None = None,
+        code: Path | None = None,
     ) -> None:
         self.directory = directory
+        self.code = code
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "server.toml"
         self.database = directory / "securechat.db"
@@ -117,7 +128,7 @@ class BenchServer:
                 "ca": str(pki / "ca.crt"),
                 "client_certs": "optional",
             },
-            "limits": dict(BENCH_LIMITS),
+            "limits": dict(BENCH_LIMITS if limits is None else limits),
             "storage": {"path": str(self.database)},
         }
         for section, values in (overrides or {}).items():
@@ -126,6 +137,8 @@ class BenchServer:
         data["users"] = {
             name: ({"password_hash": phc} if phc else {}) for name, phc in users.items()
         }
+        if rooms:
+            data["rooms"] = rooms
         write_toml(self.config, data)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -137,9 +150,16 @@ class BenchServer:
         return self.process.pid
 
     def start(self) -> None:
+        environment = None
+        if self.code is not None:
+            # Ahead of the editable install of this checkout (and `-m` puts the
+            # working directory first on the path: that too).
+            environment = {**os.environ, "PYTHONPATH": str(self.code)}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
                 [sys.executable, "-m", "securechat", "server", "--config", str(self.config)],
+                cwd=self.code,
+                env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -245,13 +265,21 @@ def summarise_log(text: str) -> dict[str, Any]:
 
 
 class Worker:
-    """One generator process and the pipe to it."""
+    """One generator process (``target``: :func:`loadgen.main` unless given) and the
+    pipe to it."""
 
-    def __init__(self, context: Any, setup: loadgen.Setup) -> None:
+    def __init__(
+        self,
+        context: Any,
+        setup: loadgen.Setup,
+        target: Callable[[multiprocessing.connection.Connection, loadgen.Setup], None] = (
+            loadgen.main
+        ),
+    ) -> None:
         self.name = setup.name
         self.pipe, child = context.Pipe()
         self.process: multiprocessing.process.BaseProcess = context.Process(
-            target=loadgen.main, args=(child, setup), name=setup.name, daemon=True
+            target=target, args=(child, setup), name=setup.name, daemon=True
         )
         self.process.start()
         child.close()

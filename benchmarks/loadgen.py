@@ -198,8 +198,10 @@ class Generator:
       connection has received ``target`` plan messages, or at the deadline,
       or after ``stall`` seconds without any.
     * ``("send", plan)``: every sender runs ``plan``; ``("sent", summary)``.
-    * ``("ping", count, interval, timeout)``: the first sender pings;
-      ``("pinged", round_trips_ns)``.
+    * ``("ping", count, interval, timeout)``: ``count`` pings, one every
+      ``interval`` seconds, from the senders in turn (each sender pings once
+      every ``interval`` × senders); ``("pinged", round_trips_ns, sent)`` once
+      every ping is answered, or at the timeout (``sent`` − answered were not).
     * ``("collect",)``: ``("collected", data)`` with latencies and counters.
     * ``("close",)``: ``("closed",)``, and the process exits.
     """
@@ -241,12 +243,14 @@ class Generator:
         self.plan_deadline = 0.0
         self.paced: list[Conn] = []
         # pings
-        self.ping_conn: Conn | None = None
+        self.ping_conns: list[Conn] = []  # pinged in turn
+        self.ping_turn = 0
         self.ping_left = 0
         self.ping_interval = 0.0
         self.ping_next = 0.0
         self.ping_sent: dict[int, int] = {}
         self.ping_seq = 0
+        self.ping_first = 0  # ping_seq when the current round of pings began
         self.ping_rtts: list[int] = []
         self.ping_deadline = 0.0
         # diagnostics
@@ -318,7 +322,7 @@ class Generator:
             if sending is not None:
                 next_send = sending.t_first / 1e9 + sending.sent / sending.plan.rate
                 due = min(due, next_send)
-        if self.ping_left and self.ping_conn is not None:
+        if self.ping_left and self.ping_conns:
             due = min(due, self.ping_next)
         return max(0.0, due - now)
 
@@ -550,7 +554,7 @@ class Generator:
         if conn.spec.sender:
             if b'"type":"ack"' in data:
                 self.acked(conn, ACK.findall(data), now)
-            if b'"type":"pong"' in data and conn is self.ping_conn:
+            if b'"type":"pong"' in data and conn in self.ping_conns:
                 self.ponged(PONG.findall(data), now)
             return
         if self.marker is not None and not conn.marker_seen and self.marker in data:
@@ -783,13 +787,18 @@ class Generator:
 
     def start_ping(self, count: int, interval: float, timeout: float) -> None:
         senders = self.senders()
-        self.ping_conn = senders[0] if senders else None
-        self.ping_left = count if senders else 0
+        self.ping_left = count
         self.ping_interval = interval
         self.ping_next = time.monotonic()
         self.ping_rtts = []
         self.ping_sent = {}
         self.ping_deadline = time.monotonic() + timeout
+        self.ping_conns = senders
+        self.ping_turn = 0
+        self.ping_first = self.ping_seq
+        if not senders:
+            self.finish_ping()
+            return
         self.check_ping()
 
     def ponged(self, refs: list[bytes], now: int) -> None:
@@ -800,30 +809,40 @@ class Generator:
         self.check_ping()
 
     def check_ping(self) -> None:
-        conn = self.ping_conn
-        if conn is None:
-            if self.ping_left:
-                self.ping_left = 0
-                self.reply("pinged", self.ping_rtts)
-            return
+        """Send the next ping when it is due, from the next sender in turn that is open."""
         now = time.monotonic()
-        if self.ping_left and now >= self.ping_next and conn.state == READY:
-            self.ping_left -= 1
-            self.ping_seq += 1
-            self.ping_sent[self.ping_seq] = time.monotonic_ns()
-            self.ping_next = now + self.ping_interval
-            self.write(conn, b'{"type":"ping","id":"p%d"}\n' % self.ping_seq)
+        if self.ping_left and now >= self.ping_next:
+            conns = self.ping_conns
+            for _ in range(len(conns)):
+                conn = conns[self.ping_turn % len(conns)]
+                self.ping_turn += 1
+                if conn.state == READY:
+                    self.ping_left -= 1
+                    self.ping_seq += 1
+                    self.ping_sent[self.ping_seq] = time.monotonic_ns()
+                    # On a fixed grid (a late wake-up does not push the rest back),
+                    # but never more than one ping behind.
+                    self.ping_next = max(self.ping_next + self.ping_interval, now)
+                    self.write(conn, b'{"type":"ping","id":"p%d"}\n' % self.ping_seq)
+                    break
+            else:
+                self.ping_left = 0  # every sender is gone
         if (not self.ping_left and not self.ping_sent) or now > self.ping_deadline:
-            self.ping_conn = None
-            self.ping_left = 0
-            self.reply("pinged", self.ping_rtts)
+            self.finish_ping()
+
+    def finish_ping(self) -> None:
+        """``("pinged", round trips, pings sent)``: those not answered by now never count."""
+        sent = self.ping_seq - self.ping_first
+        self.reply("pinged", self.ping_rtts, sent)
+        self.ping_conns = []
+        self.ping_left = 0
 
     # --- the clock ---
 
     def tick(self) -> None:
         if self.paced:
             self.pace()
-        if self.ping_conn is not None:
+        if self.ping_conns:
             self.check_ping()
         now = time.monotonic()
         if self.target >= 0:

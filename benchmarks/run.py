@@ -1,8 +1,8 @@
 """The command line: ``python -m benchmarks [scenario ...] [--quick]``.
 
 Prints one JSON line per measured result on stdout as it is done, progress
-on stderr, and a table comparing every figure with the targets of issue 5
-at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
+on stderr, and a table comparing every figure with the targets of issues 5
+and 9 at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
 (``--output``), the tables in Markdown beside it (``latest.md``), and
 appends the lines to ``benchmarks/results/history.jsonl``. Exit code 0
 when every scenario ran (targets may be missed), 1 when one could not run,
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description=(
             "Benchmark a real securechat server on loopback: fanout, rooms, connect, idle,"
-            " durable (default: all, in that order)."
+            " durable, freeze (default: all, in that order)."
         ),
     )
     parser.add_argument(
@@ -98,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--server-code",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "run the server from the securechat package in DIR instead of this checkout"
+            " (e.g. a `git worktree` of an older commit, to compare); the tool is this one"
+        ),
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (configs, server logs)"
     )
     return parser
@@ -132,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}", file=sys.stderr
         )
         return 2
+    if args.server_code is not None:
+        args.server_code = args.server_code.resolve()
+        if not (args.server_code / "securechat" / "__main__.py").is_file():
+            print(f"--server-code {args.server_code}: no securechat package there", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return 2
@@ -179,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit=emit,
             overrides=overrides,
             runs=args.runs or (1 if args.quick else 3),
+            server_code=args.server_code,
         )
         for name in names:
             try:

@@ -1,4 +1,5 @@
-"""The scenarios of issue 5: fanout, rooms, connect, idle and durable.
+"""The scenarios of issue 5 (fanout, rooms, connect, idle, durable) and of issue 9
+(freeze, in :mod:`benchmarks.freeze`).
 
 Each scenario starts its own server (fresh database, same PKI and users),
 spawns generator processes, sets up connections, synchronises (a marker
@@ -27,8 +28,9 @@ from securechat import auth, certs
 
 from . import targets
 from .driver import BenchError, BenchServer, Span, Worker, gather, spawn_context
+from .freeze import freeze
 from .loadgen import ConnSpec, Plan, Setup
-from .machine import describe
+from .machine import describe, git_revision
 from .stats import latency_ms, per_second
 
 OPEN_TIMEOUT = 180.0  # for one batch of connections to log in
@@ -60,6 +62,10 @@ class Sizes:
     durable_messages: int = 2000  # per sender
     durable_window: int = 100
     pad: int = 40  # message text: "m<seq> <ns> " and this many characters
+    freeze_seconds: float = 20.0  # per variant
+    freeze_bystanders: int = 10
+    freeze_ping_interval: float = 0.01  # one ping from the bystanders in turn
+    freeze_history: int = 600  # messages in the lobby
 
     def users_needed(self) -> int:
         return max(
@@ -85,6 +91,7 @@ QUICK = Sizes(
     idle_users=50,
     idle_pings=100,
     durable_messages=300,
+    freeze_seconds=3.0,
 )
 
 
@@ -117,8 +124,10 @@ class Bench:
         emit: Callable[[dict[str, Any]], None],
         overrides: dict[str, dict[str, Any]] | None = None,
         runs: int = 1,
+        server_code: Path | None = None,
     ) -> None:
         self.started = time.monotonic()
+        self.server_code = server_code
         self.runs = max(1, runs)
         self.overrides = overrides or {}
         self.root = root
@@ -166,6 +175,11 @@ class Bench:
             record["target_key"] = ""  # reduced sizes: not comparable with the targets
         record["targets"] = targets.evaluate(record)
         record["machine"] = self.machine
+        if self.server_code is not None:
+            record["server_code"] = {
+                "path": str(self.server_code),
+                "revision": git_revision(self.server_code),
+            }
         self.records.append(record)
         self.emit(record)
 
@@ -239,6 +253,7 @@ class Session:
             self.bench.pki,
             self.bench.users,
             overrides=self.bench.overrides,
+            code=self.bench.server_code,
         )
 
     @property
@@ -728,4 +743,5 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "connect": connect,
     "idle": idle,
     "durable": durable,
+    "freeze": freeze,
 }

@@ -1,4 +1,4 @@
-"""The targets of issue 5, how a result compares with them, and the tables.
+"""The targets of issues 5 and 9, how a result compares with them, and the tables.
 
 A target names a figure of a result (a dotted path into its ``results``),
 a comparison and a bound, with the reference it came from. Each record
@@ -51,6 +51,9 @@ TARGETS = (
     Target("idle-10000", "rss_kib_per_connection", "<=", 64),
     Target("idle-10000", "ping_rtt_ms.p99", "<", 50),
     Target("durable", "acked_per_s", ">=", 20_000, "SQLite ~1000 writes/s unbatched"),
+    # Issue 9, finding 1: one user pipelining requests must not freeze the others.
+    Target("freeze", "ping_rtt_ms.p99", "<", 50, "issue 9 finding 1"),
+    Target("freeze", "pings_unanswered", "==", 0),
 )
 
 # The figures the table shows for each scenario, besides those with targets.
@@ -109,6 +112,21 @@ HEADLINES: dict[str, tuple[str, ...]] = {
         "cpu.server_cpu_share",
         "cpu.generator_cpu_share",
         "cpu.other_cpu_share",
+    ),
+    "freeze": (
+        "ping_rtt_ms.p50",
+        "ping_rtt_ms.p99",
+        "ping_rtt_ms.max",
+        "pings_unanswered",
+        "attacker.frames_sent",
+        "attacker.frames_received",
+        "attacker.connections",
+        "cut_off.flood",
+        "cut_off.slow_consumer",
+        "cpu.server_cpu_share",
+        "cpu.attacker_cpu_share",
+        "cpu.other_cpu_share",
+        "loadavg_1min.before",
     ),
 }
 
@@ -202,7 +220,7 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
 
 
 def markdown_targets(records: Iterable[dict[str, Any]]) -> str:
-    """One row per target of issue 5: the figure measured, the bound, met or not."""
+    """One row per target of issues 5 and 9: the figure measured, the bound, met or not."""
     lines = ["| scenario | figure | measured | target | |", "|---|---|---:|---|---|"]
     for record in records:
         for verdict in record.get("targets", []):
