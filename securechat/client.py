@@ -82,6 +82,10 @@ class LoginRefused(ClientError):
     """The server said no to our credentials: trying again will not help."""
 
 
+# Refusals of a login that say "not now" rather than "not you".
+TRANSIENT_REFUSALS = frozenset({ErrorCode.SERVER_BUSY, ErrorCode.RATE_LIMITED})
+
+
 class ChatConnection:
     """One authenticated-or-about-to-be TLS connection to a securechat server."""
 
@@ -136,7 +140,10 @@ class ChatConnection:
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):
-                raise LoginRefused(f"login refused: {sanitize(reply.message)} ({reply.code})")
+                text = f"login refused: {sanitize(reply.message)} ({reply.code})"
+                if reply.code in TRANSIENT_REFUSALS:
+                    raise ClientError(text)  # worth trying again later
+                raise LoginRefused(text)
             if reply is None:
                 # With TLS 1.3 the server checks our certificate after the
                 # handshake, and trio drops the alert that would say why.

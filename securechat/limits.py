@@ -74,6 +74,11 @@ class TokenBucket:
         # Accepted again once the bucket is back at `cost` tokens.
         return Verdict.REJECT, (cost - self.tokens) / self.rate
 
+    def debt_paid_in(self, now: float) -> float:
+        """Seconds until the bucket is out of debt (0 if it is not in debt)."""
+        tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        return max(0.0, -tokens / self.rate)
+
 
 class RateKind(enum.Enum):
     MESSAGES = "messages"  # what others see: say, dm, join, leave, kick
@@ -101,18 +106,40 @@ class RateLimiter:
             RateKind.REQUESTS: (request_rate, request_burst),
         }
         self._buckets: dict[tuple[str, RateKind], TokenBucket] = {}
+        self._flooded: set[str] = set()  # cut off for flooding, debt not yet paid
 
     def take(self, user: str, kind: RateKind, cost: float, now: float) -> tuple[Verdict, float]:
         bucket = self._buckets.get((user, kind))
         if bucket is None:
             rate, burst = self._settings[kind]
             bucket = self._buckets[user, kind] = TokenBucket(rate, burst, now)
-        return bucket.take(now, cost)
+        verdict, retry_after = bucket.take(now, cost)
+        if verdict is Verdict.DISCONNECT:
+            self._flooded.add(user)
+        return verdict, retry_after
+
+    def cooldown(self, user: str, now: float) -> float:
+        """Seconds until a user cut off for flooding has paid their debt (0: not cut off).
+
+        Until then the user may not come back: each new connection would be
+        cut again at its first request, and a login is not free.
+        """
+        if user not in self._flooded:
+            return 0.0
+        wait = 0.0
+        for kind in RateKind:
+            bucket = self._buckets.get((user, kind))
+            if bucket is not None:
+                wait = max(wait, bucket.debt_paid_in(now))
+        if wait == 0.0:
+            self._flooded.discard(user)
+        return wait
 
     def forget(self, user: str) -> None:
         """Drop a user's buckets (their account was removed)."""
         for kind in RateKind:
             self._buckets.pop((user, kind), None)
+        self._flooded.discard(user)
 
 
 @dataclass(frozen=True)

@@ -641,6 +641,23 @@ class _Connection:
         if self.server.authenticator.accounts.get(hello.username) is not account:
             self._refuse_login(hello, "account changed during login")
             return None
+        cooldown = self.server.rates.cooldown(hello.username, trio.current_time())
+        if cooldown:
+            log.warning(
+                "login refused user=%s peer=%s: cut off for flooding, %.0f s to go",
+                hello.username,
+                self.peer,
+                cooldown,
+            )
+            self.send(
+                Error(
+                    code=ErrorCode.RATE_LIMITED,
+                    message=f"disconnected for flooding; log in again in {cooldown:.0f} s",
+                    ref=hello.id,
+                    retry_after=round(cooldown, 3),
+                )
+            )
+            return None
         member = self.member = Member(
             hello.username,
             self.outbox,

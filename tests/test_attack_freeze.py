@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import trio
 
-from securechat.client import ChatConnection
+from securechat.client import ChatConnection, ClientError, LoginRefused
+from securechat.limits import RateKind, RateLimiter, Verdict
 from securechat.protocol import (
     Error,
     ErrorCode,
@@ -172,3 +173,38 @@ async def _receive_or_none(connection: ChatConnection) -> Any:
         return await connection.receive()
     except trio.BrokenResourceError:
         return None
+
+
+async def test_a_user_cut_off_for_flooding_cannot_come_back_until_the_debt_is_paid(
+    start_server: StartServer,
+) -> None:
+    # Without this, a flooder reconnects at once and is cut again at its first
+    # request, over and over: a login storm of successful logins.
+    server = await start_server(limits={"request_burst": 10, "requests_per_second": 10})
+    bob = await server.login("bob", cert_user="bob")
+    await bob.stream.send_all(pipelined(200, "invalid"))
+    with trio.fail_after(10):
+        while await _receive_or_none(bob) is not None:
+            pass
+    again = await server.open("bob")
+    with pytest.raises(ClientError, match="disconnected for flooding") as refused:
+        await again.login("bob", None)
+    assert not isinstance(refused.value, LoginRefused)  # the client may try again later
+    # Alice is not affected by bob's cool-down.
+    await server.login("alice", cert_user="alice")
+
+
+def test_cooldown_lasts_until_the_debt_is_paid() -> None:
+    rates = RateLimiter(message_rate=1, message_burst=1, request_rate=10, request_burst=10)
+    verdict = Verdict.ACCEPT
+    while verdict is not Verdict.DISCONNECT:
+        verdict, _ = rates.take("bob", RateKind.REQUESTS, 1, now=0.0)
+    assert rates.cooldown("alice", 0.0) == 0.0
+    debt = rates.cooldown("bob", 0.0)
+    assert debt == pytest.approx(3.1)  # 31 tokens below zero, at 10 a second
+    assert rates.cooldown("bob", 3.0) == pytest.approx(0.1)
+    assert rates.cooldown("bob", 3.2) == 0.0
+    # A user who was only refused (not cut off) has no cool-down.
+    rates.take("carol", RateKind.REQUESTS, 10, now=0.0)
+    assert rates.take("carol", RateKind.REQUESTS, 10, now=0.0)[0] is Verdict.REJECT
+    assert rates.cooldown("carol", 0.0) == 0.0
