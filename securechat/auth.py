@@ -134,6 +134,8 @@ class Authenticator:
         self.throttle = throttle if throttle is not None else LoginThrottle()
         # Every Argon2id check holds a token while its thread runs.
         self.limiter = trio.CapacityLimiter(max_concurrent_checks)
+        # Woken whenever a password attempt is settled (see authenticate).
+        self._settled = trio.lowlevel.ParkingLot()
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 
     async def authenticate(
@@ -148,8 +150,9 @@ class Authenticator:
 
         Password attempts are throttled per username and per ``source``
         address (see :class:`LoginThrottle`): each attempt is reserved before
-        its password is checked, and one refused fails without a check. A
-        success clears the user's own failures, never the address's.
+        its password is checked; one that the attempts in flight stand in the
+        way of waits for them to be settled, and one refused fails without a
+        check. A success clears the user's own failures, never the address's.
         """
         account = self.accounts.get(username)
         if cert_user is not None and self.client_certs != "none":
@@ -174,9 +177,15 @@ class Authenticator:
         keys = (user_key, f"ip:{source}")
         # Reserved before the hash, so that guesses sent in parallel are
         # counted before any of them is checked.
-        refusal = self.throttle.reserve(keys, trio.current_time())
-        if refusal is not None:
-            raise AuthFailed(str(refusal))
+        while (refusal := self.throttle.reserve(keys, trio.current_time())) is not None:
+            if refusal.wait > 0:
+                raise AuthFailed(str(refusal))
+            # Only the attempts in flight stand in the way (they would block
+            # the key if they all failed): wait until one is settled and ask
+            # again, as the same attempt sent after them would be answered.
+            # A right password is then let in, a guess refused. The caller's
+            # login deadline bounds the wait.
+            await self._settled.park()
         right: bool | None = None  # None: the password was never checked
         try:
             if account is None or account.password_hash is None:
@@ -202,6 +211,7 @@ class Authenticator:
                 self.throttle.succeeded(keys, clear=(user_key,))
             else:
                 self.throttle.failed(keys, trio.current_time())
+            self._settled.unpark_all()
         return account
 
     async def _verify(self, password: SecretStr, phc: str) -> bool:

@@ -70,18 +70,48 @@ async def test_parallel_guesses_get_no_more_checks_than_sequential_ones(
         with holding(limiter):
             for n in range(GUESSES):
                 nursery.start_soon(guess, n)
-            # each guess is either answered or waiting for an Argon2id worker
-            await wait_until(lambda: len(replies) + limiter.statistics().tasks_waiting == GUESSES)
-            assert limiter.statistics().tasks_waiting == allowed
-            assert len(replies) == GUESSES - allowed
-            assert all(refused(reply) for reply in replies.values())
-            assert password_checks == []
-            # bob's own, right, password among the guesses is refused as well
+            # `allowed` guesses wait for an Argon2id worker; the others wait for
+            # them to be settled, unanswered and unchecked.
+            await wait_until(lambda: limiter.statistics().tasks_waiting == allowed)
+            # bob's own, right, password arrives behind the guesses
             right = Hello(username="bob", password=SecretStr(PASSWORDS["bob"]), id="bob")
-            assert refused(await reply_to(owner, right))
-    assert len(replies) == GUESSES
+            nursery.start_soon(owner_login, owner, right, replies)
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.statistics().tasks_waiting == allowed
+            assert replies == {}
+            assert password_checks == []
+        # The checked guesses fail, which blocks bob: everyone else is refused
+        # without a check, the right password too, as if all came one by one.
+    assert len(replies) == GUESSES + 1
     assert all(refused(reply) for reply in replies.values())
     assert len(password_checks) == allowed
+
+
+async def owner_login(
+    owner: ChatConnection, hello: Hello, replies: dict[int, ServerEnvelope]
+) -> None:
+    replies[-1] = await reply_to(owner, hello)
+
+
+async def test_parallel_right_passwords_all_get_in(
+    start_server: StartServer, password_checks: list[str]
+) -> None:
+    # More logins of one user at once than the failures allowed (a user's
+    # devices after a restart): the ones beyond wait their turn, none is refused.
+    server = await start_server(limits={"auth_workers": 1})
+    allowed = server.server.limits.login_failures_allowed
+    logins = [await server.open() for _ in range(3 * allowed)]
+    replies: list[ServerEnvelope] = []
+
+    async def login(connection: ChatConnection) -> None:
+        hello = Hello(username="bob", password=SecretStr(PASSWORDS["bob"]), id="login")
+        replies.append(await reply_to(connection, hello))
+
+    async with trio.open_nursery() as nursery:
+        for connection in logins:
+            nursery.start_soon(login, connection)
+    assert [type(reply) for reply in replies] == [Welcome] * len(logins)
+    assert len(password_checks) == len(logins)
 
 
 async def test_a_burst_of_guesses_is_checked_no_more_than_sequential_guesses(

@@ -311,22 +311,38 @@ async def test_parallel_guesses_are_counted_before_they_are_checked(
             for n in range(10):
                 nursery.start_soon(attempt, auth_, outcomes, "carol", f"guess number {n}")
             await trio.testing.wait_all_tasks_blocked()
-            # three in flight (waiting for a worker), seven refused without a check
+            # three in flight (waiting for a worker), the others waiting for
+            # them to be settled: nothing answered, nothing checked yet
             assert auth_.limiter.statistics().tasks_waiting == 3
-            assert reasons(outcomes) == ["backing off: 3 attempts in flight (user:carol)"] * 7
-            # the right password is refused too while three guesses are in flight
-            await attempt(auth_, outcomes, "carol", CAROL_PASSWORD)
-            assert reasons(outcomes)[-1] == "backing off: 3 attempts in flight (user:carol)"
-    assert reasons(outcomes)[-3:] == ["wrong password"] * 3
+            # then the right password, behind the guesses
+            nursery.start_soon(attempt, auth_, outcomes, "carol", CAROL_PASSWORD)
+            await trio.testing.wait_all_tasks_blocked()
+            assert auth_.limiter.statistics().tasks_waiting == 3
+            assert outcomes == []
+            assert password_checks == []
+    # The three fail, which blocks carol: the other eight are refused without
+    # a check, the right password among them, exactly as if sent one by one.
+    assert reasons(outcomes)[:3] == ["wrong password"] * 3
+    assert len(reasons(outcomes)) == 11
+    assert all(reason.startswith("backing off for ") for reason in reasons(outcomes)[3:])
     assert password_checks == [CAROL_HASH] * 3
     throttle = auth_.throttle
     now = trio.current_time()
     assert throttle.failures("user:carol", now) == throttle.failures(f"ip:{GUESSER}", now) == 3
     assert throttle.in_flight("user:carol") == throttle.in_flight(f"ip:{GUESSER}") == 0
-    # blocked now, as after three sequential failures: the right password still fails
-    await attempt(auth_, outcomes, "carol", CAROL_PASSWORD)
-    assert reasons(outcomes)[-1].startswith("backing off for ")
-    assert len(password_checks) == 3
+
+
+async def test_parallel_right_passwords_wait_their_turn_and_get_in(
+    password_checks: list[str],
+) -> None:
+    auth_ = throttled(checks=2)
+    outcomes: list[Account | AuthFailed] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(attempt, auth_, outcomes, "carol", CAROL_PASSWORD)
+    assert reasons(outcomes) == []
+    assert len(outcomes) == 10
+    assert password_checks == [CAROL_HASH] * 10
 
 
 async def test_unknown_users_reserve_and_count_like_known_ones(
@@ -339,8 +355,10 @@ async def test_unknown_users_reserve_and_count_like_known_ones(
             for n in range(5):
                 nursery.start_soon(attempt, auth_, outcomes, "mallory", f"guess number {n}")
             await trio.testing.wait_all_tasks_blocked()
-            assert reasons(outcomes) == ["backing off: 3 attempts in flight (user:mallory)"] * 2
-    assert reasons(outcomes)[2:] == ["unknown user"] * 3
+            assert outcomes == []  # three in flight, two waiting for them
+    assert reasons(outcomes)[:3] == ["unknown user"] * 3
+    assert all(reason.startswith("backing off for ") for reason in reasons(outcomes)[3:])
+    assert len(outcomes) == 5
     assert len(password_checks) == 3  # each against the dummy hash
     assert auth_.throttle.failures("user:mallory", trio.current_time()) == 3
 
