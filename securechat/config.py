@@ -127,7 +127,8 @@ class Config(_Section):
     def room_settings(self) -> dict[str, RoomSettings]:
         return {
             name: RoomSettings(
-                topic=room.topic,
+                # A topic the file does not set is the admins' to set (the topic envelope).
+                topic=room.topic if "topic" in room.model_fields_set else None,
                 allowed=None if room.members is None else frozenset(room.members),
             )
             for name, room in self.rooms.items()

@@ -51,6 +51,7 @@ from .protocol import (
     Rooms,
     Say,
     ServerEnvelope,
+    TopicRequest,
     Welcome,
     Who,
     encode,
@@ -677,9 +678,9 @@ class _Connection:
         hub = self.server.hub
         ref = request_id(envelope)
         if isinstance(envelope, Say):
-            await hub.say(member, envelope.room, envelope.text, ref)
+            await hub.say(member, envelope.room, envelope.text, ref, action=bool(envelope.action))
         elif isinstance(envelope, Dm):
-            await hub.dm(member, envelope.to, envelope.text, ref)
+            await hub.dm(member, envelope.to, envelope.text, ref, action=bool(envelope.action))
         elif isinstance(envelope, Join):
             await hub.join(member, envelope.room, ref)
         elif isinstance(envelope, Leave):
@@ -688,6 +689,11 @@ class _Connection:
             self.send(hub.who(member, envelope.room, ref))
         elif isinstance(envelope, Rooms):
             self.send(hub.room_list(member.username, ref))
+        elif isinstance(envelope, TopicRequest):
+            if envelope.topic is None:
+                self.send(hub.topic(member, envelope.room, ref))
+            else:
+                await hub.set_topic(member, envelope.room, envelope.topic, ref)
         elif isinstance(envelope, History):
             await hub.history(
                 member,
@@ -715,6 +721,8 @@ class _Connection:
         one per request, plus one per hundred items it makes the server handle."""
         if isinstance(envelope, Say | Dm | Join | Leave | Kick):
             return RateKind.MESSAGES, 1.0
+        if isinstance(envelope, TopicRequest) and envelope.topic is not None:
+            return RateKind.MESSAGES, 1.0  # a change, announced to the room: like a message
         hub = self.server.hub
         items = 0
         if isinstance(envelope, History):

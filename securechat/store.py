@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS messages (
     text      TEXT NOT NULL,
     ts        TEXT NOT NULL,
     client_id TEXT,
-    delivered INTEGER NOT NULL DEFAULT 1
+    delivered INTEGER NOT NULL DEFAULT 1,
+    action    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room, id) WHERE room IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_by_recipient
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS memberships (
     PRIMARY KEY (room, username)
 ) WITHOUT ROWID;
 """
-_COLUMNS = "id, room, recipient, sender, text, ts"
+_COLUMNS = "id, room, recipient, sender, text, ts, action"
 
 
 class StoreError(Exception):
@@ -100,7 +101,7 @@ class MarkDelivered:
 @dataclass(frozen=True)
 class SaveRoom:
     name: str
-    topic: str
+    topic: str | None  # None: keep the stored topic ("" for a new room)
     allowed: frozenset[str] | None = None  # a private room's list of who may join
 
 
@@ -121,8 +122,8 @@ Done = Callable[[BaseException | None], None]
 
 
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, room, recipient, sender, text, ts, client_id, delivered)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, room, recipient, sender, text, ts, client_id, delivered, action)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -137,6 +138,7 @@ def _message_row(write: AppendMessage) -> tuple[Any, ...]:
         message.ts,
         write.client_id,
         int(write.delivered),
+        int(bool(message.action)),
     )
 
 
@@ -164,11 +166,18 @@ def _apply(cursor: sqlite3.Cursor, write: Write) -> None:
         )
     elif isinstance(write, SaveRoom):
         allowed = None if write.allowed is None else json.dumps(sorted(write.allowed))
-        cursor.execute(
-            "INSERT INTO rooms (name, topic, allowed) VALUES (?, ?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET topic = excluded.topic, allowed = excluded.allowed",
-            (write.name, write.topic, allowed),
-        )
+        if write.topic is None:
+            cursor.execute(
+                "INSERT INTO rooms (name, allowed) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET allowed = excluded.allowed",
+                (write.name, allowed),
+            )
+        else:
+            cursor.execute(
+                "INSERT INTO rooms (name, topic, allowed) VALUES (?, ?, ?) ON CONFLICT(name)"
+                " DO UPDATE SET topic = excluded.topic, allowed = excluded.allowed",
+                (write.name, write.topic, allowed),
+            )
     elif isinstance(write, AddMember):
         cursor.execute(
             "INSERT OR IGNORE INTO memberships (room, username) VALUES (?, ?)",
@@ -291,11 +300,17 @@ def _rows(cursor: sqlite3.Cursor, max_chars: int | None) -> list[Message]:
     messages: list[Message] = []
     chars = 0
     try:
-        for id_, room, recipient, sender, text, ts in cursor:
+        for id_, room, recipient, sender, text, ts, action in cursor:
             # Rows were validated on the way in; skip validating them again.
             messages.append(
                 Message.model_construct(
-                    id=id_, room=room, to=recipient, sender=sender, text=text, ts=ts
+                    id=id_,
+                    room=room,
+                    to=recipient,
+                    sender=sender,
+                    text=text,
+                    action=True if action else None,
+                    ts=ts,
                 )
             )
             chars += len(text)
@@ -549,6 +564,9 @@ def _connect(path: Path, *, schema: bool = True) -> sqlite3.Connection:
             columns = {row[1] for row in db.execute("PRAGMA table_info(rooms)")}
             if "allowed" not in columns:  # a database from before private rooms were saved
                 db.execute("ALTER TABLE rooms ADD COLUMN allowed TEXT")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if "action" not in columns:  # a database from before actions (/me)
+                db.execute("ALTER TABLE messages ADD COLUMN action INTEGER NOT NULL DEFAULT 0")
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open the database ({exc})") from None
     return db

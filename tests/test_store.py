@@ -376,6 +376,37 @@ async def test_a_database_from_before_the_direct_message_index_gets_it(db_path: 
     assert "messages_to" in names
 
 
+async def test_a_database_from_before_actions_gets_the_column_and_keeps_its_messages(
+    db_path: Path,
+) -> None:
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.executescript(
+            securechat.store._SCHEMA.replace(",\n    action    INTEGER NOT NULL DEFAULT 0", "")
+        )
+        assert "action" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+        db.execute(
+            "INSERT INTO messages (id, room, sender, text, ts)"
+            " VALUES (1, 'lobby', 'alice', 'hi', ?)",
+            (TS,),
+        )
+        db.commit()
+    async with running(Store(db_path)) as store:
+        action = Message(id=2, room="lobby", sender="bob", text="waves", action=True, ts=TS)
+        await store.write(AppendMessage(action))
+        old, new = await store.room_history("lobby", None, 10)
+        assert (old.text, old.action) == ("hi", None)
+        assert new == action
+
+
+async def test_save_room_without_a_topic_keeps_the_stored_topic(store: Store) -> None:
+    await store.write(SaveRoom("dev", "Kept"), SaveRoom("new", None, frozenset({"alice"})))
+    await store.write(SaveRoom("dev", None, frozenset({"bob"})))
+    assert store.rooms() == {
+        "dev": ("Kept", frozenset({"bob"})),
+        "new": ("", frozenset({"alice"})),
+    }
+
+
 # --- history on a large database: cost O(limit), not O(messages) -----------------------------
 
 BIG_ROOMS = tuple(f"r{i}" for i in range(20))
