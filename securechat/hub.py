@@ -1,4 +1,4 @@
-"""Rooms, direct messages, presence and fan-out: the chat itself.
+"""Rooms, topics, direct messages, presence and fan-out: the chat itself.
 
 The hub knows who is connected (one :class:`Member` per logged-in
 connection; a user may have several), which rooms exist and who belongs to
@@ -75,10 +75,11 @@ RECENT_IDS_MAX = 20_000
 # half full. Stored direct messages are marked delivered one read at a time.
 READ_ROWS = 16
 READ_CHARS = 16 * 1024
-TOPIC_FROM_CONFIG = "the topic of this room is set in the config file"
 # The most a connection's writer takes from its queue at once (unless one
 # frame is larger): what it holds and encrypts in one go.
 BATCH_BYTES = 64 * 1024
+# Why an admin cannot set a topic: the config file's [rooms.NAME] topic wins.
+TOPIC_FROM_CONFIG = "the topic of this room is set in the config file"
 
 
 class Outbox:
