@@ -46,7 +46,7 @@ from securechat.protocol import (
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
 
-ClientEnvelope = Hello | Say | Ping | Bye
+ClientEnvelope = Hello | Say | TopicRequest | Ping | Bye
 
 
 def frame(obj: object) -> bytes:
@@ -1009,9 +1009,17 @@ PASSWORDS = st.none() | st.text(alphabet=st.characters(codec="utf-8"), min_size=
     SecretStr
 )
 
+TOPICS = st.text(
+    alphabet=st.characters(
+        codec="utf-8", exclude_characters=[chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
+    ),
+    max_size=MAX_TOPIC_CHARS,
+)
+
 CLIENT_ENVELOPES: st.SearchStrategy[ClientEnvelope] = st.one_of(
     st.builds(Hello, username=NAMES, password=PASSWORDS, id=IDS),
-    st.builds(Say, room=NAMES, text=TEXTS, id=IDS),
+    st.builds(Say, room=NAMES, text=TEXTS, action=st.none() | st.booleans(), id=IDS),
+    st.builds(TopicRequest, room=NAMES, topic=st.none() | TOPICS, id=IDS),
     st.builds(Ping, id=IDS),
     st.builds(Bye, id=IDS),
 )
@@ -1031,7 +1039,8 @@ def test_property_valid_envelopes_survive_arbitrary_chunking(
     assert decoder.next_frame() is None
 
 
-SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Error] = st.one_of(
+ServerSample = Welcome | Message | Ack | Presence | RoomTopic | Pong | Error
+SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[ServerSample] = st.one_of(
     st.builds(
         Welcome, username=NAMES, rooms=st.lists(NAMES, max_size=3), server=st.text(), ref=IDS
     ),
@@ -1041,9 +1050,18 @@ SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Err
         room=NAMES,
         sender=NAMES,
         text=TEXTS,
+        action=st.none() | st.just(True),
         ts=st.just(TS),
     ),
-    st.builds(Ack, ref=IDS, id=st.integers(min_value=1, max_value=2**53)),
+    st.builds(
+        Ack,
+        ref=IDS,
+        id=st.integers(min_value=1, max_value=2**53),
+        stored=st.none() | st.just(True),
+    ),
+    st.builds(Presence, username=NAMES, state=st.sampled_from(["online", "offline"])),
+    st.builds(Presence, room=NAMES, username=NAMES, state=st.sampled_from(["joined", "left"])),
+    st.builds(RoomTopic, room=NAMES, topic=TOPICS, by=st.none() | NAMES, ref=IDS),
     st.builds(Pong, ref=IDS),
     st.builds(Error, code=st.sampled_from(ErrorCode), message=st.text(), ref=IDS),
 )
@@ -1051,9 +1069,7 @@ SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Err
 
 @PROPERTY_SETTINGS
 @given(envelope=SERVER_ENVELOPE_STRATEGY)
-def test_property_server_envelopes_round_trip(
-    envelope: Welcome | Message | Ack | Pong | Error,
-) -> None:
+def test_property_server_envelopes_round_trip(envelope: ServerSample) -> None:
     data = encode(envelope)
     assert data.count(b"\n") == 1
     assert parse_server_frame(data) == envelope
