@@ -1,0 +1,197 @@
+"""Running ``securechat server`` as a service: its pidfile and what SIGHUP means to it.
+
+**The pidfile** sits beside the database (``data/securechat.db`` ->
+``data/securechat.pid``), so the config file alone tells ``securechat
+reload`` where to look. The server creates it mode 0600, writes its pid
+into it and holds an exclusive ``flock`` on it until it exits, then removes
+it. The lock, not the file's existence, says whether a server runs: a file
+left behind by a server that was killed is unlocked, so it is recognised as
+stale even if its pid now belongs to another process, and a second server
+on the same database is refused at start.
+
+**SIGHUP.** Under systemd, or any supervisor, a daemon has no terminal and
+SIGHUP means "re-read your config". A server started in a terminal also
+gets SIGHUP when that terminal closes (the kernel sends it to the session,
+the shell passes it on to its jobs): that one means "your terminal is gone".
+:func:`sighup_action` tells them apart by whether the process still has its
+controlling terminal, which the kernel takes away before it signals the
+hangup. ``securechat reload`` sends SIGUSR1 instead, which always reloads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from enum import Enum
+from pathlib import Path
+
+PIDFILE_SUFFIX = ".pid"
+PIDFILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+_ACQUIRE_ATTEMPTS = 5
+
+
+class ServiceError(Exception):
+    """A pidfile problem; the message is one line saying what to do."""
+
+
+def pidfile_path(database: Path) -> Path:
+    """Where the server using ``database`` keeps its pidfile."""
+    path = database.with_suffix(PIDFILE_SUFFIX)
+    return path if path != database else database.with_name(database.name + PIDFILE_SUFFIX)
+
+
+class PidFile:
+    """This process's pid in ``path``, locked until :meth:`release`."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> PidFile:
+        """Create or take over ``path`` and write our pid; :class:`ServiceError` if a
+        running server holds it, or it cannot be written.
+
+        A missing directory is created mode 0700, as the database's is.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
+        except OSError as exc:
+            raise ServiceError(f"cannot create {path.parent}: {_reason(exc)}") from None
+        for _ in range(_ACQUIRE_ATTEMPTS):
+            try:
+                fd = os.open(
+                    path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PIDFILE_MODE
+                )
+            except OSError as exc:
+                raise ServiceError(f"cannot create the pidfile {path}: {_reason(exc)}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise ServiceError(
+                    f"another securechat server{f' (pid {pid})' if pid else ''} is running with"
+                    f" this database (its pidfile {path} is locked); stop it first"
+                ) from None
+            # A server that was just stopping may have removed the file we
+            # opened: then our lock is on a file nobody else will find.
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        else:
+            raise ServiceError(f"{path} keeps being replaced; is another server starting?")
+        try:
+            os.fchmod(fd, PIDFILE_MODE)  # a file left behind may have another mode
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise ServiceError(f"cannot write the pidfile {path}: {_reason(exc)}") from None
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the file (if it is still ours) and drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError:
+            pass  # nothing to be done about it at exit; the next start takes it over
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def running_pid(path: Path) -> int | None:
+    """The pid of the server holding the pidfile ``path``; None if there is none running.
+
+    A file that exists but is not locked was left by a server that did not
+    exit normally: it is stale, and says nothing about its pid.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ServiceError(f"cannot read the pidfile {path}: {_reason(exc)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            if pid is None:
+                raise ServiceError(
+                    f"the pidfile {path} is locked but holds no pid (is the server starting?)"
+                ) from None
+            return pid
+        return None
+    finally:
+        os.close(fd)  # also drops our shared lock, if we got it
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link"
+    return exc.strerror or str(exc)
+
+
+# --- SIGHUP: reload, or the terminal hung up -------------------------------------------
+
+
+class HangupAction(Enum):
+    RELOAD = "reload"
+    SHUTDOWN = "shutdown"  # the terminal the server ran in is gone
+    IGNORE = "ignore"  # ... but the server was started immune to hangups (nohup)
+
+
+def has_controlling_terminal() -> bool:
+    """Whether this process has a controlling terminal (one that has not hung up).
+
+    When a terminal hangs up, the kernel detaches it from every process of
+    its session before it sends them SIGHUP; ``/dev/tty`` then fails to open
+    (ENXIO). The same happens when the session's leader (the shell) exits.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def sighup_action(
+    *, had_terminal: bool, terminal_now: bool, ignored_at_start: bool
+) -> HangupAction:
+    """What a SIGHUP means to a server that ``had_terminal`` when it started.
+
+    Without a terminal at start (systemd, setsid, a container without a
+    tty), SIGHUP is the traditional "reload". With one, a SIGHUP that comes
+    while the terminal is still there was sent on purpose (``kill -HUP``):
+    reload too. One that finds the terminal gone is its hangup: stop, as
+    every program in a closed terminal does, unless the server was started
+    with SIGHUP ignored (``nohup``), which asks to outlive the terminal.
+    """
+    if not had_terminal or terminal_now:
+        return HangupAction.RELOAD
+    return HangupAction.IGNORE if ignored_at_start else HangupAction.SHUTDOWN

@@ -1,0 +1,310 @@
+"""The server as a service: its pidfile, `securechat reload`, and SIGHUP from a closed terminal.
+
+The terminal tests give a real ``securechat server`` process a controlling
+terminal (a pty whose slave end is its stdin and stdout, made its session's
+terminal with TIOCSCTTY) and close the master end, which is what closing a
+terminal window or losing an ssh connection does.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from securechat.protocol import Error, ErrorCode
+from securechat.service import (
+    HangupAction,
+    PidFile,
+    ServiceError,
+    pidfile_path,
+    running_pid,
+    sighup_action,
+)
+
+from .conftest import (
+    WAIT,
+    Endpoint,
+    Pki,
+    ServerProcess,
+    config_data,
+    receive_closed,
+    server_process,
+    write_toml,
+)
+
+
+def server_config(tmp_path: Path, pki: Pki, hashes: dict[str, str]) -> Path:
+    return write_toml(tmp_path / "server.toml", config_data(pki, hashes))
+
+
+def default_pidfile(config: Path) -> Path:
+    return config.parent / "data" / "securechat.pid"
+
+
+async def securechat(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(WAIT * 3):
+        return await trio.run_process(
+            [sys.executable, "-m", "securechat", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("securechat: error: ")
+    return lines[0]
+
+
+# --- the pidfile --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "pidfile"),
+    [
+        ("data/securechat.db", "data/securechat.pid"),
+        ("/var/lib/chat/history", "/var/lib/chat/history.pid"),
+        ("data/odd.pid", "data/odd.pid.pid"),
+    ],
+)
+def test_pidfile_sits_beside_the_database(database: str, pidfile: str) -> None:
+    assert pidfile_path(Path(database)) == Path(pidfile)
+
+
+def test_pidfile_is_private_locked_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "securechat.pid"
+    held = PidFile.acquire(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert running_pid(path) == os.getpid()
+    with pytest.raises(ServiceError, match=rf"another securechat server \(pid {os.getpid()}\)"):
+        PidFile.acquire(path)
+    held.release()
+    assert not path.exists()
+    assert running_pid(path) is None
+
+
+def test_a_stale_pidfile_is_not_a_running_server_and_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "securechat.pid"
+    path.write_text("1\n")  # pid 1 exists: only the missing lock says the file is stale
+    path.chmod(0o644)
+    assert running_pid(path) is None
+    held = PidFile.acquire(path)
+    try:
+        assert path.read_text() == f"{os.getpid()}\n"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        held.release()
+
+
+def test_a_symlinked_pidfile_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("keep me\n")
+    path = tmp_path / "securechat.pid"
+    path.symlink_to(target)
+    with pytest.raises(ServiceError, match="symbolic link"):
+        PidFile.acquire(path)
+    assert target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    ("had_terminal", "terminal_now", "ignored_at_start", "action"),
+    [
+        (False, False, False, HangupAction.RELOAD),  # systemd, setsid: the daemon convention
+        (False, False, True, HangupAction.RELOAD),
+        (True, True, False, HangupAction.RELOAD),  # kill -HUP, the terminal still open
+        (True, True, True, HangupAction.RELOAD),
+        (True, False, False, HangupAction.SHUTDOWN),  # the terminal was closed
+        (True, False, True, HangupAction.IGNORE),  # ... but it was started with nohup
+    ],
+)
+def test_what_sighup_means(
+    had_terminal: bool, terminal_now: bool, ignored_at_start: bool, action: HangupAction
+) -> None:
+    assert (
+        sighup_action(
+            had_terminal=had_terminal,
+            terminal_now=terminal_now,
+            ignored_at_start=ignored_at_start,
+        )
+        is action
+    )
+
+
+# --- the server process and `securechat reload` ---------------------------------------------
+
+
+async def test_server_logs_pid_and_config_and_reloads_on_securechat_reload(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    pidfile = default_pidfile(config)
+    async with server_process(config, pki) as server:
+        pid = server.process.pid
+        await server.wait_for_log(
+            rf"INFO securechat: securechat \S+ pid {pid}: config {config.resolve()},"
+            rf" pidfile {pidfile.resolve()}"
+        )
+        assert pidfile.read_text() == f"{pid}\n"
+        assert stat.S_IMODE(pidfile.stat().st_mode) == 0o600
+
+        data = config_data(pki, password_hashes)
+        data["users"]["erin"] = {}
+        write_toml(config, data)
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert f"reload requested: server pid {pid}" in result.stdout.decode()
+        await server.wait_for_log(
+            rf"received SIGUSR1: reloading {config}(.|\n)*config reloaded: .*added=erin"
+        )
+
+        # A second server on the same database is refused before it touches it.
+        second = await securechat("server", "--config", str(config))
+        assert second.returncode == 1
+        assert f"another securechat server (pid {pid})" in one_error_line(second)
+
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+    assert not pidfile.exists()
+
+
+async def test_reload_without_a_running_server(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    result = await securechat("reload", "--config", str(config))
+    assert result.returncode == 1
+    assert "no securechat server is running with" in one_error_line(result)
+
+    pidfile = default_pidfile(config)
+    pidfile.parent.mkdir()
+    pidfile.write_text(f"{os.getpid()}\n")  # a live pid, but nobody holds the lock: stale
+    result = await securechat("reload", "--config", str(config))
+    assert result.returncode == 1
+    assert "a stale one" in one_error_line(result)
+
+
+async def test_reload_refuses_an_invalid_config_and_leaves_the_server_alone(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_process(config, pki) as server:
+        good = config.read_text()
+        config.write_text(good + "[server.oops]\n")
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 2
+        assert "server.oops" in one_error_line(result)
+        config.write_text(good)
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+    assert "reloading" not in server.log()
+
+
+# --- a server in a terminal -------------------------------------------------------------------
+
+# Runs in the child: a session of its own with the pty (its stdin) as the
+# controlling terminal, like a shell in a terminal window gives its jobs;
+# optionally with SIGHUP ignored, as nohup starts a program.
+_IN_A_TERMINAL = """
+import fcntl, os, signal, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+if sys.argv[1] == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+os.execv(sys.executable, [sys.executable, "-m", "securechat", *sys.argv[2:]])
+"""
+
+
+class Terminal:
+    """The master end of a pty: what a terminal emulator or sshd holds."""
+
+    def __init__(self, master: int) -> None:
+        self._master: int | None = master
+
+    def close(self) -> None:
+        """Hang up, as closing the terminal window does."""
+        if self._master is not None:
+            os.close(self._master)
+            self._master = None
+
+
+@asynccontextmanager
+async def server_in_a_terminal(
+    config: Path, pki: Pki, *, nohup: bool = False
+) -> AsyncIterator[tuple[ServerProcess, Terminal]]:
+    """A server whose controlling terminal is a pty."""
+    master, slave = pty.openpty()
+    terminal = Terminal(master)
+    mode = "nohup" if nohup else "-"
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _IN_A_TERMINAL, mode, "server", "--config", str(config)],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    assert process.stderr is not None
+    running = ServerProcess(process, pki)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.collect, process.stderr)
+            found = await running.wait_for_log(r"\[SEARCHING\] listening on 127.0.0.1:(\d+)")
+            running._endpoint = Endpoint("127.0.0.1", int(found[1]), pki)
+            yield running, terminal
+            if process.poll() is None:
+                process.kill()
+    finally:
+        if running._endpoint is not None:
+            await running._endpoint.aclose()
+        if process.poll() is None:
+            process.kill()
+        with trio.move_on_after(WAIT):
+            await process.wait()
+        await process.stderr.aclose()
+        terminal.close()
+
+
+async def test_closing_the_terminal_stops_the_server_while_kill_hup_reloads(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_in_a_terminal(config, pki) as (server, terminal):
+        bob = await server.endpoint.login("bob")
+        server.process.send_signal(signal.SIGHUP)  # the terminal is open: someone means it
+        await server.wait_for_log("received SIGHUP: reloading(.|\n)*config reloaded")
+
+        terminal.close()
+        await server.wait_for_log("received SIGHUP: the terminal was closed, shutting down")
+        received = await receive_closed(bob)
+        assert [e.code for e in received if isinstance(e, Error)] == [ErrorCode.SERVER_SHUTDOWN]
+        assert await server.wait() == 0
+    assert "server stopped" in server.log()
+    assert not default_pidfile(config).exists()
+
+
+async def test_a_server_started_with_nohup_outlives_its_terminal_and_still_reloads(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_in_a_terminal(config, pki, nohup=True) as (server, terminal):
+        terminal.close()
+        await server.wait_for_log("the terminal was closed; started with SIGHUP ignored")
+        await server.endpoint.login("bob")  # still serving
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        await server.wait_for_log("received SIGUSR1: reloading(.|\n)*config reloaded")
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
