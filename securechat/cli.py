@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import trio
 from pydantic import SecretStr
 
-from . import __version__, process, service, tls
+from . import __version__, checks, process, service, tls
 from .auth import check_new_password, hash_password
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
@@ -267,14 +267,35 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     client.set_defaults(command=_cmd_client)
 
+    check = commands.add_parser(
+        "check-config",
+        help="check a server config, its certificates, key, database and port",
+        description=(
+            "Check without starting a server: the config file (valid; not readable by others"
+            " when it holds password hashes), the server certificate (dates, names against"
+            " [server] host), its key (mode 0600, matches the certificate), the CA, that the"
+            " TLS settings load, the database (writable or creatable), whether a server runs"
+            " with this config, and the port. One line per check: ok, warning or error."
+            " Exit code 0 without errors (warnings allowed), 2 with errors."
+        ),
+    )
+    check.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SERVER_CONFIG,
+        help=f"the server's config file (default: {DEFAULT_SERVER_CONFIG})",
+    )
+    check.set_defaults(command=_cmd_check_config)
+
     reload = commands.add_parser(
         "reload",
         help="make the running server re-read its config file",
         description=(
-            "Validate the config file, then tell the server running with it"
-            " (found through the pidfile beside its database) to re-read it: users, passwords,"
-            " admins, rooms and the certificate files. Nothing is sent when the file has"
-            " errors. The server logs what changed."
+            "Check the config file and the certificate files as check-config does, then tell"
+            " the server running with that file (found through the pidfile beside its"
+            " database) to re-read it: users, passwords, admins, rooms and the certificate"
+            " files. Nothing is sent when a check finds an error. The server logs what"
+            " changed."
         ),
     )
     reload.add_argument(
@@ -467,8 +488,10 @@ async def _handle_signals(
     with trio.open_signal_receiver(
         signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
     ) as signals:
-        # The config file's mode is checked here: at start, and at every reload.
+        # The config file's mode and the certificates' expiry are checked
+        # here: at start, and at every reload.
         _warn_if_exposed(config_path, server.config)
+        _warn_if_expiring(server)
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
@@ -500,6 +523,16 @@ async def _handle_signals(
             else:
                 _warn_if_exposed(config_path, config)
                 server.reload(config)
+                _warn_if_expiring(server)
+
+
+def _warn_if_expiring(server: ChatServer) -> None:
+    # The running settings: a reload re-reads the certificate files at the
+    # paths the server started with.
+    for finding in checks.expiry_warnings(server.config.server, datetime.now(UTC)):
+        level = logging.ERROR if finding.status is checks.Status.ERROR else logging.WARNING
+        what = "the CA" if finding.topic == "ca" else "the server certificate"
+        log.log(level, "%s %s", what, finding.text)
 
 
 def _warn_if_exposed(config_path: Path, config: Config) -> None:
@@ -533,8 +566,41 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    findings = checks.check_config(args.config, datetime.now(UTC))
+    for finding in findings:
+        print(finding.line())
+    failed, warned = _tally(findings)
+    print(f"{args.config}: {failed}, {warned}{_missing_default_hint(args.config)}")
+    return 2 if checks.errors(findings) else 0
+
+
+def _tally(findings: Sequence[checks.Finding]) -> tuple[str, str]:
+    failed = len(checks.errors(findings))
+    warned = sum(finding.status is checks.Status.WARNING for finding in findings)
+    return (
+        f"{failed} error{'' if failed == 1 else 's'}",
+        f"{warned} warning{'' if warned == 1 else 's'}",
+    )
+
+
+def _missing_default_hint(path: Path) -> str:
+    if path == DEFAULT_SERVER_CONFIG and not path.exists():
+        return " (pass --config FILE; config.example.toml shows every key)"
+    return ""
+
+
 def _cmd_reload(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    findings, config = checks.check_reloadable(args.config, datetime.now(UTC))
+    problems = [finding for finding in findings if finding.status is not checks.Status.OK]
+    for finding in problems:
+        print(finding.line(), file=sys.stderr)
+    if config is None or checks.errors(findings):
+        failed, _ = _tally(findings)
+        raise UsageError(
+            f"{args.config}: {failed}; nothing sent to the server"
+            f"{_missing_default_hint(args.config)}"
+        )
     pidfile = service.pidfile_path(config.storage.path)
     pid = service.running_pid(pidfile)
     if pid is None:
