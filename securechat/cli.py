@@ -19,12 +19,11 @@ import re
 import signal
 import ssl
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import trio
 from pydantic import SecretStr
@@ -235,6 +234,13 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     server.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="append the log to FILE (created mode 0600, reopened when logrotate moves it)"
+        " instead of writing it to stderr",
+    )
+    server.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="info",
@@ -404,6 +410,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    log_handler = service.log_handler(args.log_file)
     # Before the database is touched: a second server on it is refused here.
     pidfile = service.PidFile.acquire(service.pidfile_path(config.storage.path))
     try:
@@ -422,9 +429,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
             # Read before trio installs its handler: SIG_IGN here means nohup.
             ignored_at_start=signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
         )
-        return trio.run(_serve, server, _Started(args.config, pidfile.path, hangup), args)
+        started = _Started(args.config, pidfile.path, hangup, log_handler)
+        return trio.run(_serve, server, started, args)
     finally:
         pidfile.release()
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
 
 
 @dataclass(frozen=True)
@@ -438,13 +448,14 @@ class _Started:
     config_path: Path
     pidfile: Path
     hangup: _Hangup
+    log_handler: logging.Handler
 
 
 async def _serve(server: ChatServer, started: _Started, args: argparse.Namespace) -> int:
     # The console goes first: on a terminal it redirects stdout and stderr
     # so that log lines print above the prompt.
     console = open_console(lambda: PROMPT) if args.console else None
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, started.log_handler, log_file=args.log_file is not None)
     log.info(
         "securechat %s pid %d: config %s, pidfile %s",
         __version__,
@@ -541,29 +552,12 @@ def _warn_if_exposed(config_path: Path, config: Config) -> None:
         log.warning("%s", warning)
 
 
-def _setup_logging(level: str) -> None:
-    formatter = logging.Formatter(
-        "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-    )
-    formatter.converter = time.gmtime
+def _setup_logging(level: str, handler: logging.Handler, *, log_file: bool) -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
-    if not root.handlers:  # keep a host's handlers (pytest's, an embedding app's)
-        handler = _StderrHandler()
-        handler.setFormatter(formatter)
+    # Keep a host's handlers (pytest's, an embedding app's) unless a file was asked for.
+    if log_file or not root.handlers:
         root.addHandler(handler)
-
-
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is now (the operator console replaces it)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -592,15 +586,16 @@ def _missing_default_hint(path: Path) -> str:
 
 def _cmd_reload(args: argparse.Namespace) -> int:
     findings, config = checks.check_reloadable(args.config, datetime.now(UTC))
-    problems = [finding for finding in findings if finding.status is not checks.Status.OK]
-    for finding in problems:
-        print(finding.line(), file=sys.stderr)
-    if config is None or checks.errors(findings):
-        failed, _ = _tally(findings)
-        raise UsageError(
-            f"{args.config}: {failed}; nothing sent to the server"
-            f"{_missing_default_hint(args.config)}"
-        )
+    for finding in findings:
+        if finding.status is checks.Status.WARNING:
+            print(f"securechat: warning: {finding.text}", file=sys.stderr, flush=True)
+    problems = checks.errors(findings)
+    for finding in problems[:-1]:
+        _fail(finding.text)
+    if problems:
+        hint = _missing_default_hint(args.config)
+        raise UsageError(f"{problems[-1].text}; nothing sent to the server{hint}")
+    assert config is not None  # it is None only when loading it failed, an error
     pidfile = service.pidfile_path(config.storage.path)
     pid = service.running_pid(pidfile)
     if pid is None:

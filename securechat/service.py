@@ -9,6 +9,12 @@ left behind by a server that was killed is unlocked, so it is recognised as
 stale even if its pid now belongs to another process, and a second server
 on the same database is refused at start.
 
+**The log** goes to stderr, with a UTC timestamp on every line; under
+systemd, whose journal stamps lines itself, each line starts with its
+syslog priority instead (``<4>`` for a warning), so ``journalctl -p warning``
+works. ``--log-file`` appends to a file instead, created mode 0600 and
+reopened when it is moved away (logrotate without ``copytruncate``).
+
 **SIGHUP.** Under systemd, or any supervisor, a daemon has no terminal and
 SIGHUP means "re-read your config". A server started in a terminal also
 gets SIGHUP when that terminal closes (the kernel sends it to the session,
@@ -22,12 +28,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
+import logging
+import logging.handlers
 import os
+import sys
+import time
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 PIDFILE_SUFFIX = ".pid"
 PIDFILE_MODE = 0o600
+LOG_FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 _ACQUIRE_ATTEMPTS = 5
 
@@ -195,3 +208,96 @@ def sighup_action(
     if not had_terminal or terminal_now:
         return HangupAction.RELOAD
     return HangupAction.IGNORE if ignored_at_start else HangupAction.SHUTDOWN
+
+
+# --- where the log goes ------------------------------------------------------------------
+
+# syslog priorities (RFC 5424), which journald reads from a "<N>" line prefix.
+_PRIORITIES = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def log_handler(log_file: Path | None) -> logging.Handler:
+    """The server's log handler: ``log_file``, the journal, or stderr (see the module doc).
+
+    Raises :class:`ServiceError` when ``log_file`` cannot be opened.
+    """
+    handler: logging.Handler
+    if log_file is not None:
+        try:
+            handler = PrivateLogFile(log_file)
+        except OSError as exc:
+            raise ServiceError(f"cannot open the log file {log_file}: {_reason(exc)}") from None
+    else:
+        handler = StderrHandler()
+    if log_file is None and stderr_is_journal(os.environ.get("JOURNAL_STREAM")):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    return handler
+
+
+def stderr_is_journal(journal_stream: str | None) -> bool:
+    """Whether stderr is systemd's journal: ``$JOURNAL_STREAM`` names its device and inode.
+
+    Checked against stderr itself, because the variable is inherited by
+    processes whose stderr was redirected elsewhere.
+    """
+    if not journal_stream:
+        return False
+    device, _, inode = journal_stream.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        stderr = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (stderr.st_dev, stderr.st_ino) == (int(device), int(inode))
+
+
+class JournalFormatter(logging.Formatter):
+    """``<4>name: message``: the journal adds the time, and takes the priority from the prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now (the operator console replaces it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """Appends to a file created mode 0600, reopened when it was moved or removed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self) -> io.TextIOWrapper:
+        return open(
+            self.baseFilename,
+            "a",
+            encoding=self.encoding,
+            errors=self.errors,
+            opener=_private,
+        )
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, LOG_FILE_MODE)

@@ -261,9 +261,10 @@ async def test_reload_refuses_a_key_the_server_would_not_load(
                 check=False,
             )
         assert result.returncode == 2
-        stderr = result.stderr.decode().splitlines()
-        assert stderr[0].startswith(f"error   key         {key} is accessible by group or others")
-        assert stderr[-1] == (f"securechat: error: {config}: 1 error; nothing sent to the server")
+        assert result.stderr.decode() == (
+            f"securechat: error: {key} is accessible by group or others (mode 0640);"
+            f" fix with: chmod 600 {key}; nothing sent to the server\n"
+        )
         server.process.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
     assert "reloading" not in server.log()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -42,9 +44,13 @@ from .conftest import (
     write_toml,
 )
 
+SERVER = (sys.executable, "-m", "securechat", "server")
+
 
 def server_config(tmp_path: Path, pki: Pki, hashes: dict[str, str]) -> Path:
-    return write_toml(tmp_path / "server.toml", config_data(pki, hashes))
+    config = write_toml(tmp_path / "server.toml", config_data(pki, hashes))
+    config.chmod(0o600)  # it holds password hashes
+    return config
 
 
 def default_pidfile(config: Path) -> Path:
@@ -206,7 +212,9 @@ async def test_reload_refuses_an_invalid_config_and_leaves_the_server_alone(
         config.write_text(good + "[server.oops]\n")
         result = await securechat("reload", "--config", str(config))
         assert result.returncode == 2
-        assert "server.oops" in one_error_line(result)
+        assert one_error_line(result).endswith(
+            f"{config}: server.oops: unknown key; nothing sent to the server"
+        )
         config.write_text(good)
         server.process.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
@@ -308,3 +316,93 @@ async def test_a_server_started_with_nohup_outlives_its_terminal_and_still_reloa
         await server.wait_for_log("received SIGUSR1: reloading(.|\n)*config reloaded")
         server.process.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
+
+
+# --- where the log goes ---------------------------------------------------------------------
+
+
+async def wait_for_text(path: Path, text: str) -> str:
+    """Poll a file the server writes (it has no event to wait on) until it holds ``text``."""
+    trio_path = trio.Path(path)
+    with trio.fail_after(WAIT):
+        while True:
+            content = await trio_path.read_text() if await trio_path.exists() else ""
+            if text in content:
+                return content
+            await trio.sleep(0.01)
+
+
+async def test_log_file_is_private_and_reopened_after_logrotate_moves_it(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    log_file = tmp_path / "logs" / "securechat.log"
+    log_file.parent.mkdir()
+    process = await trio.lowlevel.open_process(
+        [*SERVER, "--config", str(config), "--log-file", str(log_file)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        await wait_for_text(log_file, "[SEARCHING] listening on")
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        log_file.rename(log_file.with_suffix(".log.1"))  # what logrotate does
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        reopened = await wait_for_text(log_file, "config reloaded")
+        assert "received SIGUSR1: reloading" in reopened
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+        assert "server stopped" in log_file.read_text()
+        assert await process.stderr.receive_some() == b""  # nothing went to stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await process.wait()
+        await process.stderr.aclose()
+
+
+async def test_a_log_file_that_cannot_be_opened_is_one_error_line(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    missing = tmp_path / "no-such-dir" / "securechat.log"
+    result = await securechat("server", "--config", str(config), "--log-file", str(missing))
+    assert result.returncode == 1
+    assert f"cannot open the log file {missing}: No such file or directory" in one_error_line(
+        result
+    )
+    assert not default_pidfile(config).exists()
+
+
+@pytest.mark.parametrize("in_the_journal", [True, False])
+def test_under_systemd_log_lines_carry_their_priority_instead_of_a_timestamp(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], in_the_journal: bool
+) -> None:
+    # systemd gives a service's stderr to the journal and says so in
+    # JOURNAL_STREAM (device:inode of that stream); here a file stands in.
+    config = server_config(tmp_path, pki, password_hashes)
+    stderr_path = tmp_path / "stderr"
+    with socket.socket() as taken, stderr_path.open("wb") as stderr:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        info = os.fstat(stderr.fileno())
+        stream = f"{info.st_dev}:{info.st_ino}" if in_the_journal else f"{info.st_dev}:1"
+        result = subprocess.run(
+            [*SERVER, "--config", str(config), "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "JOURNAL_STREAM": stream},
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1  # the port is taken: the start line is logged all the same
+    first = stderr_path.read_text().splitlines()[0]
+    if in_the_journal:
+        assert re.fullmatch(r"<6>securechat: securechat \S+ pid \d+: config .*", first)
+    else:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\S+Z INFO securechat: securechat \S+ pid .*", first)
