@@ -476,12 +476,28 @@ async def _serve(server: ChatServer, started: _Started, args: argparse.Namespace
             await nursery.start(_handle_signals, server, started)
             if console is not None:
                 nursery.start_soon(_operate, server, console)
-            await server.serve()
-            nursery.cancel_scope.cancel()
+            addresses = await nursery.start(_serve_until_shutdown, server, nursery.cancel_scope)
+            listening = ", ".join(
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in addresses
+            )
+            try:
+                service.notify_systemd(f"READY=1\nSTATUS=listening on {listening}")
+            except ServiceError as exc:
+                log.warning("%s", exc)
     finally:
         if console is not None:
             await console.aclose()
     return 0
+
+
+async def _serve_until_shutdown(
+    server: ChatServer,
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await server.serve(task_status=task_status)
+    everything.cancel()  # the signal handler and the console
 
 
 async def _operate(server: ChatServer, console: Console) -> None:

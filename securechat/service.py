@@ -15,6 +15,10 @@ syslog priority instead (``<4>`` for a warning), so ``journalctl -p warning``
 works. ``--log-file`` appends to a file instead, created mode 0600 and
 reopened when it is moved away (logrotate without ``copytruncate``).
 
+**systemd** (``Type=notify``): the server sends ``READY=1`` on
+``$NOTIFY_SOCKET`` once it listens, so that ``systemctl start`` waits for
+it and reports a server that could not start. See contrib/securechat.service.
+
 **SIGHUP.** Under systemd, or any supervisor, a daemon has no terminal and
 SIGHUP means "re-read your config". A server started in a terminal also
 gets SIGHUP when that terminal closes (the kernel sends it to the session,
@@ -32,6 +36,7 @@ import io
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 import time
 from enum import Enum
@@ -208,6 +213,29 @@ def sighup_action(
     if not had_terminal or terminal_now:
         return HangupAction.RELOAD
     return HangupAction.IGNORE if ignored_at_start else HangupAction.SHUTDOWN
+
+
+# --- systemd ------------------------------------------------------------------------------
+
+
+def notify_systemd(state: str) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to systemd's notify socket; False when there is none.
+
+    Run by systemd with ``Type=notify``, ``$NOTIFY_SOCKET`` names a datagram
+    socket, a path or (``@`` first) an abstract one. Elsewhere nothing is sent.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        raise ServiceError(f"cannot notify systemd at {address!r}: {_reason(exc)}") from None
+    return True
 
 
 # --- where the log goes ------------------------------------------------------------------

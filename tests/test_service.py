@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pty
 import re
+import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -406,3 +408,84 @@ def test_under_systemd_log_lines_carry_their_priority_instead_of_a_timestamp(
         assert re.fullmatch(r"<6>securechat: securechat \S+ pid \d+: config .*", first)
     else:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\S+Z INFO securechat: securechat \S+ pid .*", first)
+
+
+# --- systemd --------------------------------------------------------------------------------
+
+
+async def test_the_server_tells_systemd_when_it_listens(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    name = f"securechat-test-{os.getpid()}-{secrets.token_hex(4)}"  # an abstract socket
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        await notify.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        async with server_process(config, pki) as server:
+            with trio.fail_after(WAIT):
+                message = await notify.recv(4096)
+            port = server.endpoint.port
+            assert message == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}".encode()
+
+
+async def test_a_notify_socket_that_is_not_there_is_a_warning(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    async with server_process(config, pki) as server:
+        await server.wait_for_log(f"WARNING securechat: cannot notify systemd at '{tmp_path}/gone'")
+        await server.endpoint.login("bob")
+
+
+UNIT = Path(__file__).parent.parent / "contrib" / "securechat.service"
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file, every value of each key (sections merged)."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_systemd_unit_reloads_with_securechat_reload_and_is_hardened() -> None:
+    settings = unit_settings(UNIT.read_text())
+    program = "/opt/securechat/.venv/bin/securechat"
+    config = "--config /etc/securechat/securechat.toml"
+    assert settings["ExecStart"] == [f"{program} server {config}"]
+    assert settings["ExecReload"] == [f"{program} reload {config}"]
+    assert settings["Type"] == ["notify"]
+    assert settings["User"] == ["securechat"]
+    for key, value in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("ReadWritePaths", "/var/lib/securechat"),
+        ("StateDirectory", "securechat"),
+        ("UMask", "0077"),
+        ("CapabilityBoundingSet", ""),
+    ]:
+        assert settings[key] == [value], key
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    # verify insists that ExecStart's program exists: point it at this venv's.
+    program = Path(sys.executable).parent / "securechat"
+    assert program.exists()
+    unit = tmp_path / "securechat.service"
+    unit.write_text(UNIT.read_text().replace("/opt/securechat/.venv/bin/securechat", str(program)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
