@@ -10,6 +10,7 @@ traceback. Passwords are read from a no-echo prompt, stdin or the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import getpass
 import json
@@ -410,10 +411,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
-    log_handler = service.log_handler(args.log_file)
-    # Before the database is touched: a second server on it is refused here.
-    pidfile = service.PidFile.acquire(service.pidfile_path(config.storage.path))
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order
+        log_handler = service.log_handler(args.log_file)
+        cleanup.callback(log_handler.close)
+        cleanup.callback(logging.getLogger().removeHandler, log_handler)
+        # Before the database is touched: a second server on it is refused here.
+        pidfile = service.PidFile.acquire(service.pidfile_path(config.storage.path))
+        cleanup.callback(pidfile.release)
         try:
             server = ChatServer(config)
         except StoreError as exc:
@@ -431,10 +435,6 @@ def _cmd_server(args: argparse.Namespace) -> int:
         )
         started = _Started(args.config, pidfile.path, hangup, log_handler)
         return trio.run(_serve, server, started, args)
-    finally:
-        pidfile.release()
-        logging.getLogger().removeHandler(log_handler)
-        log_handler.close()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ terminal window or losing an ssh connection does.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import pty
 import re
@@ -18,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,10 +28,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from securechat.cli import main
 from securechat.protocol import Error, ErrorCode
 from securechat.service import (
     HangupAction,
     PidFile,
+    PrivateLogFile,
     ServiceError,
     pidfile_path,
     running_pid,
@@ -489,3 +494,22 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
+
+
+def test_a_refused_start_leaves_no_handler_or_pidfile_behind(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = server_config(tmp_path, pki, password_hashes)
+    held = PidFile.acquire(default_pidfile(config))  # "another server" on this database
+    try:
+        log_file = tmp_path / "securechat.log"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["server", "--config", str(config), "--log-file", str(log_file)]) == 1
+            gc.collect()  # an unclosed log file would say so now
+        assert [w.message for w in caught] == []
+        assert "another securechat server" in capsys.readouterr().err
+        assert not any(isinstance(h, PrivateLogFile) for h in logging.getLogger().handlers)
+        assert default_pidfile(config).read_text() == f"{os.getpid()}\n"  # still the holder's
+    finally:
+        held.release()
