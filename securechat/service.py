@@ -48,6 +48,7 @@ PIDFILE_MODE = 0o600
 LOG_FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 _ACQUIRE_ATTEMPTS = 5
+_LOCK_PATIENCE = 0.2  # seconds
 
 
 class ServiceError(Exception):
@@ -85,9 +86,7 @@ class PidFile:
                 )
             except OSError as exc:
                 raise ServiceError(f"cannot create the pidfile {path}: {_reason(exc)}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_exclusively(fd):
                 pid = _read_pid(fd)
                 os.close(fd)
                 raise ServiceError(
@@ -149,6 +148,25 @@ def running_pid(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)  # also drops our shared lock, if we got it
+
+
+def _lock_exclusively(fd: int) -> bool:
+    """Take the exclusive lock; False if a running server holds it.
+
+    ``running_pid`` (``securechat reload``, ``check-config``) holds a shared
+    lock on a stale file for a moment: wait that out rather than mistake it
+    for a server.
+    """
+    deadline = time.monotonic() + _LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        else:
+            return True
 
 
 def _read_pid(fd: int) -> int | None:

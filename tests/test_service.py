@@ -8,6 +8,7 @@ terminal window or losing an ssh connection does.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -121,6 +123,26 @@ def test_a_stale_pidfile_is_not_a_running_server_and_is_taken_over(tmp_path: Pat
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         held.release()
+
+
+def test_a_start_waits_out_a_reload_glancing_at_a_stale_pidfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "securechat.pid"
+    path.write_text("1\n")
+    glance = os.open(path, os.O_RDONLY)
+    fcntl.flock(glance, fcntl.LOCK_SH)  # what running_pid holds for a moment
+    waits: list[float] = []
+
+    def glance_ends(seconds: float) -> None:  # the server's wait between two tries
+        if not waits:
+            os.close(glance)
+        waits.append(seconds)
+
+    monkeypatch.setattr(time, "sleep", glance_ends)  # the one service.py calls
+    held = PidFile.acquire(path)
+    held.release()
+    assert len(waits) == 1
 
 
 def test_a_symlinked_pidfile_is_refused(tmp_path: Path) -> None:
