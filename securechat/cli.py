@@ -249,31 +249,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(command=_cmd_server)
 
-    client = commands.add_parser(
-        "client",
-        help="connect to a server and chat",
-        description=(
-            "Connect over TLS, verify the server against the CA, log in and chat at the"
-            " send>>> prompt. The password comes from a no-echo prompt or the"
-            f" {PASSWORD_ENV} environment variable; with --cert/--key the certificate"
-            " logs you in. With stdin not a terminal, each line is sent and the client"
-            " exits once every line is acknowledged."
-        ),
-    )
-    client.add_argument("--config", type=Path, help="TOML file with a [client] section")
-    client.add_argument("--host", help="server name or address (default: localhost)")
-    client.add_argument("--port", type=_port, help="server port (default: 8000)")
-    client.add_argument("--user", type=_username, help="your username")
-    client.add_argument("--ca", type=Path, help="CA certificate to trust (default: certs/ca.crt)")
-    client.add_argument("--cert", type=Path, help="client certificate (with --key)")
-    client.add_argument("--key", type=Path, help="client private key (with --cert)")
-    client.add_argument(
-        "--ask-password",
-        action="store_true",
-        help="also send a password when logging in with a certificate",
-    )
-    client.set_defaults(command=_cmd_client)
-
     check = commands.add_parser(
         "check-config",
         help="check a server config, its certificates, key, database and port",
@@ -312,6 +287,31 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"the server's config file (default: {DEFAULT_SERVER_CONFIG})",
     )
     reload.set_defaults(command=_cmd_reload)
+
+    client = commands.add_parser(
+        "client",
+        help="connect to a server and chat",
+        description=(
+            "Connect over TLS, verify the server against the CA, log in and chat at the"
+            " send>>> prompt. The password comes from a no-echo prompt or the"
+            f" {PASSWORD_ENV} environment variable; with --cert/--key the certificate"
+            " logs you in. With stdin not a terminal, each line is sent and the client"
+            " exits once every line is acknowledged."
+        ),
+    )
+    client.add_argument("--config", type=Path, help="TOML file with a [client] section")
+    client.add_argument("--host", help="server name or address (default: localhost)")
+    client.add_argument("--port", type=_port, help="server port (default: 8000)")
+    client.add_argument("--user", type=_username, help="your username")
+    client.add_argument("--ca", type=Path, help="CA certificate to trust (default: certs/ca.crt)")
+    client.add_argument("--cert", type=Path, help="client certificate (with --key)")
+    client.add_argument("--key", type=Path, help="client private key (with --cert)")
+    client.add_argument(
+        "--ask-password",
+        action="store_true",
+        help="also send a password when logging in with a certificate",
+    )
+    client.set_defaults(command=_cmd_client)
 
     schema = commands.add_parser(
         "schema",
