@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 from pydantic import SecretStr
@@ -410,7 +410,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         for name in ("host", "port", "cert", "key", "ca", "client_certs")
         if getattr(args, name) is not None
     }
-    config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    config = _with_overrides(config, overrides)
     with contextlib.ExitStack() as cleanup:  # undone in reverse order
         log_handler = service.log_handler(args.log_file)
         cleanup.callback(log_handler.close)
@@ -433,8 +433,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
             # Read before trio installs its handler: SIG_IGN here means nohup.
             ignored_at_start=signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
         )
-        started = _Started(args.config, pidfile.path, hangup, log_handler)
+        started = _Started(args.config, overrides, pidfile.path, hangup, log_handler)
         return trio.run(_serve, server, started, args)
+
+
+def _with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    return config.model_copy(update={"server": config.server.model_copy(update=overrides)})
 
 
 @dataclass(frozen=True)
@@ -446,6 +450,7 @@ class _Hangup:
 @dataclass(frozen=True)
 class _Started:
     config_path: Path
+    overrides: dict[str, Any]  # the [server] settings given as flags
     pidfile: Path
     hangup: _Hangup
     log_handler: logging.Handler
@@ -549,7 +554,8 @@ async def _handle_signals(
                 log.error("config reload failed, keeping the current config: %s", exc)
             else:
                 _warn_if_exposed(config_path, config)
-                server.reload(config)
+                # The flags still hold: only a change in the file is a change.
+                server.reload(_with_overrides(config, started.overrides))
                 _warn_if_expiring(server)
 
 

@@ -535,3 +535,20 @@ def test_a_refused_start_leaves_no_handler_or_pidfile_behind(
         assert default_pidfile(config).read_text() == f"{os.getpid()}\n"  # still the holder's
     finally:
         held.release()
+
+
+async def test_a_reload_keeps_the_flags_the_server_was_started_with(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    # `make run PORT=9000` then `securechat reload`: the flag is no change in the file.
+    config = server_config(tmp_path, pki, password_hashes)
+    async with server_process(config, pki, "--client-certs", "required") as server:
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        await server.wait_for_log("config reloaded")
+        assert "differ from the running settings" not in server.log()
+        data = config_data(pki, password_hashes, max_rooms=5)  # a change in the file
+        write_toml(config, data)
+        result = await securechat("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        await server.wait_for_log("differ from the running settings(.|\n)*config reloaded")
