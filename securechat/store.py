@@ -804,6 +804,8 @@ def _connect(path: Path, *, schema: bool = True) -> sqlite3.Connection:
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
+        # What retention deletes is overwritten, not left readable in free pages.
+        db.execute("PRAGMA secure_delete = ON")
         if schema:
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(rooms)")}

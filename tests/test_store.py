@@ -796,6 +796,20 @@ async def test_prune_by_age_drops_old_room_and_direct_messages_delivered_or_not(
     assert store.users_with_undelivered() == set()
 
 
+async def test_pruned_text_is_overwritten_in_the_database_file(db_path: Path) -> None:
+    # What retention deletes must not stay readable in the file's free pages.
+    secret = "a secret that retention deleted"
+    async with running(Store(db_path)) as store:
+        await store.write(
+            AppendMessage(stamped(1, 1).model_copy(update={"text": secret})),
+            AppendMessage(stamped(2, 9)),
+        )
+        assert (await store.prune(Retention(max_age=3 * DAY), JAN_1 + 10 * DAY)).messages == 1
+    files = [db_path, db_path.with_name(db_path.name + "-wal")]
+    data = b"".join(file.read_bytes() for file in files if file.exists())
+    assert secret.encode() not in data
+
+
 async def test_message_ids_go_on_increasing_after_everything_was_pruned(db_path: Path) -> None:
     async with running(Store(db_path)) as store:
         await store.write(*(AppendMessage(stamped(i, 1)) for i in range(1, 8)))
