@@ -9,7 +9,7 @@ than on this machine, so that those figures can be read against a floor:
 A. **Fan-out, per send.** A trio server in this process holds N TLS
    connections over loopback (``--connections``, default 1 000), each a
    ``trio.SSLStream`` over a ``LeanSocketStream`` as in the server, with one
-   writer task per connection waiting on a :class:`securechat.hub.Outbox`.
+   writer task per connection waiting on a :class:`securechat.delivery.Outbox`.
    A child process (``--drain``) opened them with stdlib TLS and then only
    reads raw bytes with ``epoll``; it never decrypts, and its CPU is not
    counted. Each round puts one ~120-byte message frame into every outbox
@@ -72,7 +72,7 @@ import trio
 
 from securechat import certs, tls
 from securechat.auth import ClientCertMode
-from securechat.hub import Outbox
+from securechat.delivery import Outbox
 from securechat.protocol import Message, encode
 from securechat.transport import LeanSocketStream
 

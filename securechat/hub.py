@@ -1,6 +1,6 @@
 """Rooms, topics, direct messages, presence and fan-out: the chat itself.
 
-The hub knows who is connected (one :class:`Member` per logged-in
+The hub knows who is connected (one :class:`Peer` per logged-in
 connection; a user may have several), which rooms exist and who belongs to
 them, and what each request means. It does no network I/O: replies and
 deliveries are encoded frames put into each member's :class:`Outbox`, which
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from typing import Literal
 
 import trio
 
+from .delivery import Peer
 from .protocol import (
     LOBBY,
     SERVER_USER,
@@ -75,240 +76,8 @@ RECENT_IDS_MAX = 20_000
 # half full. Stored direct messages are marked delivered one read at a time.
 READ_ROWS = 16
 READ_CHARS = 16 * 1024
-# The most a connection's writer takes from its queue at once (unless one
-# frame is larger): what it holds and encrypts in one go.
-BATCH_BYTES = 64 * 1024
 # Why an admin cannot set a topic: the config file's [rooms.NAME] topic wins.
 TOPIC_FROM_CONFIG = "the topic of this room is set in the config file"
-
-
-class Outbox:
-    """A bounded queue of encoded frames for one connection.
-
-    ``put`` never blocks. When a frame would take the queue past
-    ``max_frames`` or ``max_bytes``, the queue is dropped, closed, and
-    ``on_overflow`` is called: that connection is too slow to keep, and the
-    caller must disconnect it. ``take`` returns queued frames as one
-    ``bytes`` of at most ``batch_bytes`` (or one larger frame), so the writer
-    makes one ``send_all`` per wake-up and never encrypts more than that at
-    once. A taken batch still counts against ``max_bytes`` until the writer
-    comes back for the next one, having sent it: what is queued plus what the
-    writer holds never exceeds ``max_bytes``.
-    """
-
-    def __init__(
-        self,
-        max_frames: int,
-        max_bytes: int,
-        on_overflow: Callable[[], None],
-        *,
-        drain_timeout: float = 30.0,
-        later: DeferredWakeups | None = None,
-        batch_bytes: int = BATCH_BYTES,
-    ) -> None:
-        self._frames: deque[bytes] = deque()
-        self._later = later
-        self._wake_pending = False
-        self._room = trio.lowlevel.ParkingLot()  # woken when the writer frees room
-        self._drain_timeout = drain_timeout
-        self._bytes = 0  # queued, plus the batch the writer holds
-        self._in_flight = 0  # the batch the writer holds
-        self._max_frames = max_frames
-        self._max_bytes = max_bytes
-        self._on_overflow = on_overflow
-        self.batch_bytes = batch_bytes
-        # The one writer task, while it waits for frames. Woken with a plain
-        # reschedule: a ParkingLot costs ~2.7 us more per wake-up, and a put
-        # to every member of a room wakes every member's writer.
-        self._writer: trio.lowlevel.Task | None = None
-        self.closed = False
-        self.overflowed = False
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def put(self, frame: bytes, *, urgent: bool = True) -> None:
-        """Queue ``frame``; a frame that is not ``urgent`` does not wake the writer itself.
-
-        It goes out with the next urgent frame, or when ``later`` (the
-        server's clock) wakes the writer: at most a presence delay after.
-        Order is kept either way: there is one queue.
-        """
-        if self.closed:
-            return
-        if len(self._frames) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
-            self._overflow()
-            return
-        self._frames.append(frame)
-        self._bytes += len(frame)
-        if self._writer is not None:
-            if urgent or self._later is None:
-                self._wake_writer()
-            elif not self._wake_pending:
-                self._wake_pending = True
-                self._later.add(self)
-
-    def wake(self) -> None:
-        """Wake the writer for frames that were not urgent (called by :class:`DeferredWakeups`)."""
-        self._wake_pending = False
-        self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            self._writer = None
-            trio.lowlevel.reschedule(writer)
-
-    def _overflow(self) -> None:
-        self.overflowed = True
-        self._frames.clear()
-        self._bytes = self._in_flight = 0
-        self.close()
-        self._on_overflow()
-
-    def close(self) -> None:
-        """No more frames will be accepted; ``get_batch`` drains what is left, then returns None."""
-        self.closed = True
-        self._wake_writer()
-        self._room.unpark_all()
-
-    async def wait_for_room(self) -> None:
-        """Back-pressure for bulk replies: wait while the queue is more than half full.
-
-        A connection that stays that far behind for ``drain_timeout`` is too
-        slow to keep, exactly as if its queue had overflowed.
-        """
-        with trio.move_on_after(self._drain_timeout):
-            while not self.closed and (
-                2 * len(self._frames) > self._max_frames or 2 * self._bytes > self._max_bytes
-            ):
-                await self._room.park()
-            return
-        self._overflow()
-
-    async def get_batch(self) -> bytes | None:
-        """The next batch (see :meth:`take`), waiting for a frame; None once closed and empty."""
-        await self.wait_for_frames()
-        return self.take()
-
-    async def wait_for_frames(self) -> None:
-        """Return when there is something to take, or the outbox is closed (one writer only).
-
-        The writer calls this when it has sent its last batch: that batch
-        stops counting against the limit.
-        """
-        self._release()
-        while not self._frames and not self.closed:
-            if self._writer is not None:
-                raise RuntimeError("another task is already waiting on this outbox")
-            self._writer = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-
-    def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._writer = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    def take(self) -> bytes | None:
-        """The oldest queued frames as one ``bytes`` (None if nothing is queued).
-
-        At most ``batch_bytes``, but always at least one whole frame; a
-        single frame is returned as the very object that was put. The batch
-        counts against ``max_bytes`` until the next ``take`` or
-        :meth:`wait_for_frames` (the previous one is released now).
-        """
-        self._release()
-        frames = self._frames
-        if not frames:
-            return None
-        if len(frames) == 1:
-            batch = frames.popleft()
-        elif self._bytes <= self.batch_bytes:
-            batch = b"".join(frames)
-            frames.clear()
-        else:
-            parts = [frames.popleft()]
-            size = len(parts[0])
-            while frames and size + len(frames[0]) <= self.batch_bytes:
-                size += len(frames[0])
-                parts.append(frames.popleft())
-            batch = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._in_flight = len(batch)
-        return batch
-
-    def _release(self) -> None:
-        """The writer is done with its batch: its bytes no longer count."""
-        if self._in_flight:
-            self._bytes -= self._in_flight
-            self._in_flight = 0
-            if self._room:
-                self._room.unpark_all()
-
-
-class DeferredWakeups:
-    """Outboxes whose writers have frames that are not urgent, woken together later.
-
-    The server's flush clock calls :meth:`wake_all` every presence delay;
-    between calls, any number of non-urgent frames to one connection cost
-    one write instead of one each.
-    """
-
-    def __init__(self) -> None:
-        self._due: list[Outbox] = []
-
-    def __len__(self) -> int:
-        return len(self._due)
-
-    def add(self, outbox: Outbox) -> None:
-        self._due.append(outbox)
-
-    def wake_all(self) -> None:
-        due, self._due = self._due, []
-        for outbox in due:
-            outbox.wake()
-
-
-@dataclass(eq=False)
-class Member:
-    """One logged-in connection, as the hub sees it."""
-
-    username: str
-    outbox: Outbox
-    admin: bool = False
-    # Send this error, then close the connection (kick, account removed).
-    disconnect: Callable[[Error], None] = field(default=lambda error: None)
-    # Messages of this connection handed to the store and not yet answered.
-    unsettled: int = 0
-    _all_settled: trio.Event | None = field(default=None, repr=False)
-
-    def send(
-        self,
-        envelope: Ack
-        | Error
-        | Joined
-        | Left
-        | Members
-        | RoomList
-        | RoomTopic
-        | HistoryEnd
-        | Kicked,
-    ) -> None:
-        self.outbox.put(encode(envelope))
-
-    def _submitted(self) -> None:
-        self.unsettled += 1
-
-    def _answered(self) -> None:
-        self.unsettled -= 1
-        if not self.unsettled and self._all_settled is not None:
-            self._all_settled.set()
-            self._all_settled = None
-
-    async def settled(self) -> None:
-        """Return once every message this connection sent has been acked or refused."""
-        if self.unsettled:
-            if self._all_settled is None:
-                self._all_settled = trio.Event()
-            await self._all_settled.wait()
 
 
 @dataclass(frozen=True)
@@ -326,7 +95,7 @@ class Room:
     allowed: frozenset[str] | None = None
     topic_from_config: bool = False  # the config file sets the topic: the wire cannot
     members: set[str] = field(default_factory=set)  # usernames, persistent
-    connections: dict[Member, None] = field(default_factory=dict)  # members' online connections
+    connections: dict[Peer, None] = field(default_factory=dict)  # members' online connections
     # The hub's cache of the configured members, sorted, and the hub version it is for.
     sorted_members: tuple[int, list[str]] = (-1, [])
 
@@ -338,14 +107,14 @@ class Room:
         frame: bytes,
         *,
         skip_user: str | None = None,
-        skip: Member | None = None,
+        skip: Peer | None = None,
         urgent: bool = True,
     ) -> None:
         # No copy needed: an overflowing put() only cancels that connection's
         # tasks; it leaves the room later, from its own task (logout).
         for member in self.connections:
             if member.username != skip_user and member is not skip:
-                member.outbox.put(frame, urgent=urgent)
+                member.put(frame, urgent=urgent)
 
     def presence(self, username: str, state: Literal["joined", "left"]) -> None:
         """Tell the room's connections, other than ``username``'s own, that it joined or left.
@@ -396,7 +165,7 @@ class Hub:
         self.allow_room_create = allow_room_create
         self.max_rooms = max_rooms
         self.users: set[str] = set(users)
-        self._online: dict[str, list[Member]] = {}
+        self._online: dict[str, list[Peer]] = {}
         # Bumped by every change to rooms, members or users; answers built
         # from those (room lists, member lists) are cached until it moves.
         self._version = 0
@@ -436,6 +205,10 @@ class Hub:
             self.disconnect_user(
                 username, Error(code=ErrorCode.KICKED, message="your account was removed")
             )
+
+    def begin_shutdown(self) -> None:
+        """Everyone is about to be let go: no presence updates from now on."""
+        self.shutting_down = True
 
     def set_admin(self, username: str, admin: bool) -> None:
         """A changed admin flag applies to the user's open connections at once."""
@@ -477,7 +250,7 @@ class Hub:
 
     # --- connections ---
 
-    async def login(self, member: Member) -> list[str]:
+    async def login(self, member: Peer) -> list[str]:
         """Attach a logged-in connection; returns the user's rooms (the lobby always among them).
 
         Refuses (auth_failed) a user who is no longer configured. The connection is
@@ -506,7 +279,7 @@ class Hub:
             self._announce_presence(user, rooms, "online")
         return rooms
 
-    def logout(self, member: Member) -> None:
+    def logout(self, member: Peer) -> None:
         user = member.username
         connections = self._online.get(user, [])
         if member in connections:
@@ -518,7 +291,7 @@ class Hub:
             if not self.shutting_down:
                 self._announce_presence(user, self.rooms_of(user), "offline")
 
-    async def deliver_stored(self, member: Member) -> None:
+    async def deliver_stored(self, member: Peer) -> None:
         """Send ``member`` the direct messages that arrived while its user was offline.
 
         Read a few at a time and paced by the connection: a long backlog
@@ -534,7 +307,7 @@ class Hub:
         # their commit hands them over (or keeps them for the next login).
         through = self._last_id
         after = 0
-        while not member.outbox.closed:
+        while not member.closed:
             try:
                 chunk = await self.store.undelivered(
                     user, after, READ_ROWS, through=through, max_chars=READ_CHARS
@@ -551,9 +324,9 @@ class Hub:
             handed_over = False
             try:
                 for message in fresh:
-                    member.outbox.put(encode(message))
-                    await member.outbox.wait_for_room()
-                handed_over = not member.outbox.closed
+                    member.put(encode(message))
+                    await member.wait_for_room()
+                handed_over = not member.closed
             finally:
                 if not handed_over:  # closed or cancelled: they come again at the next login
                     self._handing_over.difference_update(ids)
@@ -571,7 +344,7 @@ class Hub:
         if message.id in self._handing_over:
             return True  # a login is handing it over
         for connection in connections:
-            connection.outbox.put(frame)
+            connection.put(frame)
         self._mark_delivered(self._claim([message]))
         return True
 
@@ -608,19 +381,19 @@ class Hub:
         if len(rooms) == 1:  # the common case (the lobby only): no set of connections needed
             self._rooms[rooms[0]].broadcast(frame, skip_user=user, urgent=False)
             return
-        connections: dict[Member, None] = {}
+        connections: dict[Peer, None] = {}
         for name in rooms:
             connections.update(self._rooms[name].connections)
         for connection in connections:
             if connection.username != user:
-                connection.outbox.put(frame, urgent=False)
+                connection.put(frame, urgent=False)
 
-    def connections_of(self, username: str) -> list[Member]:
+    def connections_of(self, username: str) -> list[Peer]:
         return list(self._online.get(username, ()))
 
     # --- rooms ---
 
-    async def join(self, member: Member, name: str, ref: str | None) -> None:
+    async def join(self, member: Peer, name: str, ref: str | None) -> None:
         user = member.username
         room = self._rooms.get(name)
         created = room is None
@@ -647,7 +420,7 @@ class Hub:
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "cannot save that now; try again"
                 ) from None
-            if member.outbox.closed or not room.may_join(user) or self._rooms.get(name) is not room:
+            if member.closed or not room.may_join(user) or self._rooms.get(name) is not room:
                 # A reload while the write was in flight took the right away.
                 self._spawn_persist(RemoveMember(name, user))
                 raise ProtocolError(ErrorCode.FORBIDDEN, f"room {name!r} is private")
@@ -664,7 +437,7 @@ class Hub:
             )
             connection.send(reply)
 
-    async def leave(self, member: Member, name: str, ref: str | None) -> None:
+    async def leave(self, member: Peer, name: str, ref: str | None) -> None:
         user = member.username
         room = self._rooms.get(name)
         if room is None or user not in room.members:
@@ -677,7 +450,7 @@ class Hub:
         room.presence(user, "left")
         await self._persist(RemoveMember(name, user))
 
-    def who(self, member: Member, name: str, ref: str | None) -> Members:
+    def who(self, member: Peer, name: str, ref: str | None) -> Members:
         room = self._visible_room(member, name)
         members = self._members(room)
         return Members.model_construct(
@@ -687,12 +460,12 @@ class Hub:
             ref=ref,
         )
 
-    def topic(self, member: Member, name: str, ref: str | None) -> RoomTopic:
+    def topic(self, member: Peer, name: str, ref: str | None) -> RoomTopic:
         """The topic of a room ``member`` may see (membership is not needed)."""
         room = self._visible_room(member, name)
         return RoomTopic(room=name, topic=room.topic, ref=ref)
 
-    async def set_topic(self, member: Member, name: str, topic: str, ref: str | None) -> None:
+    async def set_topic(self, member: Peer, name: str, topic: str, ref: str | None) -> None:
         """Store a room's new topic, then announce it; an admin's request.
 
         Like a message, the change is applied and announced in the commit
@@ -723,13 +496,13 @@ class Hub:
                 room.broadcast(encode(RoomTopic(room=name, topic=topic, by=user)), skip=member)
                 reply = RoomTopic(room=name, topic=topic, by=user, ref=ref)
             member.send(reply)
-            member._answered()
+            member.answered()
 
-        member._submitted()
+        member.submitted()
         try:
             await self.store.submit(SaveRoom(name, topic, room.allowed), committed)
         except BaseException:
-            member._answered()
+            member.answered()
             raise
 
     def room_list(self, username: str | None, ref: str | None = None) -> RoomList:
@@ -769,7 +542,7 @@ class Hub:
             room.sorted_members = (self._version, members)
         return room.sorted_members[1]
 
-    def _visible_room(self, member: Member, name: str) -> Room:
+    def _visible_room(self, member: Peer, name: str) -> Room:
         room = self._rooms.get(name)
         if room is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {name!r}")
@@ -781,7 +554,7 @@ class Hub:
 
     async def say(
         self,
-        member: Member,
+        member: Peer,
         room_name: str,
         text: str,
         client_id: str | None,
@@ -805,25 +578,25 @@ class Hub:
 
     async def _submit_message(
         self,
-        member: Member,
+        member: Peer,
         client_id: str | None,
         write: AppendMessage,
         committed: Callable[[BaseException | None], None],
     ) -> None:
-        member._submitted()
+        member.submitted()
         try:
             await self.store.submit(write, committed)
         except BaseException:
             # Never queued (cancelled while the queue was full): forget the
             # id, so that a re-send is a new attempt rather than a wait.
-            member._answered()
+            member.answered()
             if client_id is not None:
                 self._pending.pop((member.username, client_id), None)
             raise
 
     async def dm(
         self,
-        member: Member,
+        member: Peer,
         to: str,
         text: str,
         client_id: str | None,
@@ -844,7 +617,7 @@ class Hub:
                 frame = encode(message)
                 if to != member.username:  # a note to self is delivered once, below
                     for connection in self._online.get(member.username, ()):
-                        connection.outbox.put(frame)
+                        connection.put(frame)
                 stored = not self._deliver_direct(to, message, frame)
             self._settle(member, client_id, message.id, error, stored=stored)
 
@@ -893,7 +666,7 @@ class Hub:
             ts=self._clock(),
         )
 
-    def _is_resend(self, member: Member, client_id: str | None) -> bool:
+    def _is_resend(self, member: Peer, client_id: str | None) -> bool:
         """A client id seen before: answer with the original outcome instead of sending again."""
         if client_id is None:
             return False
@@ -911,7 +684,7 @@ class Hub:
 
     def _settle(
         self,
-        member: Member,
+        member: Peer,
         client_id: str | None,
         message_id: int,
         error: BaseException | None,
@@ -930,7 +703,7 @@ class Hub:
                 ref=client_id,
             )
         member.send(reply)
-        member._answered()
+        member.answered()
         if client_id is not None:
             for send in self._pending.pop((member.username, client_id), []):
                 send(reply)
@@ -942,7 +715,7 @@ class Hub:
 
     async def history(
         self,
-        member: Member,
+        member: Peer,
         *,
         room: str | None,
         peer: str | None,
@@ -972,7 +745,7 @@ class Hub:
             more = len(ids) > limit
             ids = ids[:limit] if after is not None else ids[-limit:]
             start = 0
-            while start < len(ids) and not member.outbox.closed:
+            while start < len(ids) and not member.closed:
                 messages = await self.store.messages(
                     ids[start : start + READ_ROWS], max_chars=READ_CHARS
                 )
@@ -984,8 +757,8 @@ class Hub:
                         if room is not None:
                             raise _not_member(room)
                         continue
-                    member.outbox.put(encode(message))
-                    await member.outbox.wait_for_room()
+                    member.put(encode(message))
+                    await member.wait_for_room()
         except StoreError as exc:
             log.error("history query failed user=%s: %s", user, exc)
             raise ProtocolError(ErrorCode.UNAVAILABLE, "history is unavailable now") from None

@@ -183,7 +183,7 @@ def _server_pings(server: RunningServer, username: str) -> int:
     return max(
         (
             connection._pings
-            for connection in server.server._connections
+            for connection in server.server._sessions
             if connection.member and connection.member.username == username
         ),
         default=0,

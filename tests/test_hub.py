@@ -15,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from securechat.hub import DeferredWakeups, Hub, Member, Outbox, RoomSettings
+from securechat.delivery import DeferredWakeups, Outbox, Peer
+from securechat.hub import Hub, RoomSettings
 from securechat.protocol import (
     Ack,
     Error,
@@ -55,22 +56,28 @@ def outbox(
     return Outbox(max_frames, max_bytes, counter, later=later), counter
 
 
+async def next_batch(box: Outbox) -> bytes | None:
+    """What a writer does: wait for frames, then take a batch (None once closed and empty)."""
+    await box.wait_for_frames()
+    return box.take()
+
+
 async def waiting_writer(nursery: trio.Nursery, box: Outbox) -> list[bytes | None]:
     """Start a writer that takes one batch from ``box``; returns, once it waits, the list
     its batch will be appended to."""
     received: list[bytes | None] = []
 
     async def writer() -> None:
-        received.append(await box.get_batch())
+        received.append(await next_batch(box))
 
     nursery.start_soon(writer)
     await trio.testing.wait_all_tasks_blocked()
     return received
 
 
-def member(name: str, max_frames: int = 100, max_bytes: int = 1 << 20) -> Member:
+def member(name: str, max_frames: int = 100, max_bytes: int = 1 << 20) -> Peer:
     box, _ = outbox(max_frames, max_bytes)
-    return Member(username=name, outbox=box)
+    return Peer(username=name, outbox=box)
 
 
 def queued(box: Outbox) -> list[bytes]:
@@ -85,7 +92,7 @@ async def test_get_batch_returns_a_single_frame_as_is() -> None:
     box, _ = outbox()
     frame = b'{"type":"pong"}\n'
     box.put(frame)
-    assert await box.get_batch() is frame
+    assert await next_batch(box) is frame
     assert len(box) == 0
 
 
@@ -94,7 +101,7 @@ async def test_get_batch_joins_queued_frames_into_one_bytes() -> None:
     for frame in (b"a\n", b"bb\n", b"ccc\n"):
         box.put(frame)
     assert len(box) == 3
-    batch = await box.get_batch()
+    batch = await next_batch(box)
     assert batch == b"a\nbb\nccc\n"
     assert isinstance(batch, bytes)
     assert len(box) == 0
@@ -140,10 +147,8 @@ async def test_a_frame_that_is_not_urgent_waits_for_the_deferred_wakeup() -> Non
         box.put(b"presence 2\n", urgent=False)
         await trio.testing.wait_all_tasks_blocked()
         assert received == []  # queued, but the writer was not woken
-        assert len(later) == 1  # one wake-up owed, however many frames
         later.wake_all()
-    assert received == [b"presence 1\npresence 2\n"]
-    assert len(later) == 0
+    assert received == [b"presence 1\npresence 2\n"]  # one wake-up, one batch
 
 
 async def test_an_urgent_frame_takes_queued_frames_that_are_not_urgent_along_in_order() -> None:
@@ -180,9 +185,9 @@ async def test_close_lets_get_batch_drain_then_returns_none() -> None:
     box.put(b"two\n")
     box.close()
     assert box.closed
-    assert await box.get_batch() == b"one\ntwo\n"
-    assert await box.get_batch() is None
-    assert await box.get_batch() is None
+    assert await next_batch(box) == b"one\ntwo\n"
+    assert await next_batch(box) is None
+    assert await next_batch(box) is None
     assert counter.calls == 0
 
 
@@ -192,8 +197,8 @@ async def test_farewell_put_before_close_is_delivered_after_the_queue() -> None:
     box.put(b"bye\n")
     box.close()
     box.put(b"after close\n")  # ignored
-    assert await box.get_batch() == b"m1\nbye\n"
-    assert await box.get_batch() is None
+    assert await next_batch(box) == b"m1\nbye\n"
+    assert await next_batch(box) is None
 
 
 async def test_put_after_close_is_ignored() -> None:
@@ -204,7 +209,7 @@ async def test_put_after_close_is_ignored() -> None:
     assert len(box) == 0
     assert counter.calls == 0
     assert not box.overflowed
-    assert await box.get_batch() is None
+    assert await next_batch(box) is None
 
 
 async def test_overflow_by_count_calls_on_overflow_once_closes_and_drops_the_queue() -> None:
@@ -221,7 +226,7 @@ async def test_overflow_by_count_calls_on_overflow_once_closes_and_drops_the_que
     box.put(b"4\n")
     box.put(b"5\n")
     assert counter.calls == 1
-    assert await box.get_batch() is None
+    assert await next_batch(box) is None
 
 
 async def test_overflow_by_bytes_calls_on_overflow_once_closes_and_drops_the_queue() -> None:
@@ -237,7 +242,7 @@ async def test_overflow_by_bytes_calls_on_overflow_once_closes_and_drops_the_que
     assert len(box) == 0
     box.put(b"\n")
     assert counter.calls == 1
-    assert await box.get_batch() is None
+    assert await next_batch(box) is None
 
 
 def test_a_single_frame_larger_than_max_bytes_overflows() -> None:
@@ -253,7 +258,7 @@ async def test_draining_frees_room_in_the_outbox_once_the_writer_is_back() -> No
     for _ in range(5):
         box.put(b"abc\n")
         box.put(b"def\n")
-        assert await box.get_batch() == b"abc\ndef\n"
+        assert await next_batch(box) == b"abc\ndef\n"
         assert box.take() is None  # the writer is back: that batch was sent
     assert counter.calls == 0
     assert not box.closed
@@ -318,12 +323,12 @@ ROOMS = {
 
 
 class Conn:
-    """One logged-in connection as a test sees it: its Member, outbox and disconnects."""
+    """One logged-in connection as a test sees it: its Peer, outbox and disconnects."""
 
     def __init__(self, username: str, *, admin: bool = False) -> None:
         self.disconnects: list[Error] = []
         self.outbox = Outbox(1000, 1 << 22, lambda: None)
-        self.member = Member(username, self.outbox, admin=admin, disconnect=self.disconnects.append)
+        self.member = Peer(username, self.outbox, admin=admin, disconnect=self.disconnects.append)
 
     def frames(self) -> list[bytes]:
         """The frames queued right now, as the hub put them (not removed)."""
@@ -333,7 +338,7 @@ class Conn:
         """Everything queued since the last take, parsed, and removed from the outbox."""
         envelopes: list[ServerEnvelope] = []
         while len(self.outbox):  # one batch at a time, as the writer takes them
-            batch = await self.outbox.get_batch()  # returns at once: frames are queued
+            batch = await next_batch(self.outbox)  # returns at once: frames are queued
             assert batch is not None
             envelopes.extend(parse_server_frame(line) for line in batch.splitlines())
         return envelopes

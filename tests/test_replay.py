@@ -16,7 +16,8 @@ import pytest
 import trio
 import trio.testing
 
-from securechat.hub import READ_ROWS, Hub, Member, Outbox, RoomSettings
+from securechat.delivery import Outbox, Peer
+from securechat.hub import READ_ROWS, Hub, RoomSettings
 from securechat.protocol import (
     ErrorCode,
     HistoryEnd,
@@ -81,7 +82,7 @@ class SlowConnection:
 
     def __init__(self, username: str) -> None:
         self.outbox = Outbox(1000, QUEUE_BYTES, lambda: None)
-        self.member = Member(username, self.outbox)
+        self.member = Peer(username, self.outbox)
         self.received: list[ServerEnvelope] = []
 
     def take_all(self) -> None:
@@ -128,7 +129,7 @@ class Replay:
         self.error: ErrorCode | None = None
         self.done = False
 
-    async def run(self, hub: Hub, member: Member, **request: object) -> None:
+    async def run(self, hub: Hub, member: Peer, **request: object) -> None:
         try:
             await hub.history(member, **request)  # type: ignore[arg-type]
         except ProtocolError as exc:
