@@ -4,7 +4,7 @@ This is the I/O layer around :class:`~securechat.session.Session`. It owns
 the listening sockets, the guard around every connection (nothing one
 connection does can stop the server or another connection), the
 connection caps, the TLS handshake under its deadline, and then hands the
-connection to a session over a :class:`~securechat.tls_lines.TlsLineTransport`.
+connection to a session over a :class:`~securechat.lines.LineTransport`.
 It also applies a reloaded config and runs the storage and shutdown. Rooms
 and fan-out live in :mod:`securechat.hub`, delivery in
 :mod:`securechat.delivery`, envelopes in :mod:`securechat.protocol`.
@@ -21,7 +21,7 @@ import trio
 
 from . import __version__, tls
 from .auth import Authenticator
-from .certs import CertError
+from .certs import CertError, common_name
 from .config import Config
 from .delivery import FlushTicker
 from .hub import Hub
@@ -33,10 +33,10 @@ from .limits import (
     RateLimiter,
     address_key,
 )
+from .lines import LineTransport
 from .protocol import Error, ErrorCode, encode
 from .session import ServerStats, Services, Session, UserRates
 from .store import Retention, Store, StoreError
-from .tls_lines import TlsLineTransport
 from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
@@ -370,8 +370,13 @@ class ChatServer:
                 graceful = not scope.cancelled_caught
                 return
             log.info("[CONNECTION ESTABLISHED] %s", peer)
-            transport = TlsLineTransport(
-                stream, peer=peer, host=host, max_frame_bytes=self.config.server.max_frame_bytes
+            certificate = stream.getpeercert()
+            transport = LineTransport(
+                stream,
+                peer=peer,
+                host=host,
+                max_frame_bytes=self.config.server.max_frame_bytes,
+                certificate_user=common_name(certificate.get("subject")) if certificate else None,
             )
             session = Session(self._services(), transport)
             self._sessions.add(session)

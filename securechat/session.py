@@ -5,8 +5,8 @@ any I/O of its own: it reads frames from a :class:`Transport` and writes
 batches of frames to it, and everything else (the deadlines for hello and
 for silence, pings, authentication, the rate limits charged before each
 request, the dispatch of requests to the :class:`~securechat.hub.Hub`, the
-acks owed before a goodbye) is decided here. The TLS line transport
-(:mod:`securechat.tls_lines`) is one adapter; a WebSocket is another. The
+acks owed before a goodbye) is decided here. The line transport
+(:mod:`securechat.lines`) is one adapter; a WebSocket is another. The
 session's writer task is :func:`securechat.delivery.write_loop`.
 """
 

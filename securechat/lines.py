@@ -1,29 +1,29 @@
-"""The line transport: newline-framed JSON envelopes over a ``trio.SSLStream``.
+"""The line transport: newline-framed JSON envelopes over a byte stream.
 
-Everything a :class:`~securechat.session.Session` needs of a TLS
-connection, and nothing of the chat: frames in (:class:`FrameReader` over
-the stream, with the frame size cap of :class:`~securechat.protocol.FrameDecoder`),
-batches of frames out (one TLS record at a time), and the user name of the
-verified client certificate. The client reads the server's frames with the
-same :class:`FrameReader`. A WebSocket transport is a second adapter of the
-same shape.
+Everything a :class:`~securechat.session.Session` needs of a connection
+whose frames are lines (docs/protocol.md §2), and nothing of the chat:
+frames in (:class:`FrameReader`, with the frame size cap of
+:class:`~securechat.protocol.FrameDecoder`), batches of frames out, and the
+user name of the client's verified certificate, which the server reads from
+the TLS handshake. In the server the stream is a ``trio.SSLStream``; tests
+run sessions over ``trio.testing.memory_stream_pair``. The client reads the
+server's frames with the same :class:`FrameReader`. A WebSocket transport is
+a second adapter of the same shape.
 """
 
 from __future__ import annotations
 
 import trio
 
-from .certs import common_name
 from .protocol import FrameDecoder
-from .transport import LeanSocketStream
 
 # What one read asks of the stream: a TLS record holds at most 16 KiB, so
 # this takes whatever a few records brought.
 RECEIVE_BYTES = 65536
-# The most plaintext one TLS record holds. A batch is encrypted a record at a
-# time, so that the ciphertext the stream holds while the peer does not
-# read, and the buffer OpenSSL keeps for it, stay that small.
-TLS_RECORD_BYTES = 16 * 1024
+# Batches are written this much at a time: the most plaintext one TLS record
+# holds. So a TLS stream encrypts a record at a time, and the ciphertext it
+# holds while the peer does not read (and OpenSSL's buffer for it) stays small.
+WRITE_BYTES = 16 * 1024
 
 
 class FrameReader:
@@ -48,25 +48,26 @@ class FrameReader:
         return frame
 
 
-class TlsLineTransport:
-    """A session's transport over a TLS connection whose handshake is done."""
+class LineTransport:
+    """A session's transport over a stream of lines (in the server: TLS, handshake done)."""
 
     def __init__(
         self,
-        stream: trio.SSLStream[LeanSocketStream],
+        stream: trio.abc.Stream,
         *,
         peer: str,
         host: str,
         max_frame_bytes: int,
+        certificate_user: str | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
         self.host = host
+        self._certificate_user = certificate_user
         self._frames = FrameReader(stream, FrameDecoder(max_frame_bytes))
 
     def certificate_user(self) -> str | None:
-        certificate = self.stream.getpeercert()
-        return common_name(certificate.get("subject")) if certificate else None
+        return self._certificate_user
 
     def pending_frame(self) -> bytes | None:
         return self._frames.buffered()
@@ -75,9 +76,9 @@ class TlsLineTransport:
         return await self._frames.next()
 
     async def send(self, data: bytes) -> None:
-        if len(data) <= TLS_RECORD_BYTES:
+        if len(data) <= WRITE_BYTES:
             await self.stream.send_all(data)
             return
         view = memoryview(data)
-        for start in range(0, len(view), TLS_RECORD_BYTES):
-            await self.stream.send_all(view[start : start + TLS_RECORD_BYTES])
+        for start in range(0, len(view), WRITE_BYTES):
+            await self.stream.send_all(view[start : start + WRITE_BYTES])
