@@ -1,14 +1,26 @@
 # `make run` and `make test` set up everything they need on a fresh machine.
+#   make run [PORT=9000] [CONFIG=my.toml]   the server; installs securechat's runtime only
+#   make test                               also the test tools (ruff, mypy, pytest, ...)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# securechat and what it needs to run:
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+# that plus the test tools (pyproject.toml's [dev] extra):
 STAMP  := $(VENV)/.installed
-CONFIG ?= config.example.toml
+# `securechat server` reads securechat.toml unless told otherwise (git ignores that
+# file): `make run` uses it when there is one, else the example config.
+CONFIG ?= $(if $(wildcard securechat.toml),securechat.toml,config.example.toml)
+# Empty: the config file's [server] port (8000 in the example).
+PORT   ?=
+# setuptools reports an editable install with an informational "Editable installation"
+# warning on every install; it is about nothing this project does.
+PIP_INSTALL := $(BIN)/python -W 'ignore:Editable installation:UserWarning' -m pip install --quiet
 
 .PHONY: run test lint typecheck certs clean
 
-run: $(STAMP) certs/server.crt
-	$(BIN)/securechat server --config $(CONFIG)
+run: $(RUNTIME_STAMP) certs/server.crt
+	$(BIN)/securechat server --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 test: $(STAMP)
 	$(BIN)/ruff check securechat tests scripts benchmarks
@@ -20,7 +32,7 @@ test: $(STAMP)
 
 certs: certs/server.crt
 
-certs/server.crt: | $(STAMP)
+certs/server.crt: | $(RUNTIME_STAMP)
 	$(BIN)/securechat gen-certs --out certs --client alice --client bob
 
 $(BIN)/python:
@@ -29,11 +41,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { \
 		echo "python3 -m venv failed; installing Debian's python3-venv"; \
 		apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
-
-$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
+
+# The dev install includes the runtime: mark both done.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP_INSTALL) -e '.[dev]'
+	touch $(RUNTIME_STAMP) $@
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
@@ -57,5 +74,5 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.plot
 
 $(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(PIP_INSTALL) -e '.[bench]'
 	touch $@

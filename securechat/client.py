@@ -608,8 +608,9 @@ class Formatter:
     def describe(self, envelope: ServerEnvelope) -> str | None:
         """A line for anything but messages, acks and history ends (None: nothing to show)."""
         if isinstance(envelope, Presence):
-            room, user = sanitize(envelope.room), sanitize(envelope.username)
-            return self.notice(f"[{room}] * {user} {sanitize(envelope.state)}")
+            where = f"[{sanitize(envelope.room)}] " if envelope.room is not None else ""
+            user = sanitize(envelope.username)
+            return self.notice(f"{where}* {user} {sanitize(envelope.state)}")
         if isinstance(envelope, Joined):
             topic = f" ({sanitize(envelope.topic)})" if envelope.topic else ""
             members = _names(envelope.members)

@@ -82,6 +82,9 @@ class RoomSection(_Section):
 
 class StorageSection(_Section):
     path: ConfigPath = Path("data/securechat.db")
+    retention_days: float = Field(0.0, ge=0, le=36500)  # 0: keep messages forever
+    retention_messages_per_room: int = Field(0, ge=0)  # 0: no cap
+    prune_interval: float = Field(600.0, gt=0, le=86400)  # seconds between prunes
 
 
 class ClientSection(_Section):
@@ -127,7 +130,8 @@ class Config(_Section):
     def room_settings(self) -> dict[str, RoomSettings]:
         return {
             name: RoomSettings(
-                topic=room.topic,
+                # A topic the file does not set is the admins' to set (the topic envelope).
+                topic=room.topic if "topic" in room.model_fields_set else None,
                 allowed=None if room.members is None else frozenset(room.members),
             )
             for name, room in self.rooms.items()

@@ -1,4 +1,4 @@
-"""Rooms, direct messages, presence and fan-out: the chat itself.
+"""Rooms, topics, direct messages, presence and fan-out: the chat itself.
 
 The hub knows who is connected (one :class:`Member` per logged-in
 connection; a user may have several), which rooms exist and who belongs to
@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import trio
 
@@ -39,10 +40,10 @@ from .protocol import (
     Members,
     Message,
     Presence,
-    PresenceState,
     ProtocolError,
     RoomInfo,
     RoomList,
+    RoomTopic,
     UtcClock,
     encode,
     utc_timestamp,
@@ -77,6 +78,8 @@ READ_CHARS = 16 * 1024
 # The most a connection's writer takes from its queue at once (unless one
 # frame is larger): what it holds and encrypts in one go.
 BATCH_BYTES = 64 * 1024
+# Why an admin cannot set a topic: the config file's [rooms.NAME] topic wins.
+TOPIC_FROM_CONFIG = "the topic of this room is set in the config file"
 
 
 class Outbox:
@@ -278,7 +281,16 @@ class Member:
     _all_settled: trio.Event | None = field(default=None, repr=False)
 
     def send(
-        self, envelope: Ack | Error | Joined | Left | Members | RoomList | HistoryEnd | Kicked
+        self,
+        envelope: Ack
+        | Error
+        | Joined
+        | Left
+        | Members
+        | RoomList
+        | RoomTopic
+        | HistoryEnd
+        | Kicked,
     ) -> None:
         self.outbox.put(encode(envelope))
 
@@ -303,7 +315,7 @@ class Member:
 class RoomSettings:
     """A room defined in the config file."""
 
-    topic: str = ""
+    topic: str | None = None  # None: the file sets no topic (admins may set one)
     allowed: frozenset[str] | None = None  # None: anyone may join
 
 
@@ -312,6 +324,7 @@ class Room:
     name: str
     topic: str = ""
     allowed: frozenset[str] | None = None
+    topic_from_config: bool = False  # the config file sets the topic: the wire cannot
     members: set[str] = field(default_factory=set)  # usernames, persistent
     connections: dict[Member, None] = field(default_factory=dict)  # members' online connections
     # The hub's cache of the configured members, sorted, and the hub version it is for.
@@ -320,15 +333,22 @@ class Room:
     def may_join(self, username: str) -> bool:
         return self.allowed is None or username in self.allowed
 
-    def broadcast(self, frame: bytes, *, skip_user: str | None = None, urgent: bool = True) -> None:
+    def broadcast(
+        self,
+        frame: bytes,
+        *,
+        skip_user: str | None = None,
+        skip: Member | None = None,
+        urgent: bool = True,
+    ) -> None:
         # No copy needed: an overflowing put() only cancels that connection's
         # tasks; it leaves the room later, from its own task (logout).
         for member in self.connections:
-            if member.username != skip_user:
+            if member.username != skip_user and member is not skip:
                 member.outbox.put(frame, urgent=urgent)
 
-    def presence(self, username: str, state: PresenceState) -> None:
-        """Tell the room's connections, other than ``username``'s own, that it changed state.
+    def presence(self, username: str, state: Literal["joined", "left"]) -> None:
+        """Tell the room's connections, other than ``username``'s own, that it joined or left.
 
         Not urgent (see :meth:`Outbox.put`): in a login storm this is what
         keeps the O(N²) presence frames from costing a write each.
@@ -425,13 +445,20 @@ class Hub:
     def configure_rooms(self, rooms: Mapping[str, RoomSettings]) -> None:
         """Apply the config file's rooms (at start-up and on reload)."""
         self._version += 1
+        for room in self._rooms.values():
+            room.topic_from_config = False  # dropped from the file: admins may set it again
         for name, settings in rooms.items():
             room = self._rooms.setdefault(name, Room(name))
-            if (room.topic, room.allowed) != (settings.topic, settings.allowed):
+            topic = room.topic if settings.topic is None else settings.topic
+            if (room.topic, room.allowed) != (topic, settings.allowed):
                 # Saved, so that a private room stays private even if it is
-                # later dropped from the config file.
+                # later dropped from the config file. A topic the file does
+                # not set is left as stored (an admin's change may be in flight).
                 self._spawn_persist(SaveRoom(name, settings.topic, settings.allowed))
-            room.topic, room.allowed = settings.topic, settings.allowed
+            if topic != room.topic:
+                room.broadcast(encode(RoomTopic(room=name, topic=topic, by=SERVER_USER)))
+            room.topic, room.allowed = topic, settings.allowed
+            room.topic_from_config = settings.topic is not None
             if settings.allowed is not None:
                 # Taken off a private room's list: out of the room at once.
                 for user in sorted(room.members - settings.allowed):
@@ -534,17 +561,19 @@ class Hub:
                 return
             self._mark_delivered(ids)
 
-    def _deliver_direct(self, user: str, message: Message, frame: bytes) -> None:
-        """Hand a just-committed direct message to every connection of ``user`` (if any)."""
+    def _deliver_direct(self, user: str, message: Message, frame: bytes) -> bool:
+        """Hand a just-committed direct message to every connection of ``user``; False
+        when ``user`` has none (it waits for their next login)."""
         connections = self._online.get(user)
         if not connections:
             self._waiting_for.add(user)  # stored, for the next login
-            return
+            return False
         if message.id in self._handing_over:
-            return
+            return True  # a login is handing it over
         for connection in connections:
             connection.outbox.put(frame)
         self._mark_delivered(self._claim([message]))
+        return True
 
     # Direct messages reach their recipient on two paths, the commit of a new
     # one and the backlog at login; ``_handing_over`` holds the ids one path
@@ -570,9 +599,21 @@ class Hub:
         except trio.WouldBlock:
             marked(None)  # they stay undelivered and come again at the next login
 
-    def _announce_presence(self, user: str, rooms: Iterable[str], state: PresenceState) -> None:
+    def _announce_presence(
+        self, user: str, rooms: list[str], state: Literal["online", "offline"]
+    ) -> None:
+        """One ``presence`` (without a room) to each connection that shares a room with
+        ``user``, however many rooms it shares; encoded once, not urgent."""
+        frame = encode(Presence(username=user, state=state))
+        if len(rooms) == 1:  # the common case (the lobby only): no set of connections needed
+            self._rooms[rooms[0]].broadcast(frame, skip_user=user, urgent=False)
+            return
+        connections: dict[Member, None] = {}
         for name in rooms:
-            self._rooms[name].presence(user, state)
+            connections.update(self._rooms[name].connections)
+        for connection in connections:
+            if connection.username != user:
+                connection.outbox.put(frame, urgent=False)
 
     def connections_of(self, username: str) -> list[Member]:
         return list(self._online.get(username, ()))
@@ -646,6 +687,51 @@ class Hub:
             ref=ref,
         )
 
+    def topic(self, member: Member, name: str, ref: str | None) -> RoomTopic:
+        """The topic of a room ``member`` may see (membership is not needed)."""
+        room = self._visible_room(member, name)
+        return RoomTopic(room=name, topic=room.topic, ref=ref)
+
+    async def set_topic(self, member: Member, name: str, topic: str, ref: str | None) -> None:
+        """Store a room's new topic, then announce it; an admin's request.
+
+        Like a message, the change is applied and announced in the commit
+        callback, so that two changes in flight end as they were committed,
+        and nobody sees a topic that is not stored. The requester's copy
+        (carrying ``ref``) comes then too, or an error.
+        """
+        room = self._visible_room(member, name)
+        if not member.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only admins can set a topic")
+        if room.topic_from_config:
+            raise _topic_from_config()
+        user = member.username
+
+        def committed(error: BaseException | None) -> None:
+            reply: RoomTopic | Error
+            if error is not None:
+                reply = Error(
+                    code=ErrorCode.UNAVAILABLE, message="cannot save that now; try again", ref=ref
+                )
+            elif room.topic_from_config:
+                # A reload gave the room a topic meanwhile; its write, queued
+                # after this one, puts the file's topic back.
+                reply = Error(code=ErrorCode.FORBIDDEN, message=TOPIC_FROM_CONFIG, ref=ref)
+            else:
+                room.topic = topic
+                self._version += 1
+                room.broadcast(encode(RoomTopic(room=name, topic=topic, by=user)), skip=member)
+                reply = RoomTopic(room=name, topic=topic, by=user, ref=ref)
+            member.send(reply)
+            member._answered()
+
+        member._submitted()
+        try:
+            await self.store.submit(SaveRoom(name, topic, room.allowed), committed)
+        except BaseException:
+            member._answered()
+            raise
+
     def room_list(self, username: str | None, ref: str | None = None) -> RoomList:
         """The rooms ``username`` may join (every room when None: the operator)."""
         return RoomList.model_construct(
@@ -693,14 +779,22 @@ class Hub:
 
     # --- messages ---
 
-    async def say(self, member: Member, room_name: str, text: str, client_id: str | None) -> None:
+    async def say(
+        self,
+        member: Member,
+        room_name: str,
+        text: str,
+        client_id: str | None,
+        *,
+        action: bool = False,
+    ) -> None:
         """Store and deliver a room message; the ack (or error) reaches ``member`` after commit."""
         room = self._rooms.get(room_name)
         if room is None or member.username not in room.members:
             raise ProtocolError(ErrorCode.NOT_MEMBER, f"you are not in room {room_name!r}")
         if self._is_resend(member, client_id):
             return
-        message = self._new_message(member.username, text, room=room_name)
+        message = self._new_message(member.username, text, room=room_name, action=action)
 
         def committed(error: BaseException | None) -> None:
             if error is None:
@@ -727,22 +821,32 @@ class Hub:
                 self._pending.pop((member.username, client_id), None)
             raise
 
-    async def dm(self, member: Member, to: str, text: str, client_id: str | None) -> None:
-        """Store and deliver a direct message; stored for later if ``to`` is offline."""
+    async def dm(
+        self,
+        member: Member,
+        to: str,
+        text: str,
+        client_id: str | None,
+        *,
+        action: bool = False,
+    ) -> None:
+        """Store and deliver a direct message; stored for later if ``to`` is offline
+        (the ack then says ``stored``)."""
         if to not in self.users:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no user {to!r}")
         if self._is_resend(member, client_id):
             return
-        message = self._new_message(member.username, text, to=to)
+        message = self._new_message(member.username, text, to=to, action=action)
 
         def committed(error: BaseException | None) -> None:
+            stored = False
             if error is None:
                 frame = encode(message)
                 if to != member.username:  # a note to self is delivered once, below
                     for connection in self._online.get(member.username, ()):
                         connection.outbox.put(frame)
-                self._deliver_direct(to, message, frame)
-            self._settle(member, client_id, message.id, error)
+                stored = not self._deliver_direct(to, message, frame)
+            self._settle(member, client_id, message.id, error, stored=stored)
 
         # Stored as undelivered; whoever hands it to the recipient marks it
         # delivered. Deciding at commit time, not now, is what keeps a
@@ -768,13 +872,25 @@ class Hub:
         return len(rooms)
 
     def _new_message(
-        self, sender: str, text: str, *, room: str | None = None, to: str | None = None
+        self,
+        sender: str,
+        text: str,
+        *,
+        room: str | None = None,
+        to: str | None = None,
+        action: bool = False,
     ) -> Message:
         self._last_id += 1
         # Every field is already valid (the text came in a validated envelope),
         # so the model is built without validating it again.
         return Message.model_construct(
-            id=self._last_id, room=room, to=to, sender=sender, text=text, ts=self._clock()
+            id=self._last_id,
+            room=room,
+            to=to,
+            sender=sender,
+            text=text,
+            action=True if action else None,  # omitted on the wire when false
+            ts=self._clock(),
         )
 
     def _is_resend(self, member: Member, client_id: str | None) -> bool:
@@ -794,11 +910,17 @@ class Hub:
         return False
 
     def _settle(
-        self, member: Member, client_id: str | None, message_id: int, error: BaseException | None
+        self,
+        member: Member,
+        client_id: str | None,
+        message_id: int,
+        error: BaseException | None,
+        *,
+        stored: bool = False,
     ) -> None:
         reply: Ack | Error
         if error is None:
-            reply = Ack(ref=client_id, id=message_id)
+            reply = Ack(ref=client_id, id=message_id, stored=True if stored else None)
             if client_id is not None:
                 self._remember(member.username, client_id, message_id, time.time())
         else:
@@ -911,6 +1033,10 @@ class Hub:
             self.store.submit_nowait(write, done)
         except trio.WouldBlock:
             log.error("store queue full; %s not saved", write)
+
+
+def _topic_from_config() -> ProtocolError:
+    return ProtocolError(ErrorCode.FORBIDDEN, TOPIC_FROM_CONFIG)
 
 
 def _not_member(room: str) -> ProtocolError:

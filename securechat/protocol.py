@@ -129,6 +129,8 @@ class _Envelope(BaseModel):
 
 # --- client -> server -------------------------------------------------------
 
+_ACTION = "True: an action (/me), shown as '* sender text'. Omitted or false: plain text."
+
 
 class Hello(_Envelope):
     """First envelope of every connection: who the client is."""
@@ -155,6 +157,7 @@ class Say(_Envelope):
     type: Literal["say"] = "say"
     room: Name
     text: Text
+    action: bool | None = Field(default=None, description=_ACTION)
     id: ClientId | None = None
 
 
@@ -164,6 +167,7 @@ class Dm(_Envelope):
     type: Literal["dm"] = "dm"
     to: Name
     text: Text
+    action: bool | None = Field(default=None, description=_ACTION)
     id: ClientId | None = None
 
 
@@ -218,6 +222,15 @@ class History(_Envelope):
         return self
 
 
+class TopicRequest(_Envelope):
+    """Without ``topic``: read the topic of ``room``. With it: set it (admins only; "" clears)."""
+
+    type: Literal["topic"] = "topic"
+    room: Name
+    topic: Topic | None = None
+    id: ClientId | None = None
+
+
 class Kick(_Envelope):
     """Disconnect every connection of ``username`` (admins only)."""
 
@@ -248,7 +261,21 @@ class Bye(_Envelope):
     id: ClientId | None = None
 
 
-ClientEnvelope = Hello | Say | Dm | Join | Leave | Who | Rooms | History | Kick | Ping | Pong | Bye
+ClientEnvelope = (
+    Hello
+    | Say
+    | Dm
+    | Join
+    | Leave
+    | Who
+    | Rooms
+    | History
+    | TopicRequest
+    | Kick
+    | Ping
+    | Pong
+    | Bye
+)
 
 
 # --- server -> client -------------------------------------------------------
@@ -277,6 +304,7 @@ class Message(_Envelope):
     to: Name | None = None
     sender: Name = Field(alias="from")
     text: Text
+    action: bool | None = Field(default=None, description="True for an action (/me); else omitted.")
     ts: str = Field(description="UTC time the server accepted it, ISO 8601 with milliseconds.")
 
     @model_validator(mode="after")
@@ -292,6 +320,10 @@ class Ack(_Envelope):
     type: Literal["ack"] = "ack"
     ref: ClientId | None = None
     id: int = Field(ge=1)
+    stored: bool | None = Field(
+        default=None,
+        description="True: a dm whose recipient had no connection; it waits for their next login.",
+    )
 
 
 class Joined(_Envelope):
@@ -312,12 +344,19 @@ PresenceState = Literal["joined", "left", "online", "offline"]
 
 
 class Presence(_Envelope):
-    """``username`` joined or left ``room``, or came online or went offline."""
+    """``username`` joined or left ``room`` (with ``room``), or came online or went offline
+    (without: sent once to each connection that shares a room with the user)."""
 
     type: Literal["presence"] = "presence"
-    room: Name
+    room: Name | None = None
     username: Name
     state: PresenceState
+
+    @model_validator(mode="after")
+    def _room_for_joined_and_left_only(self) -> Presence:
+        if (self.room is not None) != (self.state in ("joined", "left")):
+            raise ValueError("room: given with joined and left only")
+        return self
 
 
 class Members(_Envelope):
@@ -341,6 +380,18 @@ class RoomList(_Envelope):
 
     type: Literal["room_list"] = "room_list"
     rooms: list[RoomInfo]
+    ref: ClientId | None = None
+
+
+class RoomTopic(_Envelope):
+    """The topic of ``room``: the answer to a ``topic`` request, or (with ``by``) a change."""
+
+    type: Literal["topic"] = "topic"
+    room: Name
+    topic: Topic
+    by: Name | None = Field(
+        default=None, description="Who changed it (server: the config file); absent in an answer."
+    )
     ref: ClientId | None = None
 
 
@@ -386,6 +437,7 @@ ServerEnvelope = (
     | Presence
     | Members
     | RoomList
+    | RoomTopic
     | HistoryEnd
     | Kicked
     | Ping
@@ -509,6 +561,8 @@ _PATTERN_HINTS = {
     "room": "must match " + NAME_PATTERN,
     "id": "must be 1-64 visible ASCII characters",
     "text": "control characters are not allowed",
+    "topic": "control characters are not allowed",
+    "reason": "control characters are not allowed",
 }
 
 

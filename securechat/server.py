@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import time
 from dataclasses import dataclass
 
 import trio
@@ -51,13 +52,14 @@ from .protocol import (
     Rooms,
     Say,
     ServerEnvelope,
+    TopicRequest,
     Welcome,
     Who,
     encode,
     parse_client_frame,
     request_id,
 )
-from .store import Store
+from .store import Retention, Store, StoreError
 from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
@@ -119,6 +121,10 @@ class ChatServer:
             ),
         )
         self.store = Store(config.storage.path)
+        storage = config.storage
+        self.retention = Retention(
+            max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
+        )
         self.hub = Hub(
             self.store,
             users=config.users,
@@ -157,10 +163,14 @@ class ChatServer:
         connections; connected clients are not disturbed.
         """
         settings = self.config.server
-        if config.server != settings or config.limits != self.limits:
+        if (
+            config.server != settings
+            or config.limits != self.limits
+            or config.storage != self.config.storage
+        ):
             # (Also when the server was started with flags that override the file.)
             log.warning(
-                "the file's [server] and [limits] differ from the running settings;"
+                "the file's [server], [limits] or [storage] differ from the running settings;"
                 " those sections are read at start only"
             )
         try:
@@ -231,9 +241,13 @@ class ChatServer:
                 await storage.start(self.store.run_writer)
                 if self.ticker is not None:
                     storage.start_soon(self.ticker.run)
+                pruning = trio.CancelScope()
+                if self.retention.enabled:
+                    storage.start_soon(self._prune_periodically, pruning)
                 try:
                     await self._serve_connections(listeners, task_status)
                 finally:
+                    pruning.cancel()
                     # The writer commits what is queued, then ends.
                     self.store.close()
                     if self.ticker is not None:
@@ -241,6 +255,45 @@ class ChatServer:
         finally:
             self.store.close_database()
         log.info("server stopped")
+
+    async def _prune_periodically(self, scope: trio.CancelScope) -> None:
+        """Apply the retention rule now and every ``prune_interval``, until ``scope`` ends.
+
+        A prune waits for the writer between its batches and reads in worker
+        threads: the chat goes on meanwhile (see :meth:`Store.prune`).
+        """
+        storage = self.config.storage
+        rules = []
+        if storage.retention_days:
+            rules.append(f"older than {storage.retention_days:g} days")
+        if storage.retention_messages_per_room:
+            rules.append(f"beyond the newest {storage.retention_messages_per_room} of a room")
+        log.info(
+            "retention: deleting messages %s, every %g s%s",
+            " or ".join(rules),
+            storage.prune_interval,
+            ""
+            if self.store.shrinks
+            else " (this database was made without auto_vacuum: the space is reused,"
+            " the file does not shrink; see config.example.toml)",
+        )
+        with scope:
+            while True:
+                try:
+                    pruned = await self.store.prune(self.retention, time.time())
+                except StoreError as exc:
+                    log.error("prune failed (retried in %.0f s): %s", storage.prune_interval, exc)
+                else:
+                    if pruned.messages or pruned.pages_released:
+                        log.info(
+                            "pruned %d messages (%d by age, %d by the room cap);"
+                            " released %d free pages",
+                            pruned.messages,
+                            pruned.by_age,
+                            pruned.by_room,
+                            pruned.pages_released,
+                        )
+                await trio.sleep(storage.prune_interval)
 
     async def _serve_connections(
         self,
@@ -677,9 +730,9 @@ class _Connection:
         hub = self.server.hub
         ref = request_id(envelope)
         if isinstance(envelope, Say):
-            await hub.say(member, envelope.room, envelope.text, ref)
+            await hub.say(member, envelope.room, envelope.text, ref, action=bool(envelope.action))
         elif isinstance(envelope, Dm):
-            await hub.dm(member, envelope.to, envelope.text, ref)
+            await hub.dm(member, envelope.to, envelope.text, ref, action=bool(envelope.action))
         elif isinstance(envelope, Join):
             await hub.join(member, envelope.room, ref)
         elif isinstance(envelope, Leave):
@@ -688,6 +741,11 @@ class _Connection:
             self.send(hub.who(member, envelope.room, ref))
         elif isinstance(envelope, Rooms):
             self.send(hub.room_list(member.username, ref))
+        elif isinstance(envelope, TopicRequest):
+            if envelope.topic is None:
+                self.send(hub.topic(member, envelope.room, ref))
+            else:
+                await hub.set_topic(member, envelope.room, envelope.topic, ref)
         elif isinstance(envelope, History):
             await hub.history(
                 member,
@@ -715,6 +773,8 @@ class _Connection:
         one per request, plus one per hundred items it makes the server handle."""
         if isinstance(envelope, Say | Dm | Join | Leave | Kick):
             return RateKind.MESSAGES, 1.0
+        if isinstance(envelope, TopicRequest) and envelope.topic is not None:
+            return RateKind.MESSAGES, 1.0  # a change, announced to the room: like a message
         hub = self.server.hub
         items = 0
         if isinstance(envelope, History):

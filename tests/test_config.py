@@ -84,6 +84,7 @@ def test_example_config_documents_every_default(tmp_path: Path) -> None:
                 }
             ),
             config.limits,
+            config.storage.model_copy(update={"path": config.storage.path.relative_to(root)}),
         )
 
     assert relative(example, base) == relative(empty, tmp_path)
@@ -108,6 +109,10 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert config.limits.max_outbound_bytes == 4 * 1024 * 1024
     assert config.limits.auth_workers == 2
     assert config.limits.shutdown_grace == 2.0
+    assert config.storage.path == tmp_path / "data/securechat.db"
+    assert config.storage.retention_days == 0.0  # keep forever
+    assert config.storage.retention_messages_per_room == 0  # no cap
+    assert config.storage.prune_interval == 600.0
     assert config.users == {}
     assert config.accounts() == {}
     assert config.client.host == "localhost"
@@ -145,6 +150,14 @@ def test_users_become_accounts(tmp_path: Path) -> None:
         "carol": auth.Account(password_hash=PASSWORD_HASH, admin=False),
         "dave": auth.Account(password_hash=None, admin=True),
     }
+
+
+def test_retention_in_whole_or_fractional_days(tmp_path: Path) -> None:
+    path = write(tmp_path, "[storage]\nretention_days = 30\nretention_messages_per_room = 10000\n")
+    storage = load_config(path).storage
+    assert (storage.retention_days, storage.retention_messages_per_room) == (30.0, 10000)
+    path = write(tmp_path, "[storage]\nretention_days = 0.5\n")
+    assert load_config(path).storage.retention_days == 0.5
 
 
 def test_integer_seconds_are_accepted(tmp_path: Path) -> None:
@@ -188,6 +201,21 @@ def test_unknown_keys_are_errors(tmp_path: Path, text: str, key: str) -> None:
         pytest.param("[server]\ncert = 1\n", "server.cert", id="path-int"),
         pytest.param("server = 1\n", "server", id="section-not-table"),
         pytest.param('[users.bob]\nadmin = "yes"\n', "users.bob.admin", id="admin-string"),
+        pytest.param("[storage]\nretention_days = -1\n", "storage.retention_days", id="days"),
+        pytest.param('[storage]\nretention_days = "30"\n', "storage.retention_days", id="days-str"),
+        pytest.param("[storage]\nretention_days = inf\n", "storage.retention_days", id="inf"),
+        pytest.param(
+            "[storage]\nretention_messages_per_room = 1.5\n",
+            "storage.retention_messages_per_room",
+            id="cap-float",
+        ),
+        pytest.param(
+            "[storage]\nretention_messages_per_room = -5\n",
+            "storage.retention_messages_per_room",
+            id="cap-negative",
+        ),
+        pytest.param("[storage]\nprune_interval = 0\n", "storage.prune_interval", id="every-0"),
+        pytest.param("[storage]\nretention = 30\n", "storage.retention", id="unknown-storage"),
     ],
 )
 def test_bad_values_are_errors_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:

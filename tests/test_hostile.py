@@ -360,6 +360,7 @@ BASE: dict[str, dict[str, Any]] = {
     "who": {"type": "who", "room": "lobby", "id": "t1"},
     "rooms": {"type": "rooms", "id": "t1"},
     "history": {"type": "history", "id": "t1"},
+    "topic": {"type": "topic", "room": "lobby", "id": "t1"},
     "kick": {"type": "kick", "username": "bob", "id": "t1"},
     "ping": {"type": "ping", "id": "t1"},
     "pong": {"type": "pong"},
@@ -367,6 +368,7 @@ BASE: dict[str, dict[str, Any]] = {
 }
 NOT_STRINGS: list[Any] = [0, -1, 1.5, True, False, {}, {"value": "lobby"}, [], ["lobby"]]
 NOT_INTS: list[Any] = ["5", "", 5.0, 1.5, True, False, {}, {"value": 5}, [], [5]]
+NOT_BOOLS: list[Any] = [1, 0, "true", "", 1.0, {}, {"value": True}, [], [True]]
 
 
 @dataclass(frozen=True)
@@ -375,9 +377,11 @@ class FieldSpec:
     name: str  # as on the wire (the alias)
     integer: bool
     nullable: bool
+    boolean: bool = False
 
     def wrong_values(self) -> list[Any]:
-        return [*(NOT_INTS if self.integer else NOT_STRINGS), *([] if self.nullable else [None])]
+        wrong = NOT_BOOLS if self.boolean else NOT_INTS if self.integer else NOT_STRINGS
+        return [*wrong, *([] if self.nullable else [None])]
 
 
 def client_fields() -> list[FieldSpec]:
@@ -389,7 +393,15 @@ def client_fields() -> list[FieldSpec]:
             if name == "type":
                 continue
             options = typing.get_args(info.annotation) or (info.annotation,)
-            specs.append(FieldSpec(tag, info.alias or name, int in options, type(None) in options))
+            specs.append(
+                FieldSpec(
+                    tag,
+                    info.alias or name,
+                    int in options,
+                    type(None) in options,
+                    boolean=bool in options,
+                )
+            )
     return specs
 
 
@@ -409,6 +421,11 @@ def test_every_client_envelope_is_attacked() -> None:
     assert fields["hello", "password"] == FieldSpec(
         "hello", "password", integer=False, nullable=True
     )
+    for envelope in ("say", "dm"):
+        assert fields[envelope, "action"] == FieldSpec(
+            envelope, "action", integer=False, nullable=True, boolean=True
+        )
+    assert {name for envelope, name in fields if envelope == "topic"} == {"room", "topic", "id"}
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -502,6 +519,11 @@ NAME_PLACES: dict[str, tuple[Phase, str, Callable[[str], dict[str, Any]]]] = {
         lambda name: {"type": "say", "room": name, "text": "hi", "id": "n"},
     ),
     "join.room": ("after_login", "room", lambda name: {"type": "join", "room": name, "id": "n"}),
+    "topic.room": (
+        "after_login",
+        "room",
+        lambda name: {"type": "topic", "room": name, "topic": "x", "id": "n"},
+    ),
     "dm.to": (
         "after_login",
         "to",
@@ -530,6 +552,26 @@ async def test_hostile_name_is_refused(
         bob = await victim(server, "after_login")
         await bob.stream.send_all(dumps(build("r" * 32)) + b"\n")
         assert (await receive_type(bob, Joined)).room == "r" * 32
+    await bystanders.check()
+
+
+# --- topics -----------------------------------------------------------------------------------
+
+HOSTILE_TOPICS = ["two\nlines", "tab\there", "\x1b[2J\x1b[H", "\x85", "\x00", "\x7f", "x" * 201]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+async def test_hostile_topic_is_refused(
+    server: RunningServer, caplog: pytest.LogCaptureFixture, phase: Phase
+) -> None:
+    bystanders = await Bystanders.watch(server, caplog)
+    frames = [
+        dumps({"type": "topic", "room": "lobby", "topic": topic, "id": "n"})
+        for topic in HOSTILE_TOPICS
+    ]
+    for frame, error in await refused_each(server, phase, frames):
+        assert (error.code, error.ref) == (ErrorCode.BAD_ENVELOPE, "n"), frame
+        assert error.message.startswith("topic: "), (frame, error.message)
     await bystanders.check()
 
 

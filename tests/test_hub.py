@@ -30,10 +30,11 @@ from securechat.protocol import (
     ProtocolError,
     RoomInfo,
     RoomList,
+    RoomTopic,
     ServerEnvelope,
     parse_server_frame,
 )
-from securechat.store import MarkDelivered, Store, Write
+from securechat.store import MarkDelivered, SaveRoom, Store, Write
 
 # --- helpers -----------------------------------------------------------------
 from .conftest import WAIT, running
@@ -435,7 +436,7 @@ async def test_online_presence_goes_to_others_only_on_a_users_first_connection(
     await drain(store, bob)
 
     alice1 = await online(hub, "alice")
-    assert await bob.take() == [Presence(room="lobby", username="alice", state="online")]
+    assert await bob.take() == [Presence(username="alice", state="online")]
     assert await alice1.take() == []
 
     alice2 = await online(hub, "alice")
@@ -460,16 +461,46 @@ async def test_offline_presence_only_when_the_last_connection_logs_out(
     assert hub.online_users() == ["alice", "bob"]
 
     hub.logout(alice2.member)
-    assert await bob.take() == [
-        Presence(room="dev", username="alice", state="offline"),
-        Presence(room="lobby", username="alice", state="offline"),
-    ]
+    # Once, though they share two rooms.
+    assert await bob.take() == [Presence(username="alice", state="offline")]
     assert hub.online_users() == ["bob"]
 
     hub.logout(alice2.member)  # a second logout changes nothing
     assert await bob.take() == []
     assert await alice1.take() == []
     assert await alice2.take() == []
+
+
+async def test_online_and_offline_go_once_to_each_connection_sharing_a_room_same_bytes(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    bob1 = await online(hub, "bob")
+    bob2 = await online(hub, "bob")
+    carol = await online(hub, "carol")  # shares only the lobby with alice
+    dave = await online(hub, "dave")
+    await hub.join(bob1.member, "dev", None)
+    await hub.join(bob1.member, "ops", None)
+    await hub.leave(dave.member, "lobby", None)  # shares no room with alice
+    alice = await online(hub, "alice")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(alice.member, "ops", None)
+    hub.logout(alice.member)
+    await drain(store, bob1, bob2, carol, dave)
+
+    alice = await online(hub, "alice")  # a member of lobby, dev and ops
+    frames = [conn.frames() for conn in (bob1, bob2, carol)]
+    assert [len(each) for each in frames] == [1, 1, 1]
+    assert frames[0][0] is frames[1][0] is frames[2][0]  # encoded once
+    assert parse_server_frame(frames[0][0]) == Presence(username="alice", state="online")
+    assert dave.frames() == []
+    assert alice.frames() == []
+    await drain(store, bob1, bob2, carol)
+
+    hub.logout(alice.member)
+    for conn in (bob1, bob2, carol):
+        assert await conn.take() == [Presence(username="alice", state="offline")]
+    assert await dave.take() == []
 
 
 # --- Hub: rooms --------------------------------------------------------------------------
@@ -785,7 +816,7 @@ async def test_a_client_id_sent_again_after_the_hub_is_rebuilt_gets_its_original
         await hub.say(alice.member, "lobby", "no id", None)
         await flush(store)
         acks = [e for e in await alice.take() if isinstance(e, Ack)]
-        assert acks == [Ack(ref="c1", id=1), Ack(ref="c2", id=2), Ack(id=3)]
+        assert acks == [Ack(ref="c1", id=1), Ack(ref="c2", id=2, stored=True), Ack(id=3)]
 
     async with running(Store(tmp_path / "x.db")) as store:
         hub = make_hub(store)
@@ -1243,3 +1274,292 @@ async def test_a_user_taken_off_a_private_rooms_list_stays_out_after_a_restart(
     await flush(store)
     assert hub.rooms_of("alice") == ["lobby"]
     assert make_hub(store).rooms_of("alice") == ["lobby"]  # a restart with the same config
+
+
+# --- Hub: actions (/me) and stored direct messages -------------------------------------------
+
+
+async def test_an_action_is_delivered_stored_and_replayed_as_an_action(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await drain(store, alice, bob)
+
+    await hub.say(alice.member, "lobby", "waves", "s1", action=True)
+    await hub.say(alice.member, "lobby", "plain", "s2")
+    await hub.dm(alice.member, "bob", "nods", "d1", action=True)
+    await flush(store)
+    received = await bob.messages()
+    assert [(m.text, m.action) for m in received] == [
+        ("waves", True),
+        ("plain", None),
+        ("nods", True),
+    ]
+    assert await store.room_history("lobby", None, 10) == received[:2]
+    assert await store.direct_history("bob", "alice", None, 10) == received[2:]
+
+    await hub.history(bob.member, room=None, peer=None, after=0, limit=10, ref="h")
+    replayed = await bob.messages()
+    assert replayed == received
+
+
+async def test_a_plain_message_frame_has_no_action_field(hub_store: tuple[Hub, Store]) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    await drain(store, alice)
+    await hub.say(alice.member, "lobby", "plain", None)
+    await flush(store)
+    assert b"action" not in alice.frames()[0]
+
+
+async def test_the_ack_of_a_dm_says_stored_when_the_recipient_had_no_connection(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice")
+    bob = await online(hub, "bob")
+    await drain(store, alice, bob)
+
+    await hub.dm(alice.member, "bob", "you are here", "d1")
+    await hub.dm(alice.member, "alice", "note to self", "d2")
+    await hub.dm(alice.member, "carol", "when you are back", "d3")
+    await hub.say(alice.member, "lobby", "room message", "s1")
+    await flush(store)
+    acks = [e for e in await alice.take() if isinstance(e, Ack)]
+    assert [(ack.ref, ack.stored) for ack in acks] == [
+        ("d1", None),
+        ("d2", None),
+        ("d3", True),
+        ("s1", None),
+    ]
+
+
+async def test_stored_is_decided_at_commit_by_whether_the_recipient_is_online_then(
+    tmp_path: Path,
+) -> None:
+    async with running(HeldStore(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice")
+        bob = await online(hub, "bob")
+        await drain(store, alice, bob)
+
+        committed, release = store.hold_next_commit()
+        await hub.dm(alice.member, "bob", "gone by the commit", "d1")
+        try:
+            with trio.fail_after(WAIT):
+                await committed.wait()
+            hub.logout(bob.member)
+        finally:
+            release.set()
+        await flush(store)
+        acks = [e for e in await alice.take() if isinstance(e, Ack)]
+        assert acks == [Ack(ref="d1", id=1, stored=True)]
+
+
+# --- Hub: topics ---------------------------------------------------------------------------
+
+
+async def test_an_admin_sets_a_topic_stored_then_announced_to_the_room_same_bytes(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice1 = await online(hub, "alice", admin=True)
+    alice2 = await online(hub, "alice", admin=True)
+    bob = await online(hub, "bob")
+    carol = await online(hub, "carol")  # not in dev
+    await hub.join(alice1.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice1, alice2, bob, carol)
+    assert hub.room_list("bob").rooms[0] == RoomInfo(name="dev", topic="", members=2)
+
+    await hub.set_topic(alice1.member, "dev", "Release week", "t1")
+    # Nothing is announced before the commit.
+    assert [conn.frames() for conn in (alice1, alice2, bob, carol)] == [[], [], [], []]
+    await flush(store)
+
+    [frame] = bob.frames()
+    assert alice2.frames() == [frame]
+    assert alice2.frames()[0] is frame
+    assert parse_server_frame(frame) == RoomTopic(room="dev", topic="Release week", by="alice")
+    assert await alice1.take() == [
+        RoomTopic(room="dev", topic="Release week", by="alice", ref="t1")
+    ]
+    assert carol.frames() == []
+    assert store.rooms()["dev"][0] == "Release week"
+    # The cached answers see it, and a rebuilt hub (a restart) too.
+    assert hub.room_list("bob").rooms[0] == RoomInfo(name="dev", topic="Release week", members=2)
+    assert hub.topic(carol.member, "dev", "r") == RoomTopic(
+        room="dev", topic="Release week", ref="r"
+    )
+    await hub.join(carol.member, "dev", None)
+    assert (await carol.take())[0] == Joined(
+        room="dev", topic="Release week", members=["alice", "bob", "carol"]
+    )
+    assert make_hub(store).topic(carol.member, "dev", None).topic == "Release week"
+    await drain(store, alice1, alice2, bob, carol)
+
+    await hub.set_topic(alice1.member, "dev", "", None)  # "" clears it
+    await flush(store)
+    assert await bob.take() == [RoomTopic(room="dev", topic="", by="alice")]
+    assert store.rooms()["dev"][0] == ""
+
+
+async def test_an_admin_sets_the_topic_of_a_room_they_are_not_in(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice", admin=True)
+    bob = await online(hub, "bob")
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice, bob)
+    await hub.set_topic(alice.member, "dev", "Tidy up", "t1")
+    await flush(store)
+    assert await alice.take() == [RoomTopic(room="dev", topic="Tidy up", by="alice", ref="t1")]
+    assert await bob.take() == [RoomTopic(room="dev", topic="Tidy up", by="alice")]
+
+
+async def test_setting_a_topic_is_refused_to_non_admins_and_for_rooms_the_file_sets(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice", admin=True)
+    bob = await online(hub, "bob")
+    dave = await online(hub, "dave", admin=True)  # an admin not on secret's list
+    await hub.join(alice.member, "dev", None)
+    await drain(store, alice, bob, dave)
+
+    with refused(ErrorCode.FORBIDDEN):
+        await hub.set_topic(bob.member, "dev", "mine now", "t1")
+    with pytest.raises(ProtocolError) as caught:
+        await hub.set_topic(alice.member, "news", "not from the file", "t2")
+    assert caught.value.code is ErrorCode.FORBIDDEN
+    assert caught.value.message == "the topic of this room is set in the config file"
+    with refused(ErrorCode.UNKNOWN_ROOM):
+        await hub.set_topic(alice.member, "nowhere", "x", "t3")
+    with refused(ErrorCode.FORBIDDEN):
+        await hub.set_topic(dave.member, "secret", "x", "t4")
+    with refused(ErrorCode.FORBIDDEN):
+        hub.topic(bob.member, "secret", "t5")
+    with refused(ErrorCode.UNKNOWN_ROOM):
+        hub.topic(bob.member, "nowhere", "t6")
+    assert hub.topic(bob.member, "news", "t7") == RoomTopic(
+        room="news", topic="Announcements", ref="t7"
+    )
+    await flush(store)
+    for conn in (alice, bob, dave):
+        assert await conn.take() == []
+    assert store.rooms()["news"][0] == "Announcements"
+
+
+async def test_a_reload_that_sets_a_topic_announces_it_and_one_that_drops_it_frees_it(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice", admin=True)
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await hub.set_topic(alice.member, "dev", "Set by alice", None)
+    await drain(store, alice, bob)
+
+    hub.configure_rooms({**ROOMS, "dev": RoomSettings(topic="From the file")})
+    assert await bob.take() == [RoomTopic(room="dev", topic="From the file", by="server")]
+    with refused(ErrorCode.FORBIDDEN):
+        await hub.set_topic(alice.member, "dev", "mine again", None)
+    hub.configure_rooms({**ROOMS, "dev": RoomSettings(topic="From the file")})  # unchanged
+    assert await bob.take() == []
+    await flush(store)
+    assert store.rooms()["dev"][0] == "From the file"
+
+    # In the file without a topic, or out of the file: the admins' again, as it was left.
+    hub.configure_rooms({**ROOMS, "dev": RoomSettings()})
+    assert await bob.take() == []
+    assert hub.topic(bob.member, "dev", None).topic == "From the file"
+    await hub.set_topic(alice.member, "dev", "Admins again", None)
+    hub.configure_rooms(ROOMS)
+    await flush(store)
+    assert store.rooms()["dev"][0] == "Admins again"
+    await hub.set_topic(alice.member, "dev", "Still ours", None)
+    await flush(store)
+    assert [e.topic for e in await bob.take() if isinstance(e, RoomTopic)] == [
+        "Admins again",
+        "Still ours",
+    ]
+
+
+async def test_a_reload_that_sets_the_topic_while_an_admins_change_is_in_flight_wins(
+    tmp_path: Path,
+) -> None:
+    async with running(HeldStore(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice", admin=True)
+        bob = await online(hub, "bob")
+        await hub.join(bob.member, "dev", None)
+        await drain(store, alice, bob)
+
+        committed, release = store.hold_next_commit()
+        await hub.set_topic(alice.member, "dev", "too late", "t1")
+        try:
+            with trio.fail_after(WAIT):
+                await committed.wait()
+            hub.configure_rooms({**ROOMS, "dev": RoomSettings(topic="From the file")})
+        finally:
+            release.set()
+        await flush(store)
+        [error] = await alice.take()
+        assert isinstance(error, Error)
+        assert (error.code, error.ref) == (ErrorCode.FORBIDDEN, "t1")
+        assert await bob.take() == [RoomTopic(room="dev", topic="From the file", by="server")]
+        assert store.rooms()["dev"][0] == "From the file"
+        assert hub.topic(bob.member, "dev", None).topic == "From the file"
+
+
+async def test_a_reload_that_changes_a_rooms_list_keeps_an_admins_topic_in_flight(
+    tmp_path: Path,
+) -> None:
+    async with running(HeldStore(tmp_path / "x.db")) as store:
+        hub = make_hub(store)
+        alice = await online(hub, "alice", admin=True)
+        await hub.join(alice.member, "dev", None)
+        await drain(store, alice)
+
+        committed, release = store.hold_next_commit()
+        await hub.set_topic(alice.member, "dev", "kept", "t1")
+        try:
+            with trio.fail_after(WAIT):
+                await committed.wait()
+            # The file now lists who may join dev, and sets no topic for it.
+            hub.configure_rooms({**ROOMS, "dev": RoomSettings(allowed=frozenset({"alice"}))})
+        finally:
+            release.set()
+        await flush(store)
+        assert await alice.take() == [RoomTopic(room="dev", topic="kept", by="alice", ref="t1")]
+        assert store.rooms()["dev"] == ("kept", frozenset({"alice"}))
+        assert make_hub(store).topic(alice.member, "dev", None).topic == "kept"
+
+
+async def test_a_topic_that_cannot_be_stored_is_unavailable_and_changes_nothing(
+    hub_store: tuple[Hub, Store],
+) -> None:
+    hub, store = hub_store
+    alice = await online(hub, "alice", admin=True)
+    bob = await online(hub, "bob")
+    await hub.join(alice.member, "dev", None)
+    await hub.join(bob.member, "dev", None)
+    await drain(store, alice, bob)
+    store._writer_db.execute("PRAGMA query_only = ON")
+    await hub.set_topic(alice.member, "dev", "lost", "t1")
+    await flush(store)
+    store._writer_db.execute("PRAGMA query_only = OFF")
+    [error] = await alice.take()
+    assert isinstance(error, Error)
+    assert (error.code, error.ref) == (ErrorCode.UNAVAILABLE, "t1")
+    assert await bob.take() == []
+    assert hub.topic(bob.member, "dev", None).topic == ""
+    assert alice.member.unsettled == 0
+
+
+def test_save_room_without_a_topic_keeps_the_stored_one() -> None:
+    assert SaveRoom("dev", None).topic is None

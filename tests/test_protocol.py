@@ -17,8 +17,10 @@ from pydantic import SecretStr
 from securechat.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_TEXT_CHARS,
+    MAX_TOPIC_CHARS,
     Ack,
     Bye,
+    Dm,
     Error,
     ErrorCode,
     FrameDecoder,
@@ -26,8 +28,11 @@ from securechat.protocol import (
     Message,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
+    RoomTopic,
     Say,
+    TopicRequest,
     Welcome,
     _reject_duplicate_keys,
     encode,
@@ -41,7 +46,7 @@ from securechat.protocol import (
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
 
-ClientEnvelope = Hello | Say | Ping | Bye
+ClientEnvelope = Hello | Say | TopicRequest | Ping | Bye
 
 
 def frame(obj: object) -> bytes:
@@ -472,6 +477,10 @@ def test_parse_rejects_missing_fields(envelope: dict[str, object], field: str) -
         ({"type": "hello", "username": "alice", "password": 1234}, "password"),
         ({"type": "ping", "id": 7}, "id"),
         ({"type": "ping", "id": {"a": 1}}, "id"),
+        ({"type": "say", "room": "lobby", "text": "x", "action": 1}, "action"),
+        ({"type": "dm", "to": "bob", "text": "x", "action": "true"}, "action"),
+        ({"type": "topic", "room": "lobby", "topic": 5}, "topic"),
+        ({"type": "topic", "room": None}, "room"),
     ],
 )
 def test_parse_rejects_wrong_types(envelope: dict[str, object], field: str) -> None:
@@ -599,6 +608,9 @@ COMPACT_CLIENT_FRAMES = [
     {"type": "say", "room": "lobby", "text": 'a "quoted": text', "id": "s1"},
     {"type": "say", "room": "lobby", "text": 'he said ":" then', "id": "s2"},
     {"type": "dm", "to": "bob", "text": "hi", "id": "d1"},
+    {"type": "say", "room": "lobby", "text": "waves", "action": True, "id": "s3"},
+    {"type": "topic", "room": "dev", "topic": 'new: "topic"', "id": "t1"},
+    {"type": "topic", "room": "dev", "topic": "", "id": "t2"},
     {"type": "history", "with": "bob", "after": 3, "limit": 10, "id": "q1"},
     {"type": "kick", "username": "bob", "reason": "spam", "id": "k1"},
     {"type": "pong", "ref": "srv1"},
@@ -692,6 +704,97 @@ def test_hello_encode_includes_the_password() -> None:
         "id": "h",
     }
     assert parse_client_frame(encode(hello).rstrip(b"\n")) == hello
+
+
+# --- actions, topics, stored acks, presence ----------------------------------------------
+
+
+def test_parse_say_and_dm_with_action() -> None:
+    say = parse_client_frame(b'{"type":"say","room":"lobby","text":"waves","action":true}')
+    assert say == Say(room="lobby", text="waves", action=True)
+    dm = parse_client_frame(b'{"type":"dm","to":"bob","text":"nods","action":false,"id":"1"}')
+    assert dm == Dm(to="bob", text="nods", action=False, id="1")
+    # null is the same as leaving it out, as for every optional field
+    assert parse_client_frame(b'{"type":"say","room":"lobby","text":"x","action":null}') == Say(
+        room="lobby", text="x"
+    )
+
+
+def test_a_message_carries_action_only_when_true() -> None:
+    plain = Message(id=1, room="lobby", sender="bob", text="hi", ts=TS)
+    assert b"action" not in encode(plain)
+    action = Message(id=2, room="lobby", sender="bob", text="waves", action=True, ts=TS)
+    assert json.loads(encode(action))["action"] is True
+    assert parse_server_frame(encode(action)) == action
+
+
+def test_parse_topic_request_reads_without_topic_and_sets_with_it() -> None:
+    assert parse_client_frame(b'{"type":"topic","room":"dev","id":"1"}') == TopicRequest(
+        room="dev", id="1"
+    )
+    assert parse_client_frame(b'{"type":"topic","room":"dev","topic":""}') == TopicRequest(
+        room="dev", topic=""
+    )
+    assert parse_client_frame(b'{"type":"topic","room":"dev","topic":"x"}') == TopicRequest(
+        room="dev", topic="x"
+    )
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["a\nb", "tab\there", "\u001b[31m", "\u0085", "x" * (MAX_TOPIC_CHARS + 1)],
+    ids=["newline", "tab", "escape", "c1", "too-long"],
+)
+def test_parse_topic_request_refuses_a_topic_that_is_not_one_short_line(topic: str) -> None:
+    error = bad_envelope(frame({"type": "topic", "room": "dev", "topic": topic, "id": "t"}))
+    assert error.message.startswith("topic: ")
+    assert error.ref == "t"
+
+
+def test_topic_of_exactly_the_limit_is_accepted() -> None:
+    topic = "\u00e9" * MAX_TOPIC_CHARS
+    envelope = parse_client_frame(frame({"type": "topic", "room": "dev", "topic": topic}))
+    assert envelope == TopicRequest(room="dev", topic=topic)
+
+
+def test_room_topic_round_trips_with_and_without_by() -> None:
+    for envelope in [
+        RoomTopic(room="dev", topic="Release week", by="alice", ref="t1"),
+        RoomTopic(room="dev", topic="", by="server"),
+        RoomTopic(room="dev", topic="Release week", ref="t2"),
+    ]:
+        assert parse_server_frame(encode(envelope)) == envelope
+    assert json.loads(encode(RoomTopic(room="dev", topic="x", ref="r"))) == {
+        "type": "topic",
+        "room": "dev",
+        "topic": "x",
+        "ref": "r",
+    }
+
+
+def test_ack_says_stored_only_when_true() -> None:
+    assert (
+        encode(Ack(ref="d1", id=4, stored=True))
+        == b'{"type":"ack","ref":"d1","id":4,"stored":true}\n'
+    )
+    assert encode(Ack(ref="d1", id=4)) == b'{"type":"ack","ref":"d1","id":4}\n'
+
+
+def test_presence_has_a_room_for_joined_and_left_only() -> None:
+    assert encode(Presence(username="bob", state="online")) == (
+        b'{"type":"presence","username":"bob","state":"online"}\n'
+    )
+    joined = Presence(room="dev", username="bob", state="joined")
+    assert parse_server_frame(encode(joined)) == joined
+    for bad in [
+        b'{"type":"presence","room":"dev","username":"bob","state":"online"}',
+        b'{"type":"presence","room":"dev","username":"bob","state":"offline"}',
+        b'{"type":"presence","username":"bob","state":"joined"}',
+        b'{"type":"presence","username":"bob","state":"left"}',
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            parse_server_frame(bad)
+        assert info.value.code is ErrorCode.BAD_ENVELOPE
 
 
 # --- encode ---------------------------------------------------------------------------
@@ -805,12 +908,12 @@ def test_json_schemas_cover_both_directions() -> None:
     server = schemas["server_to_client"]["discriminator"]
     assert client["propertyName"] == server["propertyName"] == "type"
     assert set(client["mapping"]) == {
-        "hello", "say", "dm", "join", "leave", "who", "rooms", "history", "kick", "ping",
-        "pong", "bye",
+        "hello", "say", "dm", "join", "leave", "who", "rooms", "history", "topic", "kick",
+        "ping", "pong", "bye",
     }  # fmt: skip
     assert set(server["mapping"]) == {
         "welcome", "message", "ack", "joined", "left", "presence", "members", "room_list",
-        "history_end", "kicked", "ping", "pong", "error",
+        "topic", "history_end", "kicked", "ping", "pong", "error",
     }  # fmt: skip
     message = schemas["server_to_client"]["$defs"]["Message"]["properties"]
     assert "from" in message
@@ -906,9 +1009,17 @@ PASSWORDS = st.none() | st.text(alphabet=st.characters(codec="utf-8"), min_size=
     SecretStr
 )
 
+TOPICS = st.text(
+    alphabet=st.characters(
+        codec="utf-8", exclude_characters=[chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
+    ),
+    max_size=MAX_TOPIC_CHARS,
+)
+
 CLIENT_ENVELOPES: st.SearchStrategy[ClientEnvelope] = st.one_of(
     st.builds(Hello, username=NAMES, password=PASSWORDS, id=IDS),
-    st.builds(Say, room=NAMES, text=TEXTS, id=IDS),
+    st.builds(Say, room=NAMES, text=TEXTS, action=st.none() | st.booleans(), id=IDS),
+    st.builds(TopicRequest, room=NAMES, topic=st.none() | TOPICS, id=IDS),
     st.builds(Ping, id=IDS),
     st.builds(Bye, id=IDS),
 )
@@ -928,7 +1039,8 @@ def test_property_valid_envelopes_survive_arbitrary_chunking(
     assert decoder.next_frame() is None
 
 
-SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Error] = st.one_of(
+ServerSample = Welcome | Message | Ack | Presence | RoomTopic | Pong | Error
+SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[ServerSample] = st.one_of(
     st.builds(
         Welcome, username=NAMES, rooms=st.lists(NAMES, max_size=3), server=st.text(), ref=IDS
     ),
@@ -938,9 +1050,18 @@ SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Err
         room=NAMES,
         sender=NAMES,
         text=TEXTS,
+        action=st.none() | st.just(True),
         ts=st.just(TS),
     ),
-    st.builds(Ack, ref=IDS, id=st.integers(min_value=1, max_value=2**53)),
+    st.builds(
+        Ack,
+        ref=IDS,
+        id=st.integers(min_value=1, max_value=2**53),
+        stored=st.none() | st.just(True),
+    ),
+    st.builds(Presence, username=NAMES, state=st.sampled_from(["online", "offline"])),
+    st.builds(Presence, room=NAMES, username=NAMES, state=st.sampled_from(["joined", "left"])),
+    st.builds(RoomTopic, room=NAMES, topic=TOPICS, by=st.none() | NAMES, ref=IDS),
     st.builds(Pong, ref=IDS),
     st.builds(Error, code=st.sampled_from(ErrorCode), message=st.text(), ref=IDS),
 )
@@ -948,9 +1069,7 @@ SERVER_ENVELOPE_STRATEGY: st.SearchStrategy[Welcome | Message | Ack | Pong | Err
 
 @PROPERTY_SETTINGS
 @given(envelope=SERVER_ENVELOPE_STRATEGY)
-def test_property_server_envelopes_round_trip(
-    envelope: Welcome | Message | Ack | Pong | Error,
-) -> None:
+def test_property_server_envelopes_round_trip(envelope: ServerSample) -> None:
     data = encode(envelope)
     assert data.count(b"\n") == 1
     assert parse_server_frame(data) == envelope

@@ -222,7 +222,7 @@ async def test_presence_online_when_a_user_logs_in(server: RunningServer) -> Non
     alice = await server.login("alice")
     await server.login("bob")
     presence = await receive_type(alice, Presence)
-    assert (presence.room, presence.username, presence.state) == ("lobby", "bob", "online")
+    assert (presence.room, presence.username, presence.state) == (None, "bob", "online")
 
 
 # --- history and idempotency ----------------------------------------------------------------

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,26 @@ import trio
 import trio.testing
 
 import securechat.store
-from securechat.protocol import Message
+from securechat.protocol import Message, utc_timestamp
 from securechat.store import (
+    PRUNE_BATCH,
     AddMember,
     AppendMessage,
     Done,
     HistoryScope,
     MarkDelivered,
     PeerScope,
+    Pruned,
     RecentSend,
     RemoveMember,
+    Retention,
     RoomScope,
     SaveRoom,
     Store,
     StoreError,
     VisibleScope,
     Write,
+    pages_to_release,
 )
 
 from .conftest import WAIT, running
@@ -376,6 +381,37 @@ async def test_a_database_from_before_the_direct_message_index_gets_it(db_path: 
     assert "messages_to" in names
 
 
+async def test_a_database_from_before_actions_gets_the_column_and_keeps_its_messages(
+    db_path: Path,
+) -> None:
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.executescript(
+            securechat.store._SCHEMA.replace(",\n    action    INTEGER NOT NULL DEFAULT 0", "")
+        )
+        assert "action" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+        db.execute(
+            "INSERT INTO messages (id, room, sender, text, ts)"
+            " VALUES (1, 'lobby', 'alice', 'hi', ?)",
+            (TS,),
+        )
+        db.commit()
+    async with running(Store(db_path)) as store:
+        action = Message(id=2, room="lobby", sender="bob", text="waves", action=True, ts=TS)
+        await store.write(AppendMessage(action))
+        old, new = await store.room_history("lobby", None, 10)
+        assert (old.text, old.action) == ("hi", None)
+        assert new == action
+
+
+async def test_save_room_without_a_topic_keeps_the_stored_topic(store: Store) -> None:
+    await store.write(SaveRoom("dev", "Kept"), SaveRoom("new", None, frozenset({"alice"})))
+    await store.write(SaveRoom("dev", None, frozenset({"bob"})))
+    assert store.rooms() == {
+        "dev": ("Kept", frozenset({"bob"})),
+        "new": ("", frozenset({"alice"})),
+    }
+
+
 # --- history on a large database: cost O(limit), not O(messages) -----------------------------
 
 BIG_ROOMS = tuple(f"r{i}" for i in range(20))
@@ -696,3 +732,263 @@ async def test_write_with_no_writes_returns_at_once(store: Store) -> None:
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert finished.is_set()
+
+
+# --- retention -----------------------------------------------------------------------------
+
+DAY = 86400.0
+JAN_1 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+
+
+def at(day: float) -> str:
+    """The ``ts`` of a message sent ``day`` days after 2026-01-01 00:00 UTC."""
+    return utc_timestamp(datetime.fromtimestamp(JAN_1 + day * DAY, UTC))
+
+
+def stamped(id_: int, day: float, *, room: str | None = "lobby", to: str | None = None) -> Message:
+    return Message(id=id_, room=room, to=to, sender="alice", text=f"m{id_}", ts=at(day))
+
+
+def ids(messages: list[Message]) -> list[int]:
+    return [message.id for message in messages]
+
+
+def test_retention_cutoff_is_the_ts_of_now_minus_the_age() -> None:
+    assert Retention().cutoff(JAN_1) is None
+    assert not Retention().enabled
+    assert Retention(max_age=DAY).cutoff(JAN_1 + 2 * DAY) == at(1)
+    assert Retention(max_age=DAY).enabled
+    assert Retention(per_room=5).enabled
+    assert Retention(per_room=5).cutoff(JAN_1) is None
+
+
+def test_pages_to_release_keeps_what_one_interval_of_messages_takes() -> None:
+    assert pages_to_release(1000, None) == 1000  # first prune: nothing known, give all back
+    assert pages_to_release(1000, 300) == 700
+    assert pages_to_release(1000, 1000) == 0  # a steady chat reuses what was pruned
+    assert pages_to_release(100, 5000) == 0
+    assert pages_to_release(100, -50) == 100  # the database shrank meanwhile
+
+
+async def test_prune_by_age_drops_old_room_and_direct_messages_delivered_or_not(
+    store: Store,
+) -> None:
+    await store.write(
+        AppendMessage(stamped(1, 1)),
+        AppendMessage(stamped(2, 2, room=None, to="bob")),  # delivered
+        AppendMessage(stamped(3, 2.5, room=None, to="bob"), delivered=False),
+        AppendMessage(stamped(4, 3, room="dev")),
+        AppendMessage(stamped(5, 4, room=None, to="bob"), delivered=False),
+        AppendMessage(stamped(6, 5)),
+    )
+    # At day 6, three days of retention keep what is from day 3 on.
+    pruned = await store.prune(Retention(max_age=3 * DAY), JAN_1 + 6 * DAY, batch=2)
+    assert (pruned.by_age, pruned.by_room) == (3, 0)
+    assert ids(await store.room_history("lobby", 0, 10)) == [6]
+    assert ids(await store.room_history("dev", 0, 10)) == [4]
+    assert ids(await store.direct_history("bob", "alice", 0, 10)) == [5]
+    assert ids(await store.undelivered("bob")) == [5]
+    assert store.users_with_undelivered() == {"bob"}
+
+    # Nothing more to do at the same time; everything goes once old enough.
+    assert (await store.prune(Retention(max_age=3 * DAY), JAN_1 + 6 * DAY)).messages == 0
+    assert (await store.prune(Retention(max_age=3 * DAY), JAN_1 + 100 * DAY)).messages == 3
+    assert store.users_with_undelivered() == set()
+
+
+async def test_pruned_text_is_overwritten_in_the_database_file(db_path: Path) -> None:
+    # What retention deletes must not stay readable in the file's free pages.
+    secret = "a secret that retention deleted"
+    async with running(Store(db_path)) as store:
+        await store.write(
+            AppendMessage(stamped(1, 1).model_copy(update={"text": secret})),
+            AppendMessage(stamped(2, 9)),
+        )
+        assert (await store.prune(Retention(max_age=3 * DAY), JAN_1 + 10 * DAY)).messages == 1
+    files = [db_path, db_path.with_name(db_path.name + "-wal")]
+    data = b"".join(file.read_bytes() for file in files if file.exists())
+    assert secret.encode() not in data
+
+
+async def test_message_ids_go_on_increasing_after_everything_was_pruned(db_path: Path) -> None:
+    async with running(Store(db_path)) as store:
+        await store.write(*(AppendMessage(stamped(i, 1)) for i in range(1, 8)))
+        await store.prune(Retention(max_age=DAY), JAN_1 + 10 * DAY)
+        assert await store.room_history("lobby", 0, 10) == []
+        assert store.last_message_id() == 7
+    async with running(Store(db_path)) as reopened:
+        assert reopened.last_message_id() == 7
+
+
+async def test_prune_by_count_keeps_each_rooms_newest_and_leaves_direct_messages(
+    store: Store,
+) -> None:
+    rows = [stamped(i, 1) for i in range(1, 11)]  # lobby: 1-10
+    rows += [stamped(i, 1, room="dev") for i in range(11, 14)]  # dev: 11-13
+    rows += [stamped(i, 1, room=None, to="bob") for i in range(14, 20)]  # direct: 14-19
+    rows += [stamped(i, 1) for i in range(20, 23)]  # lobby: 20-22
+    await store.write(*(AppendMessage(message) for message in rows))
+
+    pruned = await store.prune(Retention(per_room=4), JAN_1 + 2 * DAY, batch=3)
+    assert pruned.by_room == 9
+    assert ids(await store.room_history("lobby", 0, 100)) == [10, 20, 21, 22]
+    assert ids(await store.room_history("dev", 0, 100)) == [11, 12, 13]
+    assert ids(await store.direct_history("alice", "bob", 0, 100)) == list(range(14, 20))
+
+    # The next prune looks at the rooms that got messages since.
+    await store.write(*(AppendMessage(stamped(i, 2, room="dev")) for i in range(23, 26)))
+    pruned = await store.prune(Retention(per_room=4), JAN_1 + 3 * DAY)
+    assert pruned.by_room == 2
+    assert ids(await store.room_history("dev", 0, 100)) == [13, 23, 24, 25]
+    assert ids(await store.room_history("lobby", 0, 100)) == [10, 20, 21, 22]
+
+
+async def test_the_first_prune_of_a_store_looks_at_every_room(db_path: Path) -> None:
+    async with running(Store(db_path)) as store:
+        await store.write(*(AppendMessage(stamped(i, 1, room="dev")) for i in range(1, 6)))
+        await store.prune(Retention(per_room=10), JAN_1)  # nothing to cut yet
+    async with running(Store(db_path)) as restarted:  # with a smaller cap
+        assert (await restarted.prune(Retention(per_room=2), JAN_1)).by_room == 3
+        assert ids(await restarted.room_history("dev", 0, 10)) == [4, 5]
+
+
+async def test_age_and_count_together(store: Store) -> None:
+    await store.write(
+        *(AppendMessage(stamped(i, i)) for i in range(1, 9)),  # lobby, one a day
+        *(AppendMessage(stamped(i, 7, room="dev")) for i in range(9, 12)),
+    )
+    pruned = await store.prune(Retention(max_age=4 * DAY, per_room=2), JAN_1 + 9 * DAY)
+    assert (pruned.by_age, pruned.by_room) == (4, 3)
+    assert ids(await store.room_history("lobby", 0, 10)) == [7, 8]
+    assert ids(await store.room_history("dev", 0, 10)) == [10, 11]
+
+
+async def test_prune_deletes_through_the_writer_in_batches_committed_one_at_a_time(
+    db_path: Path,
+) -> None:
+    async with running(CountingStore(db_path)) as store:
+        await store.write(*(AppendMessage(stamped(i, 1)) for i in range(1, 1001)))
+        store.transactions.clear()
+        pruned = await store.prune(Retention(max_age=DAY), JAN_1 + 5 * DAY, batch=300)
+        assert pruned.by_age == 1000
+        # Four deletes of at most 300, each its own commit; then the space given back.
+        assert store.transactions[:4] == [1, 1, 1, 1]
+        assert await store.room_history("lobby", 0, 10) == []
+
+
+async def test_a_prune_beside_a_stream_of_messages_loses_none_of_them(store: Store) -> None:
+    old = 3000
+    await store.write(*(AppendMessage(stamped(i, 1)) for i in range(1, old + 1)))
+    outcomes = Outcomes()
+    new = [stamped(old + i, 30) for i in range(1, 401)]
+
+    async def chat() -> None:
+        for message in new:
+            await store.submit(AppendMessage(message), outcomes.done(message.id))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(chat)
+        pruned = await store.prune(Retention(max_age=10 * DAY), JAN_1 + 31 * DAY, batch=100)
+    await outcomes.wait_for(len(new))
+    assert all(error is None for _, error in outcomes.calls)
+    assert pruned.by_age == old
+    assert await store.room_history("lobby", 0, 500) == new
+
+
+async def test_a_new_database_gives_pruned_space_back_an_old_one_reuses_it(
+    tmp_path: Path,
+) -> None:
+    text = "x" * 2000
+
+    def fill(first: int, count: int, day: float) -> list[AppendMessage]:
+        return [
+            AppendMessage(Message(id=i, room="lobby", sender="a", text=text, ts=at(day)))
+            for i in range(first, first + count)
+        ]
+
+    def file_size(path: Path) -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return path.stat().st_size
+
+    new_db, old_db = tmp_path / "new.db", tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(old_db)) as db:
+        db.execute("PRAGMA journal_mode = WAL")  # as made before auto_vacuum was set
+        db.executescript(securechat.store._SCHEMA)
+    for path, shrinks in ((new_db, True), (old_db, False)):
+        async with running(Store(path)) as store:
+            assert store.shrinks is shrinks
+            await store.write(*fill(1, 1000, 1))
+            full = file_size(path)
+            pruned = await store.prune(Retention(max_age=DAY), JAN_1 + 5 * DAY)
+            assert pruned.by_age == 1000
+            if shrinks:
+                assert pruned.pages_released > 0
+                assert file_size(path) < full / 4
+            else:
+                assert pruned.pages_released == 0
+                assert file_size(path) == full
+                await store.write(*fill(1001, 1000, 6))  # into the freed pages
+                assert file_size(path) <= full * 1.1
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_history_is_served_from_the_indexes_after_pruning(
+    tmp_path: Path, read_cost: ReadCost
+) -> None:
+    path = tmp_path / "pruned.db"
+    rooms = ("lobby", "dev", "ops")
+    rows: list[AppendMessage] = []
+    for i in range(1, 6001):
+        kind = i % 4
+        if kind < 3:
+            rows.append(AppendMessage(stamped(i, i / 1000, room=rooms[kind])))
+        else:
+            to, sender = ("bob", "alice") if i % 8 == 3 else ("alice", "bob")
+            rows.append(
+                AppendMessage(Message(id=i, to=to, sender=sender, text=f"m{i}", ts=at(i / 1000)))
+            )
+    async with running(Store(path)) as store:
+        await store.write(*rows)
+        pruned = await store.prune(Retention(max_age=3 * DAY, per_room=500), JAN_1 + 6 * DAY)
+        assert pruned.by_age == 3000 - 1  # ts of messages 1..2999 is before day 3
+        kept = {message.id: message for message in await store.messages(range(1, 6001))}
+        for room in rooms:
+            expected = sorted(i for i, m in kept.items() if m.room == room)
+            assert len(expected) == 500
+            read_cost.reset()
+            assert ids(await store.room_history(room, None, 101)) == expected[-101:]
+            assert read_cost.steps < 100 * (1 + 101), read_cost.steps
+            assert ids(await store.room_history(room, 0, 101)) == expected[:101]
+        conversation = sorted(i for i, m in kept.items() if m.to is not None)
+        read_cost.reset()
+        assert ids(await store.direct_history("alice", "bob", None, 101)) == conversation[-101:]
+        assert read_cost.steps < 100 * (2 + 101), read_cost.steps
+        read_cost.reset()
+        visible = await store.visible_history("alice", rooms, None, 101)
+        assert ids(visible) == sorted(kept)[-101:]
+        assert read_cost.steps < 100 * (5 + 101), read_cost.steps
+        statements = list(read_cost.statements)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        for sql in statements:
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            assert not any("TEMP B-TREE" in step or step.startswith("SCAN") for step in plan), (
+                sql,
+                plan,
+            )
+
+
+async def test_a_prune_by_age_with_nothing_to_delete_reads_little_of_a_large_database(
+    big_db: Path, read_cost: ReadCost
+) -> None:
+    # 240 000 messages, all younger than the limit: the prune looks at the oldest few.
+    async with running(Store(big_db)) as store:
+        read_cost.reset()
+        pruned = await store.prune(Retention(max_age=DAY), datetime.fromisoformat(TS).timestamp())
+        steps = read_cost.steps
+        assert store.last_message_id() == BIG_MESSAGES
+    assert pruned == Pruned()
+    assert steps < 20 * PRUNE_BATCH, steps
