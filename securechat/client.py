@@ -41,6 +41,7 @@ from .protocol import (
     MAX_TEXT_CHARS,
     MAX_TOPIC_CHARS,
     NAME_PATTERN,
+    SERVER_USER,
     Ack,
     Bye,
     ClientEnvelope,
@@ -66,8 +67,11 @@ from .protocol import (
     Reason,
     RoomList,
     Rooms,
+    RoomTopic,
     Say,
     ServerEnvelope,
+    Topic,
+    TopicRequest,
     Welcome,
     Who,
     check_text,
@@ -360,9 +364,10 @@ def describe_tls_failure(exc: BaseException, where: str, certificate: Path | Non
 
 @dataclass(frozen=True)
 class SendText:
-    """A line for the current room."""
+    """A line for the current room (``action``: a ``/me`` line)."""
 
     text: str
+    action: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,7 @@ class Switch:
 class Ask:
     """A request that goes to the server as it is."""
 
-    envelope: Join | Leave | Who | Rooms | History | Kick
+    envelope: Join | Leave | Who | Rooms | History | Kick | TopicRequest
 
 
 @dataclass(frozen=True)
@@ -406,11 +411,14 @@ a longer line stays in the input for you to shorten).
   /join ROOM            join (or create) a room and send your lines there
   /leave ROOM           leave a room (lobby too: you are back in it at your next login)
   /switch ROOM          send your lines to ROOM, a room you are in
+  /me ACTION            an action in the current room, shown as '* you ACTION'
   /msg USER TEXT        direct message to USER (stored for them if they are offline)
   /who [ROOM]           members of ROOM (default: the current room), and who is online
   /rooms                the rooms you can join
   /history [N]          the last N messages of the current room (default {HISTORY_DEFAULT})
   /history @USER [N]    the last N direct messages between you and USER
+  /topic                the topic of the current room
+  /topic TEXT           set it (admins only); /topic -delete clears it
   /kick USER [REASON]   disconnect USER (admins only)
   /help                 this help
   /quit                 leave (also Ctrl-D)
@@ -420,6 +428,8 @@ not starting with '.' or '-'."""
 
 _NAME = re.compile(NAME_PATTERN)
 _REASON: TypeAdapter[str] = TypeAdapter(Reason)
+_TOPIC: TypeAdapter[str] = TypeAdapter(Topic)
+CLEAR_TOPIC = "-delete"
 
 
 def parse_input(line: str, room: str) -> Command | None:
@@ -461,6 +471,12 @@ def parse_input(line: str, room: str) -> Command | None:
         if problem := _name_problem(to, "username", "/msg"):
             return Invalid(problem)
         return _text(text, lambda checked: SendDirect(to, checked))
+    if name == "me":
+        if not rest.strip():
+            return Invalid("usage: /me ACTION")
+        return _text(rest.strip(), lambda text: SendText(text, action=True))
+    if name == "topic":
+        return _topic(rest.strip(), room)
     if name == "kick":
         username, _, reason = rest.strip().partition(" ")
         if not username:
@@ -473,6 +489,17 @@ def parse_input(line: str, room: str) -> Command | None:
             return Invalid(f"the reason must be one line of at most {MAX_TOPIC_CHARS} characters")
         return Ask(Kick(username=username, reason=checked))
     return Invalid(f"unknown command /{name}; /help lists the commands")
+
+
+def _topic(text: str, room: str) -> Command:
+    if not text:
+        return Ask(TopicRequest(room=room))
+    if text == CLEAR_TOPIC:
+        return Ask(TopicRequest(room=room, topic=""))
+    try:
+        return Ask(TopicRequest(room=room, topic=_TOPIC.validate_python(text)))
+    except ValidationError:
+        return Invalid(f"a topic is one line of at most {MAX_TOPIC_CHARS} characters")
 
 
 def _history(args: list[str], room: str) -> Command:
@@ -588,6 +615,11 @@ class Formatter:
         else:
             where = f"[{sanitize(message.room or '')}]"
         text = sanitize(message.text, lines=True)
+        if message.action:
+            action = f"* {sanitize(message.sender)} {text}"
+            if message.to is None:
+                return f"{self._paint(_DIM, clock)} {where} {action}"
+            text = action
         return f"{self._paint(_DIM, clock)} {where} {sender}: {text}"
 
     def error(self, error: Error) -> str:
@@ -600,6 +632,20 @@ class Formatter:
     def notice(self, text: str) -> str:
         """A line of the client's own (its text is not from the wire)."""
         return self._paint(_DIM, text)
+
+    @staticmethod
+    def _topic(envelope: RoomTopic) -> str:
+        room, topic = sanitize(envelope.room), sanitize(envelope.topic)
+        if envelope.by is None:
+            return f"[{room}] topic: {topic}" if topic else f"[{room}] no topic"
+        if envelope.by == SERVER_USER:
+            return f"[{room}] the topic is now (from the config file): {topic or '(none)'}"
+        by = sanitize(envelope.by)
+        return (
+            f"[{room}] * {by} set the topic: {topic}"
+            if topic
+            else f"[{room}] * {by} cleared the topic"
+        )
 
     def typed(self, prompt: str, line: str) -> str:
         """A command as it was typed at ``prompt``, to keep in the scrollback."""
@@ -631,6 +677,8 @@ class Formatter:
                 for room in envelope.rooms
             ]
             return "\n".join(["rooms:", *lines])
+        if isinstance(envelope, RoomTopic):
+            return self.notice(self._topic(envelope))
         if isinstance(envelope, Kicked):
             return self.notice(f"kicked {sanitize(envelope.username)}")
         if isinstance(envelope, Error):
@@ -693,7 +741,7 @@ class SeenIds:
         return True
 
 
-Request = Say | Dm | Join | Leave | Who | Rooms | History | Kick
+Request = Say | Dm | Join | Leave | Who | Rooms | History | Kick | TopicRequest
 """What the session sends with an id and waits for the answer to."""
 
 
@@ -843,8 +891,9 @@ class ChatSession:
         elif isinstance(command, SendText):
             if self.room not in self.rooms:
                 return self._refuse(f"you are not in {self.room}; /join a room first")
+            action = True if command.action else None  # (left out of the frame when plain)
             return await self._send_message(
-                Say(room=self.room, text=command.text, id=self._next_id())
+                Say(room=self.room, text=command.text, action=action, id=self._next_id())
             )
         elif isinstance(command, SendDirect):
             return await self._send_message(
@@ -871,7 +920,9 @@ class ChatSession:
         await item.done.wait()
         return _refusal(item.reply)
 
-    async def _ask(self, request: Join | Leave | Who | Rooms | History | Kick) -> str | None:
+    async def _ask(
+        self, request: Join | Leave | Who | Rooms | History | Kick | TopicRequest
+    ) -> str | None:
         if not self._connected and not self.script:
             self._notice("not connected right now; try again in a moment")
             return None
@@ -893,6 +944,13 @@ class ChatSession:
             item.reply = await self._request(item.envelope, wait_for_connection=True)
             if isinstance(item.reply, Error):
                 self.refused += 1
+            elif (
+                isinstance(item.reply, Ack) and item.reply.stored and isinstance(item.envelope, Dm)
+            ):
+                self._notice(
+                    f"{item.envelope.to} is offline: the message is stored and delivered"
+                    " when they next log in"
+                )
             self._unsettled -= 1
             item.done.set()
             self._progress.set()

@@ -10,6 +10,7 @@ from securechat.client import (
     Formatter,
     Invalid,
     SendDirect,
+    SendText,
     Switch,
     parse_input,
 )
@@ -20,8 +21,11 @@ from securechat.protocol import (
     Kick,
     Leave,
     Left,
+    Message,
     RoomInfo,
     RoomList,
+    RoomTopic,
+    TopicRequest,
     Who,
 )
 
@@ -42,6 +46,10 @@ RULES = "1-32 lowercase letters, digits, '_', '.' or '-', not starting with '.' 
         ("/who", Ask(Who(room="general"))),
         ("/switch lobby", Switch("lobby")),
         ("/msg bob hi there", SendDirect("bob", "hi there")),
+        ("/me waves", SendText("waves", action=True)),
+        ("/topic", Ask(TopicRequest(room="general"))),
+        ("/topic Release week", Ask(TopicRequest(room="general", topic="Release week"))),
+        ("/topic -delete", Ask(TopicRequest(room="general", topic=""))),
     ],
 )
 def test_commands(line: str, command: object) -> None:
@@ -67,6 +75,8 @@ def test_commands(line: str, command: object) -> None:
         ("/history 501", "N must be between 1 and 500"),
         ("/join", "usage: /join ROOM"),
         ("/nick bob", "unknown command /nick; /help lists the commands"),
+        ("/me", "usage: /me ACTION"),
+        ("/topic " + "t" * 201, "a topic is one line of at most 200 characters"),
         (
             "x" * (MAX_TEXT_CHARS + 1),
             f"message too long ({MAX_TEXT_CHARS + 1} characters, at most {MAX_TEXT_CHARS})",
@@ -79,7 +89,15 @@ def test_invalid_commands_say_why(line: str, reason: str) -> None:
 
 def test_help_names_the_limit_and_every_command() -> None:
     assert f"at most {MAX_TEXT_CHARS} characters" in HELP
-    for command in ("/kick USER [REASON]", "/history @USER [N]", "/leave ROOM", "/switch"):
+    for command in (
+        "/kick USER [REASON]",
+        "/history @USER [N]",
+        "/leave ROOM",
+        "/switch",
+        "/me ACTION",
+        "/topic TEXT",
+        "/topic -delete",
+    ):
         assert command in HELP
 
 
@@ -102,3 +120,32 @@ def test_leaving_the_lobby_says_it_lasts_until_the_next_login() -> None:
         "left lobby (everyone is put back in it at each login)"
     )
     assert formatter.describe(Left(room="ops")) == "left ops"
+
+
+def test_actions_read_as_sentences() -> None:
+    formatter = Formatter(me="bob", colour=False)
+    ts = "2026-01-01T00:00:00.000Z"
+    in_room = Message(id=1, room="lobby", sender="alice", text="waves", action=True, ts=ts)
+    direct = Message(id=2, to="bob", sender="alice", text="nods", action=True, ts=ts)
+    assert formatter.message(in_room).endswith(" [lobby] * alice waves")
+    assert formatter.message(direct).endswith(" [dm] alice -> bob: * alice nods")
+
+
+@pytest.mark.parametrize(
+    ("envelope", "line"),
+    [
+        (RoomTopic(room="dev", topic="Release week"), "[dev] topic: Release week"),
+        (RoomTopic(room="dev", topic=""), "[dev] no topic"),
+        (
+            RoomTopic(room="dev", topic="Ship it", by="alice"),
+            "[dev] * alice set the topic: Ship it",
+        ),
+        (RoomTopic(room="dev", topic="", by="alice"), "[dev] * alice cleared the topic"),
+        (
+            RoomTopic(room="dev", topic="From the file", by="server"),
+            "[dev] the topic is now (from the config file): From the file",
+        ),
+    ],
+)
+def test_topics(envelope: RoomTopic, line: str) -> None:
+    assert Formatter(me="bob", colour=False).describe(envelope) == line
