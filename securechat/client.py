@@ -109,7 +109,7 @@ class ChatConnection:
         stream: tls.AnyStream,
         max_frame_bytes: int = MAX_SERVER_FRAME_BYTES,
         *,
-        where: str = "the server",
+        where: str | None = None,
         certificate: Path | None = None,
     ) -> None:
         self.stream = stream
@@ -153,8 +153,8 @@ class ChatConnection:
             if _closed_without_alert(exc):
                 if not transport.received:
                     raise ClientError(
-                        f"{where} closed the connection before TLS started: the server may be"
-                        " refusing connections from your address (too many open), or it is"
+                        f"the server at {where} closed the connection before TLS started: it may"
+                        " be refusing connections from your address (too many open), or it is"
                         " not a securechat server"
                     ) from None
                 # TLS 1.2: the server checks our certificate during the
@@ -228,7 +228,7 @@ class _Watched(trio.abc.Stream):
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.socket = stream.socket
+        self.socket = stream.socket  # (as SocketStream has it, for socket options)
         self.received = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -264,7 +264,11 @@ def _closed_without_alert(exc: BaseException) -> bool:
     )
 
 
-def _refused_during_handshake(where: str, certificate: Path | None) -> str:
+def _server(where: str | None) -> str:
+    return f"the server at {where}" if where else "the server"
+
+
+def _refused_during_handshake(where: str | None, certificate: Path | None) -> str:
     """The server ended the connection in or right after the handshake, without saying why.
 
     A server built on trio does not send its TLS alert when it refuses a
@@ -272,11 +276,11 @@ def _refused_during_handshake(where: str, certificate: Path | None) -> str:
     """
     if certificate is None:
         return (
-            f"the server at {where} closed the connection during the TLS handshake: it requires"
+            f"{_server(where)} closed the connection during the TLS handshake: it requires"
             " a client certificate (log in with --cert and --key)"
         )
     return (
-        f"the server at {where} refused your client certificate {certificate} during the TLS"
+        f"{_server(where)} refused your client certificate {certificate} during the TLS"
         " handshake: it is not signed by the CA the server trusts, or it has expired; ask the"
         " server's operator for a new one, or log in with a password, without --cert"
     )
@@ -325,7 +329,9 @@ _VERIFY_FAILURES = {
 }
 
 
-def describe_tls_failure(exc: BaseException, where: str, certificate: Path | None = None) -> str:
+def describe_tls_failure(
+    exc: BaseException, where: str | None, certificate: Path | None = None
+) -> str:
     """One line, in plain words, for a TLS connection to ``where`` that failed or broke.
 
     ``exc`` is trio's error, with the ``ssl`` error it came from chained as
@@ -335,28 +341,28 @@ def describe_tls_failure(exc: BaseException, where: str, certificate: Path | Non
     if isinstance(cause, ssl.SSLCertVerificationError):
         detail = cause.verify_message or cause.reason or "verification failed"
         if detail.startswith("Hostname mismatch") or detail.startswith("IP address mismatch"):
-            host = where.rpartition(":")[0]
+            host = where.rpartition(":")[0] if where else "you connected to"
             plain = (
                 f"is not valid for the name {host} (connect with a name it has, or the operator"
                 " adds this one with gen-certs --renew server --san NAME)"
             )
         else:
             plain = _VERIFY_FAILURES.get(detail, f"failed verification: {detail}")
-        return f"the server at {where} is not trusted: its certificate {plain}"
+        return f"{_server(where)} is not trusted: its certificate {plain}"
     if isinstance(cause, ssl.SSLError):
         reason = cause.reason or type(cause).__name__
         if reason in _CERTIFICATE_REFUSALS:
             yours = f"your client certificate {certificate}" if certificate else "your certificate"
             return (
-                f"the server at {where} refused {yours}: {_CERTIFICATE_REFUSALS[reason]}; ask the"
+                f"{_server(where)} refused {yours}: {_CERTIFICATE_REFUSALS[reason]}; ask the"
                 " server's operator for a new one, or log in with a password, without --cert"
             )
         if reason in _PLAIN_REASONS:
-            return f"the server at {where} {_PLAIN_REASONS[reason]}"
-        return f"TLS with the server at {where} failed ({reason})"
+            return f"{_server(where)} {_PLAIN_REASONS[reason]}"
+        return f"TLS with {_server(where)} failed ({reason})"
     if isinstance(cause, ConnectionResetError) or _closed_without_alert(exc):
-        return f"the server at {where} closed the connection"
-    return f"the connection to the server at {where} was lost"
+        return f"{_server(where)} closed the connection"
+    return f"the connection to {_server(where)} was lost"
 
 
 # --- input and output, without I/O --------------------------------------------
