@@ -26,6 +26,8 @@ test: $(STAMP)
 	$(BIN)/ruff check securechat tests scripts benchmarks
 	$(BIN)/ruff format --check securechat tests scripts benchmarks
 	$(BIN)/mypy
+	@command -v tmux >/dev/null || { echo "installing Debian's tmux for tests/test_terminal.py"; \
+		apt-get install -y -qq tmux || { apt-get update -qq && apt-get install -y -qq tmux; }; }
 	$(BIN)/pytest
 
 certs: certs/server.crt

@@ -34,7 +34,7 @@ from .auth import check_new_password, hash_password
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
 from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
-from .console import Console, open_console
+from .console import Console, PipeConsole, open_console
 from .operator_console import PROMPT, run_operator_console
 from .protocol import NAME_PATTERN, Welcome, json_schemas
 from .server import ChatServer, raise_open_file_limit
@@ -129,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="securechat",
         description="A secure chat server and client: TLS everywhere, authenticated users.",
     )
-    parser.add_argument("--version", action="version", version=f"securechat {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"securechat {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     gen = commands.add_parser(
@@ -295,8 +295,10 @@ def _build_parser() -> argparse.ArgumentParser:
             "Connect over TLS, verify the server against the CA, log in and chat at the"
             " send>>> prompt. The password comes from a no-echo prompt or the"
             f" {PASSWORD_ENV} environment variable; with --cert/--key the certificate"
-            " logs you in. With stdin not a terminal, each line is sent and the client"
-            " exits once every line is acknowledged."
+            " logs you in. With stdin not a terminal, each line is carried out in turn"
+            " (a message once acknowledged), and the client exits 0 at the end of input;"
+            " a line that cannot be sent or that the server refuses stops it with exit"
+            " code 1 and an error naming the line."
         ),
     )
     client.add_argument("--config", type=Path, help="TOML file with a [client] section")
@@ -673,23 +675,29 @@ def _client_password(settings: ClientSection, *, ask: bool) -> SecretStr | None:
 async def _chat(
     settings: ClientSection, username: str, password: SecretStr | None, context: ssl.SSLContext
 ) -> int:
-    async def connect(*, first: bool = False) -> tuple[ChatConnection, Welcome]:
-        connection = await ChatConnection.open(settings.host, settings.port, context)
-        if first:
-            print("[CONNECTED]", flush=True)
+    async def connect() -> tuple[ChatConnection, Welcome]:
+        connection = await ChatConnection.open(
+            settings.host, settings.port, context, certificate=settings.cert
+        )
         try:
             return connection, await connection.login(username, password)
         except BaseException:
             await trio.aclose_forcefully(connection.stream)
             raise
 
-    connection, welcome = await connect(first=True)
+    connection, welcome = await connect()
+    print("[CONNECTED]", flush=True)  # only once logged in: a refusal is an error instead
     session: ChatSession
-    console = open_console(lambda: session.prompt())
-    session = ChatSession(connection, welcome, console, reconnect=connect)
+    console = open_console(lambda: session.prompt(), lambda line: session.check(line))
+    session = ChatSession(
+        connection, welcome, console, reconnect=connect, script=isinstance(console, PipeConsole)
+    )
     try:
         console.show(session.format.welcome(welcome))
-        return await session.run()
+        code = await session.run()
     finally:
         await console.aclose()
         await session.connection.aclose()
+    if session.failure is not None:
+        _fail(session.failure)
+    return code

@@ -197,22 +197,6 @@ async def close(stream: AnyStream, *, graceful: bool = True) -> None:
         await stream.aclose()
 
 
-def describe_failure(exc: BaseException, where: str) -> str:
-    """One line for a broken TLS connection, from the ``ssl`` error trio chained to it."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        detail = cause.verify_message or cause.reason or "verification failed"
-        return f"TLS: the certificate of {where} is not trusted: {detail} (check --ca and --host)"
-    if isinstance(cause, ssl.SSLError):
-        reason = cause.reason or str(cause)
-        if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
-            return f"TLS: {where} requires a client certificate (use --cert and --key)"
-        if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"):
-            return f"TLS: {where} rejected the client certificate ({reason})"
-        return f"TLS with {where} failed: {reason}"
-    return f"connection to {where} lost"
-
-
 def is_unexpected_eof(exc: BaseException) -> bool:
     """The peer closed the TCP connection without a TLS close_notify."""
     return isinstance(exc.__cause__, ssl.SSLEOFError) or (
