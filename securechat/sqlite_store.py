@@ -536,6 +536,9 @@ class SqliteStore:
         previous: _Committed | None = None
         async with self._receive:
             while True:
+                # One scheduler pass first: the connections woken while the last
+                # batch was committed queue their writes, and join this batch.
+                await trio.lowlevel.checkpoint()
                 batch = self._take_batch([])
                 if not batch:
                     if previous is not None:
