@@ -18,11 +18,13 @@ The write calls say what they guarantee:
 - ``commit_then_nowait(writes, then)`` is the same for callers that cannot
   wait (a config reload); it raises ``trio.WouldBlock`` when the queue is full.
 
-Every ``then`` runs in one task of the store's own (not the task that
-commits), in commit order; so does the return of ``commit``. A slow ``then``
-(a big room's fan-out) delays the ``then`` calls after it, never the next
-commit. A ``then`` must not raise: if it does, the error is logged and the
-next one runs.
+The ``then`` calls run in commit order, and ``commit`` returns in that
+order too: what a caller does after ``await commit(...)`` comes after the
+fan-out of everything committed before. They run outside the store's writer
+(SqliteStore: in a task of its own), so a slow ``then`` (a big room's
+fan-out) delays the ``then`` calls after it, never the next commit. A
+``then`` must not raise: if it does, the error is logged and the next one
+runs.
 
 Start-up state comes as one :class:`Snapshot` from ``await load(...)``,
 read without blocking the event loop.
