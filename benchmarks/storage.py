@@ -2,8 +2,8 @@
 
 For each kind of message (room messages with texts of 40, 100 and 400
 characters, direct messages of 100), writes N messages (``--messages``,
-default 100 000) through a real :class:`securechat.store.Store` into a new
-database, in group commits of 100 as under load, with a client id as the
+default 100 000) through a real :class:`securechat.sqlite_store.SqliteStore`
+into a new database, in group commits of 100 as under load, with a client id as the
 securechat client sends it, then checkpoints the WAL and reads the file size:
 bytes per message, and what 30 messages a second add per hour and per day
 (the figures config.example.toml quotes for sizing the retention). Then it
@@ -34,7 +34,8 @@ from typing import Any
 import trio
 
 from securechat.protocol import Message, utc_timestamp
-from securechat.store import AppendMessage, Retention, Store
+from securechat.sqlite_store import SqliteStore
+from securechat.store import AppendMessage, Retention
 
 COMMIT = 100  # messages per group commit
 RATE = 30.0  # messages per second, for the per-hour figure
@@ -69,12 +70,12 @@ def messages(first: int, count: int, where: str, length: int) -> list[AppendMess
 async def measure(directory: Path, kind: str, count: int) -> dict[str, Any]:
     where, length = KINDS[kind]
     path = directory / f"{kind}.db"
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_writer)
+            await nursery.start(store.run)
             for first in range(1, count + 1, COMMIT):
-                await store.write(*messages(first, min(COMMIT, count + 1 - first), where, length))
+                await store.commit(*messages(first, min(COMMIT, count + 1 - first), where, length))
             full = file_bytes(path)
             # Prune the older half: everything sent before the middle message.
             middle = START + (count // 2) / RATE
@@ -83,7 +84,7 @@ async def measure(directory: Path, kind: str, count: int) -> dict[str, Any]:
             prune_seconds = time.perf_counter() - began
             after_prune = file_bytes(path)
             for first in range(count + 1, count + count // 2 + 1, COMMIT):
-                await store.write(*messages(first, COMMIT, where, length))
+                await store.commit(*messages(first, COMMIT, where, length))
             refilled = file_bytes(path)
             store.close()
     finally:

@@ -8,9 +8,10 @@ that connection's writer task drains. A broadcast is encoded once and every
 recipient gets the same ``bytes`` object.
 
 Messages are durable: ``say`` and ``dm`` hand the message to the
-:class:`~securechat.store.Store` and return at once; the fan-out and the
-``ack`` happen in the store's commit callback, so nothing is delivered or
-acknowledged before it is on disk, and a sender can pipeline many messages.
+:class:`~securechat.store.Store` (``commit_then``) and return at once; the
+fan-out and the ``ack`` happen in the callback that runs after the commit,
+so nothing is delivered or acknowledged before it is on disk, and a sender
+can pipeline many messages.
 A re-sent client ``id`` (within a window per user) gets the original
 ``ack`` again instead of a second message.
 """
@@ -58,6 +59,7 @@ from .store import (
     RemoveMember,
     RoomScope,
     SaveRoom,
+    Snapshot,
     Store,
     StoreError,
     VisibleScope,
@@ -149,12 +151,21 @@ class RecentIds:
 Reply = Callable[[Ack | Error], None]
 
 
+async def load_state(store: Store) -> Snapshot:
+    """The stored state a :class:`Hub` starts from (read without blocking the event loop),
+    with the client ids the hub keeps for idempotent re-sends."""
+    since = utc_timestamp(datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS))
+    return await store.load(recent_per_user=RECENT_IDS, recent_since=since)
+
+
 class Hub:
-    """The chat's state and rules, on top of a :class:`Store`."""
+    """The chat's state and rules, on top of a :class:`Store`, starting from its
+    :class:`Snapshot` (see :func:`load_state`)."""
 
     def __init__(
         self,
         store: Store,
+        state: Snapshot,
         *,
         users: Iterable[str],
         rooms: Mapping[str, RoomSettings],
@@ -171,12 +182,12 @@ class Hub:
         self._version = 0
         self._listing: tuple[int, list[tuple[Room, RoomInfo]]] = (-1, [])
         self._rooms: dict[str, Room] = {LOBBY: Room(LOBBY)}
-        for name, (topic, allowed) in store.rooms().items():
-            self._rooms[name] = Room(name, topic, allowed)
-        for name, members in store.memberships().items():
+        for name, stored in state.rooms.items():
+            self._rooms[name] = Room(name, stored.topic, stored.allowed)
+        for name, members in state.memberships.items():
             self._rooms.setdefault(name, Room(name)).members |= members
         self.configure_rooms(rooms)
-        self._last_id = store.last_message_id()
+        self._last_id = state.last_message_id
         self._clock = UtcClock()
         self._recent: dict[str, RecentIds] = {}
         # (user, client id) of messages waiting for their commit, and the
@@ -184,10 +195,9 @@ class Hub:
         self._pending: dict[tuple[str, str], list[Reply]] = {}
         self._handing_over: set[int] = set()
         # Users with stored direct messages: a login of anyone else needs no query.
-        self._waiting_for: set[str] = store.users_with_undelivered()
+        self._waiting_for: set[str] = set(state.undelivered_to)
         self.shutting_down = False  # no presence updates while everyone is being let go
-        since = utc_timestamp(datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS))
-        for sent in store.recent_sends(RECENT_IDS, since):
+        for sent in state.recent_sends:
             self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
 
     # --- configuration ---
@@ -368,7 +378,7 @@ class Hub:
                 log.error("could not mark direct messages delivered: %s", error)
 
         try:
-            self.store.submit_nowait(MarkDelivered(ids), marked)
+            self.store.commit_then_nowait(MarkDelivered(ids), marked)
         except trio.WouldBlock:
             marked(None)  # they stay undelivered and come again at the next login
 
@@ -411,7 +421,7 @@ class Hub:
             writes = () if user in room.members else (AddMember(name, user),)
         if writes:
             try:
-                await self.store.write(*writes)
+                await self.store.commit(*writes)
             except Exception:
                 log.exception("cannot save membership user=%s room=%s", user, name)
                 if created and not room.members:
@@ -468,9 +478,9 @@ class Hub:
     async def set_topic(self, member: Peer, name: str, topic: str, ref: str | None) -> None:
         """Store a room's new topic, then announce it; an admin's request.
 
-        Like a message, the change is applied and announced in the commit
-        callback, so that two changes in flight end as they were committed,
-        and nobody sees a topic that is not stored. The requester's copy
+        Like a message, the change is applied and announced after the commit,
+        so that two changes in flight end as they were committed, and nobody
+        sees a topic that is not stored. The requester's copy
         (carrying ``ref``) comes then too, or an error.
         """
         room = self._visible_room(member, name)
@@ -500,7 +510,7 @@ class Hub:
 
         member.submitted()
         try:
-            await self.store.submit(SaveRoom(name, topic, room.allowed), committed)
+            await self.store.commit_then(SaveRoom(name, topic, room.allowed), committed)
         except BaseException:
             member.answered()
             raise
@@ -585,7 +595,7 @@ class Hub:
     ) -> None:
         member.submitted()
         try:
-            await self.store.submit(write, committed)
+            await self.store.commit_then(write, committed)
         except BaseException:
             # Never queued (cancelled while the queue was full): forget the
             # id, so that a re-send is a new attempt rather than a wait.
@@ -641,7 +651,7 @@ class Hub:
                 if error is None:
                     room.broadcast(frame)
 
-            await self.store.submit(AppendMessage(message), committed)
+            await self.store.commit_then(AppendMessage(message), committed)
         return len(rooms)
 
     def _new_message(
@@ -793,7 +803,7 @@ class Hub:
             if error is not None:
                 log.error("could not save %s: %s", write, error)
 
-        await self.store.submit(write, done)
+        await self.store.commit_then(write, done)
 
     def _spawn_persist(self, write: RemoveMember | SaveRoom) -> None:
         # For callers that cannot wait (configuration is applied synchronously):
@@ -803,7 +813,7 @@ class Hub:
                 log.error("could not save %s: %s", write, error)
 
         try:
-            self.store.submit_nowait(write, done)
+            self.store.commit_then_nowait(write, done)
         except trio.WouldBlock:
             log.error("store queue full; %s not saved", write)
 

@@ -24,7 +24,7 @@ from .auth import Authenticator
 from .certs import CertError, common_name
 from .config import Config
 from .delivery import FlushTicker
-from .hub import Hub
+from .hub import Hub, load_state
 from .limits import (
     Admission,
     ConnectionCounter,
@@ -36,7 +36,8 @@ from .limits import (
 from .lines import LineTransport
 from .protocol import Error, ErrorCode, encode
 from .session import ServerStats, Services, Session, UserRates
-from .store import Retention, Store, StoreError
+from .sqlite_store import SqliteStore
+from .store import Retention, StoreError
 from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
@@ -76,18 +77,12 @@ class ChatServer:
                 max_delay=config.limits.login_backoff_max,
             ),
         )
-        self.store = Store(config.storage.path)
+        self.store = SqliteStore(config.storage.path)
         storage = config.storage
         self.retention = Retention(
             max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
         )
-        self.hub = Hub(
-            self.store,
-            users=config.users,
-            rooms=config.room_settings(),
-            allow_room_create=settings.allow_room_create,
-            max_rooms=settings.max_rooms,
-        )
+        self._hub: Hub | None = None  # set up by load(), from the stored state
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._sessions: set[Session] = set()
@@ -109,6 +104,28 @@ class ChatServer:
             )
         )
         self._shutdown = trio.Event()
+
+    @property
+    def hub(self) -> Hub:
+        if self._hub is None:
+            raise RuntimeError("the server's stored state is not loaded yet (ChatServer.load)")
+        return self._hub
+
+    async def load(self) -> None:
+        """Read the stored state (rooms, memberships, message ids; in a worker thread) and
+        set up the hub on it. :meth:`serve` calls it if it was not called before; raises
+        :class:`StoreError`."""
+        if self._hub is not None:
+            return
+        settings = self.config.server
+        self._hub = Hub(
+            self.store,
+            await load_state(self.store),
+            users=self.config.users,
+            rooms=self.config.room_settings(),
+            allow_room_create=settings.allow_room_create,
+            max_rooms=settings.max_rooms,
+        )
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -184,6 +201,7 @@ class ChatServer:
     ) -> None:
         """Serve until shutdown is requested; ``task_status`` reports the bound addresses."""
         settings = self.config.server
+        await self.load()
         if not self._listeners:
             await self.listen()
         listeners = self._listeners
@@ -195,7 +213,7 @@ class ChatServer:
         )
         try:
             async with trio.open_nursery() as storage:
-                await storage.start(self.store.run_writer)
+                await storage.start(self.store.run)
                 if self.ticker is not None:
                     storage.start_soon(self.ticker.run)
                 pruning = trio.CancelScope()
@@ -205,7 +223,8 @@ class ChatServer:
                     await self._serve_connections(listeners, task_status)
                 finally:
                     pruning.cancel()
-                    # The writer commits what is queued, then ends.
+                    # The writer commits what is queued, the last callbacks run, then
+                    # the store's tasks end.
                     self.store.close()
                     if self.ticker is not None:
                         self.ticker.stop()
@@ -217,7 +236,7 @@ class ChatServer:
         """Apply the retention rule now and every ``prune_interval``, until ``scope`` ends.
 
         A prune waits for the writer between its batches and reads in worker
-        threads: the chat goes on meanwhile (see :meth:`Store.prune`).
+        threads: the chat goes on meanwhile (see :meth:`SqliteStore.prune`).
         """
         storage = self.config.storage
         rules = []

@@ -26,6 +26,7 @@ from securechat import auth, certs, tls
 from securechat.client import ChatConnection
 from securechat.config import Config, parse_config
 from securechat.server import ChatServer
+from securechat.sqlite_store import SqliteStore
 from securechat.store import Store
 
 # Test-only passwords for throwaway users; never used outside the test suite.
@@ -158,17 +159,19 @@ AnyStore = TypeVar("AnyStore", bound=Store)
 
 @asynccontextmanager
 async def running(store: AnyStore) -> AsyncIterator[AnyStore]:
-    """``store`` with its writer running; on exit the writer drains and ends, then the db closes."""
+    """``store`` with its tasks running (:meth:`Store.run`); on exit it commits what is
+    queued and its tasks end, then a SqliteStore's database is closed."""
     try:
         with trio.fail_after(WAIT):
             async with trio.open_nursery() as nursery:
-                await nursery.start(store.run_writer)
+                await nursery.start(store.run)
                 try:
                     yield store
                 finally:
                     store.close()
     finally:
-        store.close_database()
+        if isinstance(store, SqliteStore):
+            store.close_database()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import trio
 from securechat.client import ChatConnection
 from securechat.protocol import History, HistoryEnd, Message
 from securechat.server import raise_open_file_limit
-from securechat.store import Store
+from securechat.sqlite_store import SqliteStore
 
 from .conftest import (
     ConfigFactory,
@@ -59,7 +59,7 @@ def warm_up_rows() -> list[Row]:
 
 def fill(path: Path, rows: list[Row]) -> None:
     """Create the schema (as the server would) and insert ``rows`` directly."""
-    Store(path).close_database()
+    SqliteStore(path).close_database()
     db = sqlite3.connect(path)
     with db:
         db.executemany(

@@ -3,14 +3,13 @@
 They are read from the store a few messages at a time, each read only once
 the connection has room for more, so a page or a backlog is never held
 whole; and what the user may see is checked again as the replay goes on.
-Runs on a real Store; the connections are outboxes the test drains itself,
+Runs on a MemoryStore; the connections are outboxes the test drains itself,
 like a slow client's writer.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -18,6 +17,7 @@ import trio.testing
 
 from securechat.delivery import Outbox, Peer
 from securechat.hub import READ_ROWS, Hub, RoomSettings
+from securechat.memory_store import MemoryStore
 from securechat.protocol import (
     ErrorCode,
     HistoryEnd,
@@ -26,9 +26,9 @@ from securechat.protocol import (
     ServerEnvelope,
     parse_server_frame,
 )
-from securechat.store import AppendMessage, Store
+from securechat.store import AppendMessage
 
-from .conftest import WAIT, running
+from .conftest import WAIT
 from .test_hub import ROOMS, flush, make_hub, online
 
 TS = "2026-01-02T03:04:05.678Z"
@@ -36,12 +36,12 @@ QUEUE_BYTES = 16 * 1024
 TEXT = "x" * 1000  # ~1.1 KB a frame: a replay fills half the queue with 8 of them
 
 
-class RecordingStore(Store):
-    """A Store that records every read of message rows: how many, and how full the
-    reading connection's queue was when the read began."""
+class RecordingStore(MemoryStore):
+    """A MemoryStore that records every read of message rows: how many, and how full
+    the reading connection's queue was when the read began."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self) -> None:
+        super().__init__()
         self.reads: list[int] = []
         self.queued_at_read: list[int] = []
         self.watched: Outbox | None = None
@@ -72,9 +72,8 @@ class RecordingStore(Store):
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RecordingStore]:
-    async with running(RecordingStore(tmp_path / "x.db")) as store:
-        yield store
+def store() -> RecordingStore:
+    return RecordingStore()
 
 
 class SlowConnection:
@@ -95,16 +94,14 @@ class SlowConnection:
 
     async def wait_until_paced(self) -> None:
         """Until the replay has filled half the queue and waits for room."""
-        with trio.fail_after(WAIT):
-            while 2 * self.outbox._bytes <= QUEUE_BYTES:  # noqa: ASYNC110 (reads run in threads)
-                await trio.sleep(0.001)
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()  # the store's reads do not block
+        assert 2 * self.outbox._bytes > QUEUE_BYTES
 
     async def drain_until(self, done: Callable[[], bool]) -> None:
         with trio.fail_after(WAIT):
             while not done():
                 self.take_all()
-                await trio.sleep(0.001)  # a slow reader, and the reads run in threads
+                await trio.testing.wait_all_tasks_blocked()  # the replay goes on meanwhile
         self.take_all()
 
 
@@ -143,8 +140,8 @@ class Replay:
 async def test_a_long_page_is_read_a_few_messages_at_a_time_as_the_connection_drains(
     store: RecordingStore,
 ) -> None:
-    await store.write(*(AppendMessage(room_message(i)) for i in range(1, 201)))
-    hub = make_hub(store)
+    await store.commit(*(AppendMessage(room_message(i)) for i in range(1, 201)))
+    hub = await make_hub(store)
     bob = SlowConnection("bob")
     await login(hub, bob)
     store.watched = bob.outbox
@@ -168,11 +165,11 @@ async def test_a_long_page_is_read_a_few_messages_at_a_time_as_the_connection_dr
 async def test_a_user_taken_off_a_private_room_during_its_replay_gets_no_more_of_it(
     store: RecordingStore,
 ) -> None:
-    hub = make_hub(store)
+    hub = await make_hub(store)
     alice = SlowConnection("alice")
     await login(hub, alice)
     await hub.join(alice.member, "secret", None)
-    await store.write(*(AppendMessage(room_message(i, "secret")) for i in range(1, 61)))
+    await store.commit(*(AppendMessage(room_message(i, "secret")) for i in range(1, 61)))
     alice.take_all()
     alice.received.clear()
 
@@ -195,11 +192,11 @@ async def test_a_user_taken_off_a_private_room_during_its_replay_gets_no_more_of
 async def test_a_replay_of_everything_leaves_out_a_room_left_during_it(
     store: RecordingStore,
 ) -> None:
-    hub = make_hub(store)
+    hub = await make_hub(store)
     bob = SlowConnection("bob")
     await login(hub, bob)
     await hub.join(bob.member, "news", None)
-    await store.write(
+    await store.commit(
         *(AppendMessage(room_message(i, "news" if i % 2 else "lobby")) for i in range(1, 61)),
         AppendMessage(direct_message(61)),
     )
@@ -228,8 +225,8 @@ async def test_a_replay_of_everything_leaves_out_a_room_left_during_it(
 async def test_stored_direct_messages_are_read_a_few_at_a_time_and_all_marked_delivered(
     store: RecordingStore,
 ) -> None:
-    await store.write(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 101)))
-    hub = make_hub(store)
+    await store.commit(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 101)))
+    hub = await make_hub(store)
     bob = SlowConnection("bob")
     await login(hub, bob)
     store.watched = bob.outbox
@@ -255,8 +252,8 @@ async def test_stored_direct_messages_are_read_a_few_at_a_time_and_all_marked_de
 async def test_stored_direct_messages_not_handed_over_before_a_disconnect_come_at_next_login(
     store: RecordingStore,
 ) -> None:
-    await store.write(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 101)))
-    hub = make_hub(store)
+    await store.commit(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 101)))
+    hub = await make_hub(store)
     bob = SlowConnection("bob")
     await login(hub, bob)
     async with trio.open_nursery() as nursery:
@@ -282,8 +279,8 @@ async def test_stored_direct_messages_not_handed_over_before_a_disconnect_come_a
 async def test_a_direct_message_sent_during_a_long_backlog_is_delivered_once(
     store: RecordingStore,
 ) -> None:
-    await store.write(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 41)))
-    hub = make_hub(store)
+    await store.commit(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 41)))
+    hub = await make_hub(store)
     alice = await online(hub, "alice")
     bob = SlowConnection("bob")
     await login(hub, bob)
@@ -303,8 +300,8 @@ async def test_a_direct_message_sent_during_a_long_backlog_is_delivered_once(
 async def test_stored_direct_messages_whose_delivery_is_cancelled_come_at_next_login(
     store: RecordingStore,
 ) -> None:
-    await store.write(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 31)))
-    hub = make_hub(store)
+    await store.commit(*(AppendMessage(direct_message(i), delivered=False) for i in range(1, 31)))
+    hub = await make_hub(store)
     bob = SlowConnection("bob")
     await login(hub, bob)
     async with trio.open_nursery() as nursery:

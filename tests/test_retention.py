@@ -16,7 +16,7 @@ import trio
 from securechat.client import ChatConnection
 from securechat.protocol import Ack, History, HistoryEnd, Message, Say
 from securechat.server import ChatServer
-from securechat.store import Store
+from securechat.sqlite_store import SqliteStore
 
 from .conftest import WAIT, ConfigFactory, Pki, RunningServer, receive_type
 
@@ -46,7 +46,7 @@ async def server_with_storage(
 def prefill(path: Path) -> int:
     """An existing database with a backlog older than any retention: lobby messages, and
     direct messages to carol that were never delivered. Returns the highest id."""
-    Store(path).close_database()  # the schema
+    SqliteStore(path).close_database()  # the schema
     rows: list[tuple[Any, ...]] = [
         (i, "lobby", None, "dave", "old news " * 5, OLD_TS, 1)
         for i in range(1, OLD_ROOM_MESSAGES + 1)
