@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import stat
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import auth
-from .hub import RoomSettings
 from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    """A room as the config file defines it (what the chat applies at start and reload)."""
+
+    topic: str | None = None  # None: the file sets no topic (admins may set one)
+    allowed: frozenset[str] | None = None  # None: anyone may join
 
 
 class ConfigError(Exception):
