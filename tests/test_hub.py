@@ -23,6 +23,7 @@ from securechat.delivery import DeferredWakeups, Outbox, Peer
 from securechat.hub import Hub, load_state
 from securechat.memory_store import MemoryStore
 from securechat.protocol import (
+    LOBBY,
     Ack,
     Error,
     ErrorCode,
@@ -1584,3 +1585,25 @@ async def test_a_topic_that_cannot_be_stored_is_unavailable_and_changes_nothing(
 
 def test_save_room_without_a_topic_keeps_the_stored_one() -> None:
     assert SaveRoom("dev", None).topic is None
+
+
+async def test_two_devices_back_in_the_lobby_at_once_announce_online_once() -> None:
+    # The lobby write of a login waits while the store's queue is full; a
+    # second device logging in meanwhile must not make both stay quiet.
+    store = MemoryStore(queue_size=1)
+    hub = await make_hub(store)
+    bob = await online(hub, "bob")
+    first = await online(hub, "alice")
+    await hub.leave(first.member, LOBBY, None)  # alice's lobby write fills the queue
+    hub.logout(first.member)
+    await drain(store, bob)
+    phone, laptop = Conn("alice"), Conn("alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.login, phone.member)  # waits for room in the store's queue
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(hub.login, laptop.member)
+        await trio.testing.wait_all_tasks_blocked()
+        store.commit_pending()
+    await flush(store)
+    presences = [e for e in await bob.take() if isinstance(e, Presence)]
+    assert presences == [Presence(username="alice", state="online")]
