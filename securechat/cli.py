@@ -30,12 +30,12 @@ import trio
 from pydantic import SecretStr
 
 from . import __version__, checks, process, service, tls
-from .auth import check_new_password, hash_password
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
 from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
 from .console import Console, PipeConsole, open_console
 from .operator_console import PROMPT, run_operator_console
+from .passwords import check_new_password, hash_password
 from .protocol import NAME_PATTERN, Welcome, json_schemas
 from .server import ChatServer, raise_open_file_limit
 from .service import HangupAction, ServiceError

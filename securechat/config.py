@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import stat
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import auth
-from .hub import RoomSettings
+from .passwords import check_phc
 from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
+ClientCertMode = Literal["none", "optional", "required"]
+"""``[server] client_certs``: whether the server asks for client certificates."""
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
 class ConfigError(Exception):
     """The configuration is unusable; the message is one line naming file and key."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A configured user as the authenticator sees it (:meth:`Config.accounts`)."""
+
+    password_hash: str | None
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    """A room defined in the config file, as the hub applies it (:meth:`Config.room_settings`)."""
+
+    topic: str | None = None  # None: the file sets no topic (admins may set one)
+    allowed: frozenset[str] | None = None  # None: anyone may join
 
 
 class _Section(BaseModel):
@@ -38,7 +56,7 @@ class ServerSection(_Section):
     cert: ConfigPath = Path("certs/server.crt")
     key: ConfigPath = Path("certs/server.key")
     ca: ConfigPath = Path("certs/ca.crt")
-    client_certs: auth.ClientCertMode = "optional"
+    client_certs: ClientCertMode = "optional"
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=16 * 1024 * 1024)
     allow_room_create: bool = True
     flush_interval_ms: float = Field(20.0, ge=0, le=1000)
@@ -72,7 +90,7 @@ class UserSection(_Section):
     @field_validator("password_hash")
     @classmethod
     def _valid_phc(cls, value: str | None) -> str | None:
-        return None if value is None else auth.check_phc(value)
+        return None if value is None else check_phc(value)
 
 
 class RoomSection(_Section):
@@ -137,9 +155,9 @@ class Config(_Section):
             for name, room in self.rooms.items()
         }
 
-    def accounts(self) -> dict[str, auth.Account]:
+    def accounts(self) -> dict[str, Account]:
         return {
-            name: auth.Account(password_hash=user.password_hash, admin=user.admin)
+            name: Account(password_hash=user.password_hash, admin=user.admin)
             for name, user in self.users.items()
         }
 

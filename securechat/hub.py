@@ -28,6 +28,7 @@ from typing import Literal
 
 import trio
 
+from .config import RoomSettings
 from .delivery import Peer
 from .protocol import (
     LOBBY,
@@ -80,14 +81,6 @@ READ_ROWS = 16
 READ_CHARS = 16 * 1024
 # Why an admin cannot set a topic: the config file's [rooms.NAME] topic wins.
 TOPIC_FROM_CONFIG = "the topic of this room is set in the config file"
-
-
-@dataclass(frozen=True)
-class RoomSettings:
-    """A room defined in the config file."""
-
-    topic: str | None = None  # None: the file sets no topic (admins may set one)
-    allowed: frozenset[str] | None = None  # None: anyone may join
 
 
 @dataclass(eq=False)

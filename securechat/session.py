@@ -18,8 +18,8 @@ from typing import Protocol
 
 import trio
 
-from .auth import Account, Authenticator, AuthFailed
-from .config import LimitsSection
+from .auth import Authenticator, AuthFailed
+from .config import Account, LimitsSection
 from .delivery import FlushTicker, Outbox, Peer, write_loop
 from .hub import Hub
 from .limits import RateKind, RateLimiter, Verdict, address_key

@@ -18,8 +18,9 @@ import pytest
 import trio
 import trio.testing
 
+from securechat.config import RoomSettings
 from securechat.delivery import DeferredWakeups, Outbox, Peer
-from securechat.hub import Hub, RoomSettings, load_state
+from securechat.hub import Hub, load_state
 from securechat.memory_store import MemoryStore
 from securechat.protocol import (
     Ack,

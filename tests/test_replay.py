@@ -15,8 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from securechat.config import RoomSettings
 from securechat.delivery import Outbox, Peer
-from securechat.hub import READ_ROWS, Hub, RoomSettings
+from securechat.hub import READ_ROWS, Hub
 from securechat.memory_store import MemoryStore
 from securechat.protocol import (
     ErrorCode,
