@@ -91,7 +91,11 @@ class ErrorCode(enum.StrEnum):
 class ProtocolError(Exception):
     """The peer broke the protocol; ``code`` is the ``error`` code to send back.
 
-    ``fatal`` errors close the connection after the error envelope is sent.
+    ``fatal``: nothing after this can be read from the connection (its
+    framing is lost, as after a frame over the size cap), so whoever reads
+    it closes the connection, after sending the error if it is the server.
+    Any other error is about one frame: it is answered (or shown) and the
+    connection goes on.
     """
 
     def __init__(

@@ -76,8 +76,11 @@ class Transport(Protocol):
     async def receive_frame(self) -> bytes | None:
         """The next frame; None when the client closed the connection.
 
-        Raises ``ProtocolError`` (fatal) for a frame the transport refuses
-        (too large), ``trio.BrokenResourceError`` when the connection breaks.
+        Raises a fatal ``ProtocolError`` when the stream cannot go on (a frame
+        over the size cap), ``trio.BrokenResourceError`` when the connection
+        breaks. A frame that is bad but can be skipped is returned, for
+        :func:`~securechat.protocol.parse_client_frame` to refuse (and the
+        rate limits to charge).
         """
         ...
 
@@ -240,7 +243,7 @@ class Session:
             user = self.member.username if self.member else "-"
             log.warning("unresponsive peer disconnected user=%s peer=%s", user, self.peer)
             self.send(Error(code=ErrorCode.TIMEOUT, message="no answer to ping"))
-        except ProtocolError as exc:  # from the transport's framing: always fatal
+        except ProtocolError as exc:  # from the transport: fatal (see Transport.receive_frame)
             log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
             self.send(exc.to_envelope())
         except trio.BrokenResourceError:
