@@ -175,6 +175,10 @@ class ChatConnection:
                         describe_tls_failure(exc, self.where, self.certificate)
                     ) from None
                 reply = None
+            except ProtocolError as exc:
+                raise ClientError(
+                    f"the server broke the protocol during login: {sanitize(exc.message)}"
+                ) from None
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):

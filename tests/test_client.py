@@ -200,6 +200,21 @@ async def test_a_frame_over_the_cap_ends_the_connection_instead_of_spinning(
     assert "login refused: no more (auth_failed)" in lines
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [b'{"type":"welcome"}\n', b'{"type":"pong","ref":"' + b"x" * MAX_SERVER_FRAME_BYTES],
+    ids=["invalid", "oversized"],
+)
+async def test_an_invalid_answer_to_hello_is_one_error_line(
+    nursery: trio.Nursery, pki: Pki, silent_stdin: int, reply: bytes
+) -> None:
+    port = await scripted_server(nursery, pki, [[reply]])
+    result = await run_client(port, pki, silent_stdin)
+    assert result.returncode == 1
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("securechat: error: the server broke the protocol during login: ")
+
+
 # --- the real server relaying hostile strings -------------------------------------------------
 
 
