@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .limits import LOGIN_BACKOFF_MAX, LOGIN_FAILURES_ALLOWED
 from .passwords import check_phc
 from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
@@ -75,8 +76,8 @@ class LimitsSection(_Section):
     message_burst: int = Field(30, ge=1)
     requests_per_second: float = Field(20.0, gt=0)
     request_burst: int = Field(100, ge=1)
-    login_failures_allowed: int = Field(5, ge=1)
-    login_backoff_max: Seconds = 300.0
+    login_failures_allowed: int = Field(LOGIN_FAILURES_ALLOWED, ge=1)
+    login_backoff_max: Seconds = LOGIN_BACKOFF_MAX
     max_outbound_queue: int = Field(1000, ge=1)
     max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=65536)
     auth_workers: int = Field(2, ge=1, le=64)

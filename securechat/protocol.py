@@ -54,7 +54,7 @@ NAME_PATTERN = r"^[a-z0-9_][a-z0-9_.-]{0,31}$"
 ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
 # Message text: any Unicode except C0/C1 control characters (tab and newline
 # are allowed). Lone surrogates never get this far: the JSON parser rejects them.
-TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{1,4000}$"
+TEXT_PATTERN = rf"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{{1,{MAX_TEXT_CHARS}}}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """A username or a room name."""

@@ -47,6 +47,7 @@ import trio
 
 from .protocol import MAX_MESSAGE_ID, Message
 from .store import (
+    QUEUE_SIZE,
     AddMember,
     AppendMessage,
     DeleteMessages,
@@ -71,10 +72,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How many writes one transaction may hold, and how many may wait for the
-# writer before submitters are made to wait (back-pressure).
+# How many writes one transaction may hold (and QUEUE_SIZE, from store.py, how
+# many may wait for the writer before submitters are made to wait).
 MAX_BATCH = 1024
-QUEUE_SIZE = 1024
 # Committed batches whose callbacks have not run yet, beyond which the writer
 # waits for the task that runs them: a fan-out that falls this far behind
 # slows the commits down rather than piling up.

@@ -374,4 +374,9 @@ def test_importing_the_config_loads_no_event_loop_and_no_database() -> None:
         text=True,
     ).stdout.split()
     assert not [name for name in loaded if name.split(".")[0] in ("trio", "sqlite3")], loaded
-    assert set(loaded) == {"securechat.config", "securechat.passwords", "securechat.protocol"}
+    assert set(loaded) == {
+        "securechat.config",
+        "securechat.limits",
+        "securechat.passwords",
+        "securechat.protocol",
+    }
