@@ -65,7 +65,6 @@ class Outbox:
         # to every member of a room wakes every member's writer.
         self._writer: trio.lowlevel.Task | None = None
         self.closed = False
-        self.overflowed = False
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -103,7 +102,6 @@ class Outbox:
             trio.lowlevel.reschedule(writer)
 
     def _overflow(self) -> None:
-        self.overflowed = True
         self._frames.clear()
         self._bytes = self._in_flight = 0
         self.close()
