@@ -473,7 +473,7 @@ async def _serve(server: ChatServer, started: _Started, args: argparse.Namespace
     # What exists now (config, TLS contexts, pydantic schemas, the hub's
     # rooms and users) lives as long as the process: keep it out of the
     # garbage collector's full passes, which under load would walk it again
-    # and again. Measured: durable 18 100 -> 19 500 acked/s.
+    # and again (what that buys: docs/performance.md).
     gc.freeze()
     settings = server.config.server
     try:

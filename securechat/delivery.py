@@ -61,8 +61,8 @@ class Outbox:
         self._on_overflow = on_overflow
         self.batch_bytes = batch_bytes
         # The one writer task, while it waits for frames. Woken with a plain
-        # reschedule: a ParkingLot costs ~2.7 us more per wake-up, and a put
-        # to every member of a room wakes every member's writer.
+        # reschedule: a ParkingLot costs more per wake-up (docs/performance.md),
+        # and a put to every member of a room wakes every member's writer.
         self._writer: trio.lowlevel.Task | None = None
         self.closed = False
 

@@ -82,8 +82,8 @@ AFTER_COMMIT_BATCHES = 4
 # Reader connections: reads run at once on this many threads.
 READERS = 2
 # Retention: messages deleted per transaction, and free pages given back per
-# transaction (1 MiB of 4 KiB pages). Each holds the writer a few milliseconds
-# (measured: 2-3 ms median, 10 ms at most for 256 deletes; ~5 ms for 256 pages).
+# transaction (1 MiB of 4 KiB pages). Small enough that each holds the writer
+# (and so every ack) only a few milliseconds (figures: docs/performance.md).
 PRUNE_BATCH = 256
 RELEASE_PAGES = 256
 
