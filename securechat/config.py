@@ -1,9 +1,13 @@
 """The TOML configuration file: its schema (pydantic models) and its loading.
 
-Every key is documented in ``config.example.toml``. Unknown keys and bad
-values are errors that name the file and the key. Relative paths in the
-file are relative to the file's own directory, so a config works from any
-working directory.
+What the rest of the server takes from it comes as plain values defined
+here (:class:`Account`, :class:`RoomSettings`, :data:`ClientCertMode`): the
+config depends on :mod:`~securechat.protocol`, :mod:`~securechat.passwords`
+and :mod:`~securechat.limits` only, and importing it loads neither trio nor
+the server. Every key is documented in ``config.example.toml``. Unknown keys
+and bad values are errors that name the file and the key. Relative paths in
+the file are relative to the file's own directory, so a config works from
+any working directory.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ one UTF-8 JSON object on one line, terminated by ``\\n``. Envelopes are strict
 pydantic models: unknown fields, wrong types and unknown ``type`` tags are
 errors, never silently dropped or coerced.
 
-The server and the client are thin I/O layers on top: they feed received
-bytes to a :class:`FrameDecoder`, turn each frame into an envelope with
+The server and the client are I/O layers on top: they feed received bytes
+to a :class:`FrameDecoder` (through :class:`securechat.lines.FrameReader`),
+turn each frame into an envelope with
 :func:`parse_client_frame` / :func:`parse_server_frame`, and write the bytes
 :func:`encode` returns. Anything that goes wrong with the peer's input is a
 :class:`ProtocolError` carrying the ``error`` code to send back.
