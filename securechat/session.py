@@ -13,6 +13,7 @@ session's writer task is :func:`securechat.delivery.write_loop`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -120,10 +121,11 @@ class UserRates:
                 self._limited.add(key)
                 log.warning("rate limited user=%s kind=%s", username, kind.value)
             what = "messages" if kind is RateKind.MESSAGES else "requests"
+            promised = promise(retry_after)
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"too many {what}; try again in {retry_after:.1f} s",
-                retry_after=round(retry_after, 3),
+                f"too many {what}; try again in {promised:.1f} s",
+                retry_after=promised,
             )
         return verdict
 
@@ -134,6 +136,15 @@ class UserRates:
         self.limiter.forget(username)
         for kind in RateKind:
             self._limited.discard((username, kind))
+
+
+def promise(seconds: float) -> float:
+    """A wait as ``retry_after`` tells it: whole milliseconds, rounded up with at least
+    half a millisecond to spare. A client that waits exactly that long is then let
+    through, whatever the rounding of its clock arithmetic (or of ours): rounded to
+    the nearest, a third of a second became 0.333, and a request sent 0.333 s later
+    was refused again."""
+    return math.ceil((seconds + 0.0005) * 1000) / 1000
 
 
 @dataclass(frozen=True)
@@ -382,12 +393,13 @@ class Session:
                 self.peer,
                 cooldown,
             )
+            promised = promise(cooldown)
             self.send(
                 Error(
                     code=ErrorCode.RATE_LIMITED,
-                    message=f"disconnected for flooding; log in again in {cooldown:.0f} s",
+                    message=f"disconnected for flooding; log in again in {promised:.0f} s",
                     ref=hello.id,
-                    retry_after=round(cooldown, 3),
+                    retry_after=promised,
                 )
             )
             return None
