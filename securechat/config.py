@@ -31,6 +31,14 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
+@dataclass(frozen=True)
+class RoomSettings:
+    """A room as the config file defines it (what the chat applies at start and reload)."""
+
+    topic: str | None = None  # None: the file sets no topic (admins may set one)
+    allowed: frozenset[str] | None = None  # None: anyone may join
+
+
 class ConfigError(Exception):
     """The configuration is unusable; the message is one line naming file and key."""
 
@@ -41,14 +49,6 @@ class Account:
 
     password_hash: str | None
     admin: bool = False
-
-
-@dataclass(frozen=True)
-class RoomSettings:
-    """A room defined in the config file, as the hub applies it (:meth:`Config.room_settings`)."""
-
-    topic: str | None = None  # None: the file sets no topic (admins may set one)
-    allowed: frozenset[str] | None = None  # None: anyone may join
 
 
 class _Section(BaseModel):

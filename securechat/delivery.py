@@ -23,6 +23,12 @@ from .protocol import Error, ServerEnvelope, encode
 # The most a connection's writer takes from its queue at once (unless one
 # frame is larger): what it holds and hands to the transport in one go.
 BATCH_BYTES = 64 * 1024
+# Bulk replies (history pages, stored direct messages) read at most READ_ROWS
+# messages, and not much more than READ_CHARS characters of text, from the
+# store at a time, and queue them with the connection's back-pressure
+# (Peer.wait_for_room) before they read more.
+READ_ROWS = 16
+READ_CHARS = 16 * 1024
 
 
 class Outbox:

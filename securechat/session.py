@@ -444,7 +444,7 @@ class Session:
             await hub.history(
                 member,
                 room=envelope.room,
-                peer=envelope.peer,
+                with_user=envelope.peer,
                 after=envelope.after,
                 limit=envelope.limit,
                 ref=ref,

@@ -1014,22 +1014,26 @@ async def test_history_of_a_room_replays_its_messages_then_history_end(
     lobby = await room_history(store, "lobby", 0, 100)
     assert [m.text for m in lobby] == [f"lobby {i}" for i in range(1, 6)]
 
-    await hub.history(bob.member, room="lobby", peer=None, after=None, limit=2, ref="h1")
+    await hub.history(bob.member, room="lobby", with_user=None, after=None, limit=2, ref="h1")
     assert await bob.take() == [
         *lobby[-2:],
         HistoryEnd(room="lobby", last=lobby[-1].id, more=True, ref="h1"),
     ]
-    await hub.history(bob.member, room="lobby", peer=None, after=0, limit=3, ref="h2")
+    await hub.history(bob.member, room="lobby", with_user=None, after=0, limit=3, ref="h2")
     assert await bob.take() == [
         *lobby[:3],
         HistoryEnd(room="lobby", last=lobby[2].id, more=True, ref="h2"),
     ]
-    await hub.history(bob.member, room="lobby", peer=None, after=lobby[2].id, limit=3, ref="h3")
+    await hub.history(
+        bob.member, room="lobby", with_user=None, after=lobby[2].id, limit=3, ref="h3"
+    )
     assert await bob.take() == [
         *lobby[3:],
         HistoryEnd(room="lobby", last=lobby[-1].id, more=False, ref="h3"),
     ]
-    await hub.history(bob.member, room="lobby", peer=None, after=lobby[-1].id, limit=3, ref="h4")
+    await hub.history(
+        bob.member, room="lobby", with_user=None, after=lobby[-1].id, limit=3, ref="h4"
+    )
     assert await bob.take() == [HistoryEnd(room="lobby", last=lobby[-1].id, more=False, ref="h4")]
 
 
@@ -1037,7 +1041,7 @@ async def test_history_of_an_empty_room_ends_at_zero(hub_store: tuple[Hub, Memor
     hub, store = hub_store
     alice = await online(hub, "alice")
     await drain(store, alice)
-    await hub.history(alice.member, room="lobby", peer=None, after=None, limit=10, ref=None)
+    await hub.history(alice.member, room="lobby", with_user=None, after=None, limit=10, ref=None)
     assert await alice.take() == [HistoryEnd(room="lobby", last=0, more=False)]
 
 
@@ -1051,7 +1055,7 @@ async def test_history_of_a_room_not_in_is_not_member(hub_store: tuple[Hub, Memo
     await drain(store, alice, bob)
     for room in ("dev", "secret", "news", "nowhere"):
         with refused(ErrorCode.NOT_MEMBER):
-            await hub.history(bob.member, room=room, peer=None, after=None, limit=10, ref="h")
+            await hub.history(bob.member, room=room, with_user=None, after=None, limit=10, ref="h")
     assert await bob.take() == []
 
 
@@ -1067,7 +1071,7 @@ async def test_history_with_a_peer_replays_the_direct_conversation(
     await hub.say(alice.member, "lobby", "hi all", None)
     await drain(store, alice, bob)
 
-    await hub.history(alice.member, room=None, peer="bob", after=None, limit=10, ref="h1")
+    await hub.history(alice.member, room=None, with_user="bob", after=None, limit=10, ref="h1")
     received = await alice.take()
     assert [(m.sender, m.to, m.text) for m in received if isinstance(m, Message)] == [
         ("alice", "bob", "hi bob"),
@@ -1093,7 +1097,7 @@ async def test_history_without_a_scope_is_own_rooms_and_own_direct_messages_only
     await hub.say(carol.member, "lobby", "carol in the lobby", None)
     await drain(store, alice, bob, carol)
 
-    await hub.history(bob.member, room=None, peer=None, after=None, limit=10, ref="h1")
+    await hub.history(bob.member, room=None, with_user=None, after=None, limit=10, ref="h1")
     received = await bob.take()
     assert [m.text for m in received if isinstance(m, Message)] == [
         "for everyone",
@@ -1103,7 +1107,7 @@ async def test_history_without_a_scope_is_own_rooms_and_own_direct_messages_only
     ]
     assert received[-1] == HistoryEnd(last=6, more=False, ref="h1")
 
-    await hub.history(bob.member, room=None, peer=None, after=None, limit=2, ref="h2")
+    await hub.history(bob.member, room=None, with_user=None, after=None, limit=2, ref="h2")
     received = await bob.take()
     assert [m.text for m in received if isinstance(m, Message)] == [
         "bob to carol",
@@ -1326,7 +1330,7 @@ async def test_an_action_is_delivered_stored_and_replayed_as_an_action(
     assert await room_history(store, "lobby", None, 10) == received[:2]
     assert await direct_history(store, "bob", "alice", None, 10) == received[2:]
 
-    await hub.history(bob.member, room=None, peer=None, after=0, limit=10, ref="h")
+    await hub.history(bob.member, room=None, with_user=None, after=0, limit=10, ref="h")
     replayed = await bob.messages()
     assert replayed == received
 

@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from securechat.config import RoomSettings
-from securechat.delivery import Outbox, Peer
-from securechat.hub import READ_ROWS, Hub
+from securechat.delivery import READ_ROWS, Outbox, Peer
+from securechat.hub import Hub
 from securechat.memory_store import MemoryStore
 from securechat.protocol import (
     ErrorCode,
@@ -150,7 +150,7 @@ async def test_a_long_page_is_read_a_few_messages_at_a_time_as_the_connection_dr
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: replay.run(
-                hub, bob.member, room="lobby", peer=None, after=0, limit=200, ref="h"
+                hub, bob.member, room="lobby", with_user=None, after=0, limit=200, ref="h"
             )
         )
         await bob.drain_until(lambda: replay.done)
@@ -178,7 +178,7 @@ async def test_a_user_taken_off_a_private_room_during_its_replay_gets_no_more_of
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: replay.run(
-                hub, alice.member, room="secret", peer=None, after=0, limit=60, ref="h"
+                hub, alice.member, room="secret", with_user=None, after=0, limit=60, ref="h"
             )
         )
         await alice.wait_until_paced()
@@ -207,7 +207,9 @@ async def test_a_replay_of_everything_leaves_out_a_room_left_during_it(
     replay = Replay()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            lambda: replay.run(hub, bob.member, room=None, peer=None, after=0, limit=100, ref="h")
+            lambda: replay.run(
+                hub, bob.member, room=None, with_user=None, after=0, limit=100, ref="h"
+            )
         )
         await bob.wait_until_paced()
         sent_before = len(bob.outbox)

@@ -207,7 +207,7 @@ async def test_two_connections_of_one_user(server: RunningServer) -> None:
     # bob goes offline only when the last of his connections closes
     await trio.aclose_forcefully(laptop.stream)
     with trio.fail_after(WAIT):  # until the server has noticed (polled: no event to wait on)
-        while len(server.server.hub.connections_of("bob")) != 1:  # noqa: ASYNC110
+        while len(server.server.hub.online.peers_of("bob")) != 1:  # noqa: ASYNC110
             await trio.sleep(0.001)
     await phone.send(Say(room="lobby", text="marker", id="s2"))
     presence_or_message = await receive_first(alice, Presence, Message)

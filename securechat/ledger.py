@@ -1,0 +1,151 @@
+"""The send ledger: message ids, timestamps, and idempotent re-sends.
+
+Every message the server accepts gets the next id and a timestamp here. A
+client may send a message again with the same client ``id`` after a
+reconnect; the ledger remembers each user's recent client ids and the
+message ids they became, so that a re-send is answered with the original
+``ack`` instead of becoming a second message, and one that arrives while
+the original is still being committed waits for the original's answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+from .delivery import Peer
+from .protocol import Ack, Error, ErrorCode, Message, UtcClock, utc_timestamp
+from .store import RecentSend
+
+# A client id is remembered while it is among the user's last RECENT_IDS ids
+# or younger than RECENT_SECONDS, up to RECENT_IDS_MAX.
+RECENT_IDS = 1000
+RECENT_SECONDS = 600.0
+RECENT_IDS_MAX = 20_000
+
+Reply = Callable[[Ack | Error], None]
+
+
+def recent_since(now: datetime | None = None) -> str:
+    """The timestamp from which stored sends still count as recent (for the start-up snapshot)."""
+    return utc_timestamp((now or datetime.now(UTC)) - timedelta(seconds=RECENT_SECONDS))
+
+
+class RecentIds:
+    """One user's recently used client ids and the message ids they became."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def get(self, client_id: str) -> int | None:
+        entry = self._ids.get(client_id)
+        return None if entry is None else entry[0]
+
+    def add(self, client_id: str, message_id: int, when: float) -> None:
+        self._ids[client_id] = (message_id, when)
+        self._ids.move_to_end(client_id)
+        horizon = when - RECENT_SECONDS
+        while len(self._ids) > RECENT_IDS_MAX or (
+            len(self._ids) > RECENT_IDS and next(iter(self._ids.values()))[1] < horizon
+        ):
+            self._ids.popitem(last=False)
+
+
+class SendLedger:
+    """Ids for new messages, and the outcome of every recent client id."""
+
+    def __init__(self, last_message_id: int, recent_sends: Iterable[RecentSend] = ()) -> None:
+        self.last_id = last_message_id
+        self._clock = UtcClock()
+        self._recent: dict[str, RecentIds] = {}
+        # (user, client id) of messages waiting for their commit, and the
+        # replies owed to re-sends that arrived meanwhile.
+        self._pending: dict[tuple[str, str], list[Reply]] = {}
+        for sent in recent_sends:
+            self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
+
+    def new_message(
+        self,
+        sender: str,
+        text: str,
+        *,
+        room: str | None = None,
+        to: str | None = None,
+        action: bool = False,
+    ) -> Message:
+        self.last_id += 1
+        # Every field is already valid (the text came in a validated envelope),
+        # so the model is built without validating it again.
+        return Message.model_construct(
+            id=self.last_id,
+            room=room,
+            to=to,
+            sender=sender,
+            text=text,
+            action=True if action else None,  # omitted on the wire when false
+            ts=self._clock(),
+        )
+
+    def is_resend(self, peer: Peer, client_id: str | None) -> bool:
+        """A client id seen before: answer with the original outcome instead of sending again.
+
+        Otherwise the id is now pending: :meth:`settle` (or :meth:`abandon`)
+        must follow.
+        """
+        if client_id is None:
+            return False
+        recent = self._recent.get(peer.username)
+        message_id = recent.get(client_id) if recent else None
+        if message_id is not None:
+            peer.send(Ack(ref=client_id, id=message_id))
+            return True
+        waiting = self._pending.get((peer.username, client_id))
+        if waiting is not None:
+            waiting.append(peer.send)
+            return True
+        self._pending[(peer.username, client_id)] = []
+        return False
+
+    def abandon(self, peer: Peer, client_id: str | None) -> None:
+        """The message was never queued: a re-send of its id is a new attempt, not a wait."""
+        if client_id is not None:
+            self._pending.pop((peer.username, client_id), None)
+
+    def settle(
+        self,
+        peer: Peer,
+        client_id: str | None,
+        message_id: int,
+        error: BaseException | None,
+        *,
+        stored: bool = False,
+    ) -> None:
+        """Answer the sender (and any re-send waiting) once the message is committed or failed."""
+        reply: Ack | Error
+        if error is None:
+            reply = Ack(ref=client_id, id=message_id, stored=True if stored else None)
+            if client_id is not None:
+                self._remember(peer.username, client_id, message_id, time.time())
+        else:
+            reply = Error(
+                code=ErrorCode.UNAVAILABLE,
+                message="the message could not be stored; send it again",
+                ref=client_id,
+            )
+        peer.send(reply)
+        peer.answered()
+        if client_id is not None:
+            for send in self._pending.pop((peer.username, client_id), []):
+                send(reply)
+
+    def _remember(self, user: str, client_id: str, message_id: int, when: float) -> None:
+        self._recent.setdefault(user, RecentIds()).add(client_id, message_id, when)
+
+
+def _epoch(ts: str) -> float:
+    try:
+        return datetime.fromisoformat(ts).timestamp()
+    except ValueError:
+        return 0.0
