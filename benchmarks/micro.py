@@ -71,7 +71,7 @@ from typing import Any, TypeVar
 import trio
 
 from securechat import certs, tls
-from securechat.auth import ClientCertMode
+from securechat.config import ClientCertMode
 from securechat.delivery import Outbox
 from securechat.protocol import Message, encode
 from securechat.transport import LeanSocketStream

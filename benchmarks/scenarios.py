@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securechat import auth, certs
+from securechat import certs, passwords
 
 from . import targets
 from .driver import BenchError, BenchServer, Span, Worker, gather, spawn_context
@@ -147,7 +147,7 @@ class Bench:
         self.pki = root / "pki"
         certs.generate(self.pki, clients=[*users, *senders, PROBE])
         # One Argon2id hash (about 30 ms) for everyone: the same password logs anyone in.
-        phc = auth.hash_password(self.password)
+        phc = passwords.hash_password(self.password)
         self.users: dict[str, str | None] = dict.fromkeys([*users, *senders, PROBE], phc)
         self.records: list[dict[str, Any]] = []
 

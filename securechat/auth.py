@@ -1,108 +1,32 @@
-"""Password hashing and login decisions.
+"""Login decisions: who a connection is, from its ``hello`` and its client certificate.
 
-Passwords are stored as Argon2id PHC strings with the OWASP parameters
-(m=19456 KiB, t=2, p=1), made and checked with ``cryptography``. A check
-costs ~25 ms of CPU, so :class:`Authenticator` runs it in a worker thread
-behind a capacity limiter, and runs it against a dummy hash for unknown
-users so that a login attempt takes the same time whether or not the user
-exists.
+:class:`Authenticator` applies the rules below to the configured accounts
+(:class:`~securechat.config.Account`). A password check is an Argon2id
+verification (:mod:`securechat.passwords`), expensive on purpose, so it runs
+in a worker thread behind a capacity limiter, after the login back-off
+(:class:`~securechat.limits.LoginThrottle`) has let the attempt through, and
+against a dummy hash for unknown users so that a login attempt takes the
+same time whether or not the user exists.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import trio
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from pydantic import SecretStr
 
+from . import passwords
+from .config import Account, ClientCertMode
 from .limits import LoginThrottle
 
 log = logging.getLogger(__name__)
 
-ARGON2_MEMORY_KIB = 19456
-ARGON2_ITERATIONS = 2
-ARGON2_LANES = 1
-ARGON2_HASH_BYTES = 32
-ARGON2_SALT_BYTES = 16
-MIN_PASSWORD_CHARS = 8
-MAX_PASSWORD_CHARS = 1024
-
-_PHC_RE = re.compile(
-    r"\$argon2id\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}"
-)
-# Refuse stored hashes whose parameters would let one login cost the server
-# seconds of CPU or gigabytes of memory (a typo, or a hostile config edit).
-_MAX_MEMORY_KIB = 1024 * 1024
-_MAX_ITERATIONS = 16
-_MAX_LANES = 8
-
-ClientCertMode = Literal["none", "optional", "required"]
-
 
 class AuthFailed(Exception):
     """Login refused. The reason is for the server log only; clients all see the same message."""
-
-
-def hash_password(password: str) -> str:
-    """An Argon2id PHC string for ``password`` with a fresh random salt."""
-    kdf = Argon2id(
-        salt=os.urandom(ARGON2_SALT_BYTES),
-        length=ARGON2_HASH_BYTES,
-        iterations=ARGON2_ITERATIONS,
-        lanes=ARGON2_LANES,
-        memory_cost=ARGON2_MEMORY_KIB,
-    )
-    return kdf.derive_phc_encoded(password.encode("utf-8"))
-
-
-def verify_password(password: str, phc: str) -> bool:
-    """True when ``password`` matches the PHC string (blocking: ~25 ms of CPU)."""
-    try:
-        Argon2id.verify_phc_encoded(password.encode("utf-8"), phc)
-    except InvalidKey:
-        return False
-    return True
-
-
-def check_phc(phc: str) -> str:
-    """``phc`` if it is an Argon2id PHC string with sane parameters; else ``ValueError``."""
-    match = _PHC_RE.fullmatch(phc)
-    if match is None:
-        raise ValueError(
-            "not an Argon2id PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash);"
-            " make one with `securechat hash-password`"
-        )
-    memory, iterations, lanes = (int(group) for group in match.groups())
-    if not (8 * lanes <= memory <= _MAX_MEMORY_KIB and 1 <= iterations <= _MAX_ITERATIONS):
-        raise ValueError("Argon2id parameters out of range")
-    if not 1 <= lanes <= _MAX_LANES:
-        raise ValueError("Argon2id parameters out of range")
-    return phc
-
-
-def check_new_password(password: str) -> str:
-    """``password`` if it is acceptable for ``hash-password``; else ``ValueError``."""
-    if len(password) < MIN_PASSWORD_CHARS:
-        raise ValueError(f"password too short: use at least {MIN_PASSWORD_CHARS} characters")
-    if len(password) > MAX_PASSWORD_CHARS:
-        raise ValueError(f"password too long: use at most {MAX_PASSWORD_CHARS} characters")
-    return password
-
-
-@dataclass(frozen=True)
-class Account:
-    """What the authenticator needs to know about one configured user."""
-
-    password_hash: str | None
-    admin: bool = False
 
 
 class Authenticator:
@@ -136,7 +60,7 @@ class Authenticator:
         self.limiter = trio.CapacityLimiter(max_concurrent_checks)
         # Woken whenever a password attempt is settled (see authenticate).
         self._settled = trio.lowlevel.ParkingLot()
-        self._dummy_hash = hash_password(secrets.token_urlsafe(16))
+        self._dummy_hash = passwords.hash_password(secrets.token_urlsafe(16))
 
     async def authenticate(
         self,
@@ -216,5 +140,5 @@ class Authenticator:
 
     async def _verify(self, password: SecretStr, phc: str) -> bool:
         return await trio.to_thread.run_sync(
-            verify_password, password.get_secret_value(), phc, limiter=self.limiter
+            passwords.verify_password, password.get_secret_value(), phc, limiter=self.limiter
         )

@@ -34,6 +34,7 @@ from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from . import tls
 from .console import Console
+from .lines import FrameReader
 from .protocol import (
     LOBBY,
     MAX_HISTORY_LIMIT,
@@ -85,7 +86,6 @@ ACK_TIMEOUT = 30.0
 # How long the prompt waits for the answer to a command before reading on.
 REPLY_TIMEOUT = 10.0
 OUTBOX_SIZE = 1000  # messages typed ahead of the server's acks; typing waits beyond
-RECEIVE_BYTES = 65536
 HISTORY_DEFAULT = 20
 
 
@@ -115,7 +115,7 @@ class ChatConnection:
         self.stream = stream
         self.where = where
         self.certificate = certificate
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._frames = FrameReader(stream, FrameDecoder(max_frame_bytes))
         self._send_lock = trio.Lock()
 
     @classmethod
@@ -175,6 +175,10 @@ class ChatConnection:
                         describe_tls_failure(exc, self.where, self.certificate)
                     ) from None
                 reply = None
+            except ProtocolError as exc:
+                raise ClientError(
+                    f"the server broke the protocol during login: {sanitize(exc.message)}"
+                ) from None
             if isinstance(reply, Welcome):
                 return reply
             if isinstance(reply, Error):
@@ -198,15 +202,12 @@ class ChatConnection:
         """The next envelope from the server, or None when it closed the connection.
 
         Raises :class:`ProtocolError` for a frame that is not a valid envelope
-        (the connection stays usable) and ``trio.BrokenResourceError`` when the
-        connection breaks.
+        (the connection stays usable) or, ``fatal``, for one over
+        ``max_frame_bytes`` (nothing more can be read), and
+        ``trio.BrokenResourceError`` when the connection breaks.
         """
-        while (frame := self._decoder.next_frame()) is None:
-            data = await self.stream.receive_some(RECEIVE_BYTES)
-            if not data:
-                return None
-            self._decoder.feed(data)
-        return parse_server_frame(frame)
+        frame = await self._frames.next()
+        return None if frame is None else parse_server_frame(frame)
 
     async def aclose(self) -> None:
         await tls.close(self.stream)
@@ -1043,6 +1044,11 @@ class ChatSession:
             try:
                 envelope = await self.connection.receive()
             except ProtocolError as exc:
+                if exc.fatal:  # the frames that follow cannot be found: give up on this one
+                    if not self._leaving:
+                        reason = sanitize(exc.message)
+                        self._notice(f"[DISCONNECTED] the server broke the protocol: {reason}")
+                    return True
                 self.console.show(self.format.invalid_frame(exc))
                 continue
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -1,9 +1,13 @@
 """The TOML configuration file: its schema (pydantic models) and its loading.
 
-Every key is documented in ``config.example.toml``. Unknown keys and bad
-values are errors that name the file and the key. Relative paths in the
-file are relative to the file's own directory, so a config works from any
-working directory.
+What the rest of the server takes from it comes as plain values defined
+here (:class:`Account`, :class:`RoomSettings`, :data:`ClientCertMode`): the
+config depends on :mod:`~securechat.protocol`, :mod:`~securechat.passwords`
+and :mod:`~securechat.limits` only, and importing it loads neither trio nor
+the server. Every key is documented in ``config.example.toml``. Unknown keys
+and bad values are errors that name the file and the key. Relative paths in
+the file are relative to the file's own directory, so a config works from
+any working directory.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import auth
+from .limits import LOGIN_BACKOFF_MAX, LOGIN_FAILURES_ALLOWED
+from .passwords import check_phc
 from .protocol import DEFAULT_MAX_FRAME_BYTES, LOBBY, SERVER_USER, Name, Topic
 
 ConfigPath = Annotated[Path, Field(strict=False)]
+ClientCertMode = Literal["none", "optional", "required"]
+"""``[server] client_certs``: whether the server asks for client certificates."""
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
@@ -36,6 +43,14 @@ class ConfigError(Exception):
     """The configuration is unusable; the message is one line naming file and key."""
 
 
+@dataclass(frozen=True)
+class Account:
+    """A configured user as the authenticator sees it (:meth:`Config.accounts`)."""
+
+    password_hash: str | None
+    admin: bool = False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -46,7 +61,7 @@ class ServerSection(_Section):
     cert: ConfigPath = Path("certs/server.crt")
     key: ConfigPath = Path("certs/server.key")
     ca: ConfigPath = Path("certs/ca.crt")
-    client_certs: auth.ClientCertMode = "optional"
+    client_certs: ClientCertMode = "optional"
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=16 * 1024 * 1024)
     allow_room_create: bool = True
     flush_interval_ms: float = Field(20.0, ge=0, le=1000)
@@ -65,8 +80,8 @@ class LimitsSection(_Section):
     message_burst: int = Field(30, ge=1)
     requests_per_second: float = Field(20.0, gt=0)
     request_burst: int = Field(100, ge=1)
-    login_failures_allowed: int = Field(5, ge=1)
-    login_backoff_max: Seconds = 300.0
+    login_failures_allowed: int = Field(LOGIN_FAILURES_ALLOWED, ge=1)
+    login_backoff_max: Seconds = LOGIN_BACKOFF_MAX
     max_outbound_queue: int = Field(1000, ge=1)
     max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=65536)
     auth_workers: int = Field(2, ge=1, le=64)
@@ -80,7 +95,7 @@ class UserSection(_Section):
     @field_validator("password_hash")
     @classmethod
     def _valid_phc(cls, value: str | None) -> str | None:
-        return None if value is None else auth.check_phc(value)
+        return None if value is None else check_phc(value)
 
 
 class RoomSection(_Section):
@@ -145,9 +160,9 @@ class Config(_Section):
             for name, room in self.rooms.items()
         }
 
-    def accounts(self) -> dict[str, auth.Account]:
+    def accounts(self) -> dict[str, Account]:
         return {
-            name: auth.Account(password_hash=user.password_hash, admin=user.admin)
+            name: Account(password_hash=user.password_hash, admin=user.admin)
             for name, user in self.users.items()
         }
 

@@ -67,11 +67,10 @@ class Outbox:
         self._on_overflow = on_overflow
         self.batch_bytes = batch_bytes
         # The one writer task, while it waits for frames. Woken with a plain
-        # reschedule: a ParkingLot costs ~2.7 us more per wake-up, and a put
-        # to every member of a room wakes every member's writer.
+        # reschedule: a ParkingLot costs more per wake-up (docs/performance.md),
+        # and a put to every member of a room wakes every member's writer.
         self._writer: trio.lowlevel.Task | None = None
         self.closed = False
-        self.overflowed = False
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -109,7 +108,6 @@ class Outbox:
             trio.lowlevel.reschedule(writer)
 
     def _overflow(self) -> None:
-        self.overflowed = True
         self._frames.clear()
         self._bytes = self._in_flight = 0
         self.close()

@@ -142,6 +142,12 @@ class RateLimiter:
         self._flooded.discard(user)
 
 
+# The login back-off's defaults (``[limits]`` login_failures_allowed and
+# login_backoff_max in the config).
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_BACKOFF_MAX = 300.0
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why :meth:`LoginThrottle.reserve` refused an attempt (for the server log)."""
@@ -179,10 +185,10 @@ class LoginThrottle:
     def __init__(
         self,
         *,
-        free_failures: int = 5,
+        free_failures: int = LOGIN_FAILURES_ALLOWED,
         window: float = 600.0,
         first_delay: float = 1.0,
-        max_delay: float = 300.0,
+        max_delay: float = LOGIN_BACKOFF_MAX,
         max_keys: int = 100_000,
     ) -> None:
         self.free_failures = free_failures

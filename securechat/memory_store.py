@@ -23,6 +23,7 @@ import trio
 
 from .protocol import MAX_MESSAGE_ID, Message
 from .store import (
+    QUEUE_SIZE,
     AddMember,
     AppendMessage,
     DeleteMessages,
@@ -45,8 +46,6 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
-
-QUEUE_SIZE = 1024  # queued units before commit_then waits, as in SqliteStore
 
 
 @dataclass(frozen=True)

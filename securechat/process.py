@@ -10,8 +10,7 @@ kept while the server idles. :func:`tune_allocator` sets the threshold
 explicitly, which also turns that adjustment off: blocks of
 :data:`MMAP_THRESHOLD` or more always come from mmap and go back to the
 system at ``free``. The price: each password check maps and faults in its
-19 MiB anew (on the development VM, where page faults are slow, the
-server's CPU per password login went from ~42 to ~58 ms; see
+19 MiB anew, which costs CPU where page faults are slow (figures in
 docs/security.md, "Memory"). Elsewhere than glibc nothing is changed.
 """
 

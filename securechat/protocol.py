@@ -6,8 +6,9 @@ one UTF-8 JSON object on one line, terminated by ``\\n``. Envelopes are strict
 pydantic models: unknown fields, wrong types and unknown ``type`` tags are
 errors, never silently dropped or coerced.
 
-The server and the client are thin I/O layers on top: they feed received
-bytes to a :class:`FrameDecoder`, turn each frame into an envelope with
+The server and the client are I/O layers on top: they feed received bytes
+to a :class:`FrameDecoder` (through :class:`securechat.lines.FrameReader`),
+turn each frame into an envelope with
 :func:`parse_client_frame` / :func:`parse_server_frame`, and write the bytes
 :func:`encode` returns. Anything that goes wrong with the peer's input is a
 :class:`ProtocolError` carrying the ``error`` code to send back.
@@ -54,7 +55,7 @@ NAME_PATTERN = r"^[a-z0-9_][a-z0-9_.-]{0,31}$"
 ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
 # Message text: any Unicode except C0/C1 control characters (tab and newline
 # are allowed). Lone surrogates never get this far: the JSON parser rejects them.
-TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{1,4000}$"
+TEXT_PATTERN = rf"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{{1,{MAX_TEXT_CHARS}}}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """A username or a room name."""
@@ -91,7 +92,11 @@ class ErrorCode(enum.StrEnum):
 class ProtocolError(Exception):
     """The peer broke the protocol; ``code`` is the ``error`` code to send back.
 
-    ``fatal`` errors close the connection after the error envelope is sent.
+    ``fatal``: nothing after this can be read from the connection (its
+    framing is lost, as after a frame over the size cap), so whoever reads
+    it closes the connection, after sending the error if it is the server.
+    Any other error is about one frame: it is answered (or shown) and the
+    connection goes on.
     """
 
     def __init__(

@@ -13,13 +13,14 @@ session's writer task is :func:`securechat.delivery.write_loop`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from .auth import Account, Authenticator, AuthFailed
-from .config import LimitsSection
+from .auth import Authenticator, AuthFailed
+from .config import Account, LimitsSection
 from .delivery import FlushTicker, Outbox, Peer, write_loop
 from .hub import Hub
 from .limits import RateKind, RateLimiter, Verdict, address_key
@@ -76,8 +77,11 @@ class Transport(Protocol):
     async def receive_frame(self) -> bytes | None:
         """The next frame; None when the client closed the connection.
 
-        Raises ``ProtocolError`` (fatal) for a frame the transport refuses
-        (too large), ``trio.BrokenResourceError`` when the connection breaks.
+        Raises a fatal ``ProtocolError`` when the stream cannot go on (a frame
+        over the size cap), ``trio.BrokenResourceError`` when the connection
+        breaks. A frame that is bad but can be skipped is returned, for
+        :func:`~securechat.protocol.parse_client_frame` to refuse (and the
+        rate limits to charge).
         """
         ...
 
@@ -117,10 +121,11 @@ class UserRates:
                 self._limited.add(key)
                 log.warning("rate limited user=%s kind=%s", username, kind.value)
             what = "messages" if kind is RateKind.MESSAGES else "requests"
+            promised = promise(retry_after)
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"too many {what}; try again in {retry_after:.1f} s",
-                retry_after=round(retry_after, 3),
+                f"too many {what}; try again in {promised:.1f} s",
+                retry_after=promised,
             )
         return verdict
 
@@ -131,6 +136,15 @@ class UserRates:
         self.limiter.forget(username)
         for kind in RateKind:
             self._limited.discard((username, kind))
+
+
+def promise(seconds: float) -> float:
+    """A wait as ``retry_after`` tells it: whole milliseconds, rounded up with at least
+    half a millisecond to spare. A client that waits exactly that long is then let
+    through, whatever the rounding of its clock arithmetic (or of ours): rounded to
+    the nearest, a third of a second became 0.333, and a request sent 0.333 s later
+    was refused again."""
+    return math.ceil((seconds + 0.0005) * 1000) / 1000
 
 
 @dataclass(frozen=True)
@@ -240,7 +254,7 @@ class Session:
             user = self.member.username if self.member else "-"
             log.warning("unresponsive peer disconnected user=%s peer=%s", user, self.peer)
             self.send(Error(code=ErrorCode.TIMEOUT, message="no answer to ping"))
-        except ProtocolError as exc:  # from the transport's framing: always fatal
+        except ProtocolError as exc:  # from the transport: fatal (see Transport.receive_frame)
             log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
             self.send(exc.to_envelope())
         except trio.BrokenResourceError:
@@ -379,12 +393,13 @@ class Session:
                 self.peer,
                 cooldown,
             )
+            promised = promise(cooldown)
             self.send(
                 Error(
                     code=ErrorCode.RATE_LIMITED,
-                    message=f"disconnected for flooding; log in again in {cooldown:.0f} s",
+                    message=f"disconnected for flooding; log in again in {promised:.0f} s",
                     ref=hello.id,
-                    retry_after=round(cooldown, 3),
+                    retry_after=promised,
                 )
             )
             return None

@@ -47,6 +47,7 @@ import trio
 
 from .protocol import MAX_MESSAGE_ID, Message
 from .store import (
+    QUEUE_SIZE,
     AddMember,
     AppendMessage,
     DeleteMessages,
@@ -71,10 +72,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How many writes one transaction may hold, and how many may wait for the
-# writer before submitters are made to wait (back-pressure).
+# How many writes one transaction may hold (and QUEUE_SIZE, from store.py, how
+# many may wait for the writer before submitters are made to wait).
 MAX_BATCH = 1024
-QUEUE_SIZE = 1024
 # Committed batches whose callbacks have not run yet, beyond which the writer
 # waits for the task that runs them: a fan-out that falls this far behind
 # slows the commits down rather than piling up.
@@ -82,8 +82,8 @@ AFTER_COMMIT_BATCHES = 4
 # Reader connections: reads run at once on this many threads.
 READERS = 2
 # Retention: messages deleted per transaction, and free pages given back per
-# transaction (1 MiB of 4 KiB pages). Each holds the writer a few milliseconds
-# (measured: 2-3 ms median, 10 ms at most for 256 deletes; ~5 ms for 256 pages).
+# transaction (1 MiB of 4 KiB pages). Small enough that each holds the writer
+# (and so every ack) only a few milliseconds (figures: docs/performance.md).
 PRUNE_BATCH = 256
 RELEASE_PAGES = 256
 

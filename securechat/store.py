@@ -41,6 +41,10 @@ import trio
 
 from .protocol import Message, utc_timestamp
 
+# Units of writes (one commit_then call each) that may wait for the next
+# commit before commit_then waits for room (back-pressure), in every backend.
+QUEUE_SIZE = 1024
+
 
 class StoreError(Exception):
     """The database cannot be opened or written; the message says which file and why."""

@@ -23,8 +23,8 @@ from typing import Any
 
 import trio
 
-from .auth import ClientCertMode
 from .certs import CertError, check_cert_file, check_key_file
+from .config import ClientCertMode
 from .protocol import ALPN_PROTOCOL
 
 # TLS 1.2 suites: forward secret and AEAD only. TLS 1.3 suites are all AEAD.

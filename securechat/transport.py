@@ -5,8 +5,8 @@ scheduling point, even when the kernel takes or returns the bytes at once.
 Under ``trio.SSLStream`` that is a second one per call: SSLStream already
 yields once when it takes its internal send or receive lock, and it
 serialises the calls to its transport. On a busy server that double yield
-is a full scheduler pass per delivered message (profiled: trio's send
-machinery was a quarter of the server's CPU at 50 msg/s to 1 000 clients).
+is a full scheduler pass per delivered message (profiled: see
+docs/performance.md).
 
 :class:`LeanSocketStream` is that transport without the second yield: it
 calls ``write``/``read`` on the socket first and waits for readiness only

@@ -22,7 +22,7 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat import auth, certs, tls
+from securechat import certs, passwords, tls
 from securechat.client import ChatConnection
 from securechat.config import Config, parse_config
 from securechat.server import ChatServer
@@ -67,7 +67,7 @@ def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
-    return {name: auth.hash_password(password) for name, password in PASSWORDS.items()}
+    return {name: passwords.hash_password(password) for name, password in PASSWORDS.items()}
 
 
 def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dict[str, Any]:
@@ -202,13 +202,13 @@ async def server(start_server: StartServer) -> RunningServer:
 def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The PHC string of every Argon2id verification the server runs (a spy on the real one)."""
     calls: list[str] = []
-    real = auth.verify_password
+    real = passwords.verify_password
 
     def spy(password: str, phc: str) -> bool:
         calls.append(phc)
         return real(password, phc)
 
-    monkeypatch.setattr(auth, "verify_password", spy)
+    monkeypatch.setattr(passwords, "verify_password", spy)
     return calls
 
 

@@ -16,9 +16,9 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat.auth import hash_password
 from securechat.client import ChatConnection, ClientError
 from securechat.config import Config
+from securechat.passwords import hash_password
 from securechat.protocol import Error, ErrorCode, Kick, Message, Say, Welcome
 
 from .conftest import (

@@ -1,4 +1,4 @@
-"""Unit tests for securechat.auth: Argon2id hashing and login decisions."""
+"""Unit tests for securechat.passwords (Argon2id hashing) and securechat.auth (login decisions)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,12 @@ import trio
 import trio.testing
 from pydantic import SecretStr
 
-from securechat import auth
-from securechat.auth import (
-    Account,
-    Authenticator,
-    AuthFailed,
-    ClientCertMode,
-    check_new_password,
-    check_phc,
-    hash_password,
-    verify_password,
-)
+from securechat import passwords
+from securechat.auth import Authenticator, AuthFailed
+from securechat.config import Account, ClientCertMode
 from securechat.limits import LoginThrottle
+from securechat.passwords import check_new_password, check_phc, hash_password, verify_password
+from securechat.protocol import MAX_PASSWORD_CHARS
 
 from .conftest import WAIT, holding
 
@@ -146,11 +140,11 @@ def test_check_phc_rejects_absurd_parameters(params: str) -> None:
 
 
 def test_check_new_password_accepts_lengths_within_limits() -> None:
-    for password in ("x" * auth.MIN_PASSWORD_CHARS, "y" * auth.MAX_PASSWORD_CHARS, "ünïcödé!"):
+    for password in ("x" * passwords.MIN_PASSWORD_CHARS, "y" * MAX_PASSWORD_CHARS, "ünïcödé!"):
         assert check_new_password(password) == password
 
 
-@pytest.mark.parametrize("password", ["", "short", "x" * (auth.MIN_PASSWORD_CHARS - 1)])
+@pytest.mark.parametrize("password", ["", "short", "x" * (passwords.MIN_PASSWORD_CHARS - 1)])
 def test_check_new_password_rejects_too_short(password: str) -> None:
     with pytest.raises(ValueError, match="too short"):
         check_new_password(password)
@@ -158,7 +152,7 @@ def test_check_new_password_rejects_too_short(password: str) -> None:
 
 def test_check_new_password_rejects_too_long() -> None:
     with pytest.raises(ValueError, match="too long"):
-        check_new_password("x" * (auth.MAX_PASSWORD_CHARS + 1))
+        check_new_password("x" * (MAX_PASSWORD_CHARS + 1))
 
 
 # --- Authenticator ---------------------------------------------------------------------------
@@ -399,7 +393,7 @@ async def test_a_login_cancelled_during_its_check_still_settles(
 ) -> None:
     started, finish = trio.Event(), threading.Event()
     checks: list[str] = []
-    real = auth.verify_password
+    real = passwords.verify_password
 
     def gated(password: str, phc: str) -> bool:  # runs in the worker thread
         trio.from_thread.run_sync(started.set)
@@ -408,7 +402,7 @@ async def test_a_login_cancelled_during_its_check_still_settles(
         checks.append(phc)
         return real(password, phc)
 
-    monkeypatch.setattr(auth, "verify_password", gated)
+    monkeypatch.setattr(passwords, "verify_password", gated)
     auth_ = throttled()
     outcomes: list[Account | AuthFailed] = []
     async with trio.open_nursery() as nursery:

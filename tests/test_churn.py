@@ -26,8 +26,8 @@ import trio
 from pydantic import SecretStr
 
 from securechat import process
-from securechat.auth import ARGON2_MEMORY_KIB
 from securechat.client import ChatConnection, LoginRefused
+from securechat.passwords import ARGON2_MEMORY_KIB
 from securechat.protocol import Bye
 
 from .conftest import (

@@ -20,9 +20,9 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from securechat.auth import verify_password
 from securechat.certs import generate
 from securechat.cli import main
+from securechat.passwords import verify_password
 from securechat.protocol import Error, ErrorCode, Message, Say
 
 from .conftest import (

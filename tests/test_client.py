@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from securechat import tls
 from securechat.client import ChatSession, Formatter, sanitize
 from securechat.protocol import (
+    MAX_SERVER_FRAME_BYTES,
     Error,
     ErrorCode,
     FrameDecoder,
@@ -175,6 +176,43 @@ async def test_hostile_login_refusal_is_one_escaped_error_line(
     assert stderr.splitlines() == [
         f"securechat: error: login refused: {sanitize(HOSTILE)} (auth_failed)"
     ]
+
+
+async def test_a_frame_over_the_cap_ends_the_connection_instead_of_spinning(
+    nursery: trio.Nursery, pki: Pki, silent_stdin: int
+) -> None:
+    # Nothing after an oversized frame can be read: the error is fatal, and the
+    # client lets the connection go (it used to show the same error forever).
+    oversized = b'{"type":"pong","ref":"' + b"x" * MAX_SERVER_FRAME_BYTES
+    first = [encode(Welcome(username="bob", rooms=["lobby"], server="scripted")), oversized]
+    refused = [encode(Error(code=ErrorCode.AUTH_FAILED, message="no more"))]
+    port = await scripted_server(nursery, pki, [first, refused])
+
+    result = await run_client(port, pki, silent_stdin)
+
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert (
+        f"[DISCONNECTED] the server broke the protocol: frame longer than"
+        f" {MAX_SERVER_FRAME_BYTES} bytes"
+    ) in lines
+    assert not [line for line in lines if "ignored an invalid frame" in line]
+    assert "login refused: no more (auth_failed)" in lines
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b'{"type":"welcome"}\n', b'{"type":"pong","ref":"' + b"x" * MAX_SERVER_FRAME_BYTES],
+    ids=["invalid", "oversized"],
+)
+async def test_an_invalid_answer_to_hello_is_one_error_line(
+    nursery: trio.Nursery, pki: Pki, silent_stdin: int, reply: bytes
+) -> None:
+    port = await scripted_server(nursery, pki, [[reply]])
+    result = await run_client(port, pki, silent_stdin)
+    assert result.returncode == 1
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("securechat: error: the server broke the protocol during login: ")
 
 
 # --- the real server relaying hostile strings -------------------------------------------------

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from securechat import auth
-from securechat.config import Config, ConfigError, describe_exposure, exposure_warning, load_config
+from securechat import passwords
+from securechat.config import (
+    Account,
+    Config,
+    ConfigError,
+    describe_exposure,
+    exposure_warning,
+    load_config,
+)
 from securechat.protocol import DEFAULT_MAX_FRAME_BYTES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
 # A real PHC string, computed once for the module (Argon2 costs ~30 ms per hash).
-PASSWORD_HASH = auth.hash_password("correct horse battery")
+PASSWORD_HASH = passwords.hash_password("correct horse battery")
 
 
 def write(tmp_path: Path, text: str, name: str = "securechat.toml") -> Path:
@@ -147,8 +156,8 @@ def test_users_become_accounts(tmp_path: Path) -> None:
     )
     config = load_config(path)
     assert config.accounts() == {
-        "carol": auth.Account(password_hash=PASSWORD_HASH, admin=False),
-        "dave": auth.Account(password_hash=None, admin=True),
+        "carol": Account(password_hash=PASSWORD_HASH, admin=False),
+        "dave": Account(password_hash=None, admin=True),
     }
 
 
@@ -347,3 +356,27 @@ def test_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
 def test_directory_is_a_one_line_error(tmp_path: Path) -> None:
     message = config_error(tmp_path)
     assert "directory" in message
+
+
+def test_importing_the_config_loads_no_event_loop_and_no_database() -> None:
+    # The config is read by tools that start no server (check-config, reload,
+    # hash-password): it must not drag in trio, SQLite or the server's modules.
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, securechat.config;"
+            " print(' '.join(sorted(name for name in sys.modules if name.startswith(("
+            "'trio', 'sqlite3', 'securechat.')))))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert not [name for name in loaded if name.split(".")[0] in ("trio", "sqlite3")], loaded
+    assert set(loaded) == {
+        "securechat.config",
+        "securechat.limits",
+        "securechat.passwords",
+        "securechat.protocol",
+    }

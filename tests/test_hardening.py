@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from pydantic import SecretStr
 
 from securechat.client import Backoff, ChatConnection, ChatSession, ClientError
@@ -144,22 +145,15 @@ async def _open_into(server: RunningServer, into: list[ChatConnection]) -> None:
 
 
 async def test_idle_client_is_pinged_and_dropped_if_silent(start_server: StartServer) -> None:
+    # Over real TLS in real time (nothing here waits on the client, so short
+    # deadlines hold on a loaded machine). The rules themselves, to the exact
+    # second, are tested in tests/test_session.py on a mock clock.
     server = await start_server(limits={"idle_timeout": 0.3, "ping_timeout": 0.3})
     bob = await server.login("bob")
     ping = await receive_type(bob, Ping)
     assert ping.id is not None
     received = await receive_closed(bob)  # bob does not answer
     assert errors(received) == [ErrorCode.TIMEOUT]
-
-
-async def test_client_that_answers_pings_stays(start_server: StartServer) -> None:
-    # Pings come after 0.2 s of silence; answers may take long on a loaded machine.
-    server = await start_server(limits={"idle_timeout": 0.2, "ping_timeout": 5.0})
-    bob = await server.login("bob")
-    for _ in range(3):
-        ping = await receive_type(bob, Ping)
-        await bob.send(Pong(ref=ping.id))
-    await ping_round_trip(bob, "alive")
 
 
 async def test_chat_session_answers_pings_by_itself(start_server: StartServer) -> None:
@@ -282,30 +276,6 @@ async def test_flooder_is_limited_then_disconnected_and_others_do_not_notice(
     assert limited[-1].message == "flooding: disconnected"
 
 
-async def test_rate_limited_sender_can_send_again_after_retry_after(
-    start_server: StartServer,
-) -> None:
-    server = await start_server(limits={"messages_per_second": 20, "message_burst": 2})
-    bob = await server.login("bob")
-    for n in range(3):
-        await bob.send(Say(room="lobby", text=f"m{n}", id=f"m{n}"))
-    # The refusal is immediate, the acks come after the commit: match them by ref.
-    replies = {
-        reply.ref: reply for reply in [await receive_first(bob, Ack, Error) for _ in range(3)]
-    }
-    assert isinstance(replies["m0"], Ack)
-    assert isinstance(replies["m1"], Ack)
-    limited = replies["m2"]
-    assert isinstance(limited, Error)
-    assert limited.code == ErrorCode.RATE_LIMITED
-    assert limited.retry_after is not None
-    await trio.sleep(limited.retry_after)  # the server's own promise, in its own clock
-    await bob.send(Say(room="lobby", text="patient", id="p"))
-    accepted = await receive_first(bob, Ack, Error)
-    assert isinstance(accepted, Ack)
-    assert accepted.ref == "p"
-
-
 # --- 5. brute force ----------------------------------------------------------------------------
 
 
@@ -316,8 +286,12 @@ async def failed_login(server: RunningServer, username: str, password: str) -> N
 
 
 async def test_failed_logins_back_off_without_hashing(
-    start_server: StartServer, password_checks: list[str]
+    start_server: StartServer, password_checks: list[str], mock_clock: trio.testing.MockClock
 ) -> None:
+    # The server's clock runs at a hundredth of real time, so the back-off
+    # cannot run out while a loaded machine makes the logins below; the test
+    # moves it on when the back-off is to end.
+    mock_clock.rate = 0.01
     server = await start_server(limits={"login_failures_allowed": 3})
     for n in range(3):
         await failed_login(server, "bob", f"guess number {n}")
@@ -329,20 +303,14 @@ async def test_failed_logins_back_off_without_hashing(
     await failed_login(server, "alice", PASSWORDS["alice"])
     assert len(password_checks) == 3
 
-    with trio.fail_after(WAIT):  # the back-off ends (1 s), then the right password works
-        while True:
-            connection = await server.open()
-            try:
-                await connection.login("bob", SecretStr(PASSWORDS["bob"]))
-                break
-            except ClientError:
-                await trio.sleep(0.1)
+    mock_clock.jump(1.0)  # the back-off (1 s) is over: the right password works
+    await server.login("bob")
+    assert len(password_checks) == 4
     # and success clears bob's own count, not the address's: the address has
     # had its free failures, so the next one from it blocks it again (2 s)
-    checks = len(password_checks)
     for n in range(3):
         await failed_login(server, "bob", f"again {n}")
-    assert len(password_checks) == checks + 1
+    assert len(password_checks) == 5
 
 
 async def test_unknown_users_cost_a_hash_like_known_ones(

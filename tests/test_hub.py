@@ -222,7 +222,6 @@ async def test_put_after_close_is_ignored() -> None:
     box.put(b"y\n")  # would overflow an open outbox
     assert len(box) == 0
     assert counter.calls == 0
-    assert not box.overflowed
     assert await next_batch(box) is None
 
 
@@ -234,7 +233,6 @@ async def test_overflow_by_count_calls_on_overflow_once_closes_and_drops_the_que
     assert not box.closed
     box.put(b"3\n")
     assert counter.calls == 1
-    assert box.overflowed
     assert box.closed
     assert len(box) == 0
     box.put(b"4\n")
@@ -251,7 +249,6 @@ async def test_overflow_by_bytes_calls_on_overflow_once_closes_and_drops_the_que
     assert len(box) == 2
     box.put(b"\n")
     assert counter.calls == 1
-    assert box.overflowed
     assert box.closed
     assert len(box) == 0
     box.put(b"\n")
@@ -263,7 +260,6 @@ def test_a_single_frame_larger_than_max_bytes_overflows() -> None:
     box, counter = outbox(max_bytes=10)
     box.put(b"x" * 11)
     assert counter.calls == 1
-    assert box.overflowed
     assert len(box) == 0
 
 
@@ -285,7 +281,6 @@ def test_a_taken_batch_counts_against_max_bytes_until_the_writer_is_back() -> No
     assert box.take() == b"abc\ndef\n"  # the writer holds it while the peer is slow
     box.put(b"!")
     assert counter.calls == 1
-    assert box.overflowed
 
 
 def test_take_returns_at_most_batch_bytes_and_leaves_the_rest_in_order() -> None:

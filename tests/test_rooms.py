@@ -10,8 +10,8 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat.auth import hash_password
 from securechat.client import Backoff, ChatConnection, ChatSession, ClientError
+from securechat.passwords import hash_password
 from securechat.protocol import (
     Ack,
     Dm,

@@ -265,15 +265,6 @@ async def test_bye_closes_cleanly(server: RunningServer) -> None:
     assert await receive_closed(bob) == []
 
 
-async def test_login_deadline(start_server: StartServer) -> None:
-    server = await start_server(limits={"login_timeout": 0.3})
-    silent = await server.open()
-    received = await receive_closed(silent)
-    assert [envelope.code for envelope in received if isinstance(envelope, Error)] == [
-        ErrorCode.TIMEOUT
-    ]
-
-
 async def test_handshake_deadline(start_server: StartServer) -> None:
     # Long enough for bob's real handshake on a loaded machine.
     server = await start_server(limits={"handshake_timeout": 1.0})

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from securechat import tls
-from securechat.auth import ClientCertMode
 from securechat.client import ChatConnection
+from securechat.config import ClientCertMode
 from securechat.protocol import Bye
 
 from .conftest import Pki, RunningServer, StartServer, receive_closed
