@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import trio
 from pydantic import SecretStr
@@ -27,6 +28,20 @@ log = logging.getLogger(__name__)
 
 class AuthFailed(Exception):
     """Login refused. The reason is for the server log only; clients all see the same message."""
+
+
+@dataclass(frozen=True)
+class AccountChanges:
+    """What a reload changed, by username (each list sorted)."""
+
+    added: list[str]
+    removed: list[str]
+    new_password: list[str]
+    new_admin_flag: list[str]  # the password unchanged
+
+    @property
+    def changed(self) -> list[str]:
+        return sorted(self.new_password + self.new_admin_flag)
 
 
 class Authenticator:
@@ -61,6 +76,33 @@ class Authenticator:
         # Woken whenever a password attempt is settled (see authenticate).
         self._settled = trio.lowlevel.ParkingLot()
         self._dummy_hash = passwords.hash_password(secrets.token_urlsafe(16))
+
+    def reconfigure(self, accounts: Mapping[str, Account]) -> AccountChanges:
+        """Take the accounts of a reloaded config; returns what changed.
+
+        An unchanged account stays the same object: a login checks, when it joins
+        the chat, that its account is still the one it was checked against, so
+        logins in flight during a reload cannot slip through.
+        """
+        old = self.accounts
+        self.accounts = {
+            name: old[name] if old.get(name) == account else account
+            for name, account in accounts.items()
+        }
+        kept = set(old) & set(accounts)
+        return AccountChanges(
+            added=sorted(set(accounts) - set(old)),
+            removed=sorted(set(old) - set(accounts)),
+            new_password=sorted(
+                name for name in kept if old[name].password_hash != accounts[name].password_hash
+            ),
+            new_admin_flag=sorted(
+                name
+                for name in kept
+                if old[name].password_hash == accounts[name].password_hash
+                and old[name].admin != accounts[name].admin
+            ),
+        )
 
     async def authenticate(
         self,

@@ -154,39 +154,25 @@ class ChatServer:
         except CertError as exc:
             log.error("certificates not reloaded, keeping the current ones: %s", exc)
         self.config = self.config.model_copy(update={"users": config.users, "rooms": config.rooms})
-        old, new = self.authenticator.accounts, config.accounts()
-        # An unchanged account stays the same object: a login checks, when it
-        # joins the chat, that its account is still the one it was checked
-        # against, so logins in flight during a reload cannot slip through.
-        accounts = {
-            name: old[name] if old.get(name) == account else account
-            for name, account in new.items()
-        }
-        self.authenticator.accounts = accounts
+        changes = self.authenticator.reconfigure(config.accounts())
+        accounts = self.authenticator.accounts
         self.hub.reconfigure(accounts, config.room_settings())  # lets removed users go
-        added = sorted(set(accounts) - set(old))
-        removed = sorted(set(old) - set(accounts))
-        changed = sorted(name for name in set(old) & set(accounts) if old[name] != accounts[name])
-        for name in removed:
+        for name in changes.removed:
             self.rates.forget(name)
-        for name in changed:
-            if old[name].password_hash != accounts[name].password_hash:
-                # Whoever logged in under the old credentials logs in again.
-                self.hub.disconnect_user(
-                    name,
-                    Error(
-                        code=ErrorCode.KICKED,
-                        message="your password was changed; log in again",
-                    ),
-                )
-            else:
-                self.hub.set_admin(name, accounts[name].admin)
+        for name in changes.new_password:
+            # Whoever logged in under the old credentials logs in again.
+            self.hub.disconnect_user(
+                name,
+                Error(code=ErrorCode.KICKED, message="your password was changed; log in again"),
+            )
+        for name in changes.new_admin_flag:
+            self.hub.set_admin(name, accounts[name].admin)
         log.info(
             "config reloaded: users=%d added=%s removed=%s changed=%s",
             len(accounts),
-            ",".join(added) or "-",
-            ",".join(removed) or "-",
-            ",".join(changed) or "-",
+            ",".join(changes.added) or "-",
+            ",".join(changes.removed) or "-",
+            ",".join(changes.changed) or "-",
         )
 
     async def listen(self) -> list[tuple[str, int]]:

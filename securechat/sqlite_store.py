@@ -692,8 +692,6 @@ class SqliteStore:
         through: int | None = None,
         max_chars: int | None = None,
     ) -> list[Message]:
-        """Direct messages to ``user`` stored while they were offline, with ids after
-        ``after`` (and up to ``through``), oldest first; ``max_chars`` as for :meth:`messages`."""
         sql = (
             f"SELECT {_COLUMNS} FROM messages INDEXED BY messages_undelivered"  # noqa: S608
             " WHERE recipient = ? AND delivered = 0 AND id > ? AND id <= ? ORDER BY id LIMIT ?"

@@ -8,6 +8,7 @@ and clients are :class:`securechat.client.ChatConnection` over real sockets.
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -226,6 +227,29 @@ def holding(limiter: trio.CapacityLimiter) -> Iterator[None]:
 
 
 T = TypeVar("T")
+
+
+async def piped_client(
+    host: str, port: int, ca: Path, user: str, stdin: bytes | int, *, password: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``securechat client`` as ``user`` with ``stdin`` (bytes, or a descriptor) piped in,
+    without colours, the password from the environment."""
+    with trio.fail_after(WAIT * 3):
+        return await trio.run_process(
+            [
+                *(sys.executable, "-m", "securechat", "client", "--host", host),
+                *("--port", str(port), "--ca", str(ca), "--user", user),
+            ],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={
+                **os.environ,
+                "NO_COLOR": "1",
+                "SECURECHAT_PASSWORD": password or PASSWORDS[user],
+            },
+        )
 
 
 async def receive_type(connection: ChatConnection, kind: type[T]) -> T:

@@ -458,7 +458,7 @@ async def test_an_account_changed_during_its_check_does_not_log_in(change: str) 
                 del accounts["alice"]
             else:
                 accounts["alice"] = new
-            auth_.accounts = accounts
+            auth_.reconfigure(accounts)
     assert reasons(outcomes) == ["account removed or changed during the password check"]
     # not a failed guess: nothing is counted against alice or the address
     throttle, now = auth_.throttle, trio.current_time()
@@ -474,7 +474,7 @@ async def test_a_reload_that_leaves_the_account_as_it_was_does_not_disturb_a_log
             nursery.start_soon(attempt, auth_, outcomes, "alice", ALICE_PASSWORD)
             await trio.testing.wait_all_tasks_blocked()
             # a reload makes new Account objects with the same contents
-            auth_.accounts = {
-                name: Account(a.password_hash, a.admin) for name, a in ACCOUNTS.items()
-            }
+            auth_.reconfigure(
+                {name: Account(a.password_hash, a.admin) for name, a in ACCOUNTS.items()}
+            )
     assert outcomes == [ACCOUNTS["alice"]]

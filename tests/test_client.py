@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -45,7 +44,15 @@ from securechat.protocol import (
     parse_server_frame,
 )
 
-from .conftest import PASSWORDS, WAIT, Pki, RunningServer, ScriptedConsole, receive_type
+from .conftest import (
+    PASSWORDS,
+    WAIT,
+    Pki,
+    RunningServer,
+    ScriptedConsole,
+    piped_client,
+    receive_type,
+)
 
 # Clears the screen, sets the window title, rings the bell, overrides the text
 # direction, moves the cursor back, starts a C1 CSI, forges a line, and more.
@@ -110,18 +117,7 @@ def silent_stdin() -> Iterator[int]:
 
 
 async def run_client(port: int, pki: Pki, stdin: int) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(WAIT * 3):
-        return await trio.run_process(
-            [
-                *(sys.executable, "-m", "securechat", "client", "--host", "127.0.0.1"),
-                *("--port", str(port), "--ca", str(pki.ca), "--user", "bob"),
-            ],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**os.environ, "NO_COLOR": "1", "SECURECHAT_PASSWORD": PASSWORDS["bob"]},
-        )
+    return await piped_client("127.0.0.1", port, pki.ca, "bob", stdin)
 
 
 async def test_hostile_server_strings_reach_the_terminal_escaped(

@@ -10,9 +10,7 @@ process where its output and exit code are the point, a
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import trio
@@ -29,6 +27,7 @@ from .conftest import (
     RunningServer,
     ScriptedConsole,
     StartServer,
+    piped_client,
     receive_first,
     receive_type,
 )
@@ -38,22 +37,9 @@ async def run_client(
     server: RunningServer, user: str, stdin: bytes, password: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """``securechat client`` as ``user`` with ``stdin`` piped in."""
-    with trio.fail_after(WAIT * 3):
-        return await trio.run_process(
-            [
-                *(sys.executable, "-m", "securechat", "client", "--host", server.host),
-                *("--port", str(server.port), "--ca", str(server.pki.ca), "--user", user),
-            ],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={
-                **os.environ,
-                "NO_COLOR": "1",
-                "SECURECHAT_PASSWORD": password or PASSWORDS[user],
-            },
-        )
+    return await piped_client(
+        server.host, server.port, server.pki.ca, user, stdin, password=password
+    )
 
 
 async def messages_until_quiet(connection: ChatConnection) -> list[Message]:
