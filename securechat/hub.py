@@ -2,17 +2,19 @@
 the mailbox and the store.
 
 The hub is the coordinator. Durable room state is :class:`~securechat.rooms.Rooms`,
-the connections here and presence :class:`~securechat.online.Online`, message ids and
+the connections here and presence :class:`~securechat.online.Online`, timestamps and
 idempotent re-sends the :class:`~securechat.ledger.SendLedger`, the offline direct
 messages the :class:`~securechat.mailbox.Mailbox`. It does no network I/O: replies
 and deliveries are encoded frames put to each connection's
 :class:`~securechat.delivery.Peer`.
 
-Messages are durable: ``say`` and ``dm`` hand the message to the
-:class:`~securechat.store.Store` (``commit_then``) and return at once; the
-fan-out and the ``ack`` happen in the callback that runs after the commit
-(outside the store's writer), so nothing is delivered or acknowledged before
-it is on disk, and a sender can pipeline many messages.
+Messages are durable: ``say`` and ``dm`` hand a draft to the
+:class:`~securechat.store.Store` (``append``) and return at once, so a
+sender can pipeline. The store gives the message its id (ids grow in commit order) and
+hands every committed message, in id order, to :meth:`Hub._apply` (the
+fan-out); then the append's callback sends the ``ack``. Nothing is
+delivered or acknowledged before it is on disk, and both run outside the
+store's writer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .protocol import (
     Kicked,
     Left,
     Members,
+    Message,
     ProtocolError,
     RoomList,
     RoomTopic,
@@ -45,11 +48,14 @@ from .protocol import (
 from .rooms import TOPIC_FROM_CONFIG, Room, Rooms, not_member
 from .store import (
     AddMember,
-    AppendMessage,
+    Appended,
+    AppendThen,
+    Draft,
     RemoveMember,
     SaveRoom,
     Snapshot,
     Store,
+    StoreError,
     Write,
 )
 
@@ -87,7 +93,10 @@ class Hub:
             max_rooms=max_rooms,
         )
         self.online = Online()
-        self.ledger = SendLedger(state.last_message_id, state.recent_sends)
+        self.ledger = SendLedger(state.recent_sends)
+        self.last_applied = state.last_message_id  # the newest message delivered here
+        self._stored: set[int] = set()  # direct messages kept for an offline recipient
+        store.feed(self._apply)
         self.mailbox = Mailbox(store, state.undelivered_to)
         self.shutting_down = False  # no presence updates while everyone is being let go
         self.configure_rooms(rooms)
@@ -174,7 +183,7 @@ class Hub:
 
     async def deliver_stored(self, peer: Peer) -> None:
         """Send ``peer`` the direct messages that arrived while its user was offline."""
-        await self.mailbox.deliver_stored(peer, through=self.ledger.last_id)
+        await self.mailbox.deliver_stored(peer, through=self.last_applied)
 
     # --- rooms ---
 
@@ -313,14 +322,12 @@ class Hub:
             raise not_member(room_name)
         if self.ledger.is_resend(peer, client_id):
             return
-        message = self.ledger.new_message(peer.username, text, room=room_name, action=action)
+        draft = self.ledger.draft(peer.username, text, client_id, room=room_name, action=action)
 
-        def committed(error: BaseException | None) -> None:
-            if error is None:
-                self.online.broadcast(room_name, encode(message))
-            self.ledger.settle(peer, client_id, message.id, error)
+        def committed(outcome: Appended | StoreError) -> None:
+            self.ledger.settle(peer, client_id, outcome)
 
-        await self._commit_message(peer, client_id, AppendMessage(message, client_id), committed)
+        await self._append_for(peer, client_id, draft, committed)
 
     async def dm(
         self,
@@ -337,46 +344,59 @@ class Hub:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no user {to!r}")
         if self.ledger.is_resend(peer, client_id):
             return
-        message = self.ledger.new_message(peer.username, text, to=to, action=action)
+        draft = self.ledger.draft(peer.username, text, client_id, to=to, action=action)
 
-        def committed(error: BaseException | None) -> None:
+        def committed(outcome: Appended | StoreError) -> None:
             stored = False
-            if error is None:
-                frame = encode(message)
-                if to != peer.username:  # a note to self is delivered once, below
-                    for own in self.online.peers_of(peer.username):
-                        own.put(frame)
-                stored = not self.mailbox.hand_over(to, message, frame, self.online.peers_of(to))
-            self.ledger.settle(peer, client_id, message.id, error, stored=stored)
+            if isinstance(outcome, Appended) and outcome.id in self._stored:
+                self._stored.discard(outcome.id)
+                stored = True
+            self.ledger.settle(peer, client_id, outcome, stored=stored)
 
-        # Stored as undelivered; whoever hands it to the recipient marks it
-        # delivered. Deciding at commit time, not now, is what keeps a
-        # recipient who logs in or out meanwhile from getting it twice or never.
-        write = AppendMessage(message, client_id, delivered=False)
-        await self._commit_message(peer, client_id, write, committed)
+        await self._append_for(peer, client_id, draft, committed)
 
     async def announce(self, text: str) -> int:
         """A message from ``server`` to every room (the operator console); returns how many."""
-        rooms = list(self.rooms)
-        for room in rooms:
-            message = self.ledger.new_message(SERVER_USER, text, room=room.name)
-            frame = encode(message)
+        rooms = [room.name for room in self.rooms]
+        for name in rooms:
 
-            def committed(
-                error: BaseException | None, name: str = room.name, frame: bytes = frame
-            ) -> None:
-                if error is None:
-                    self.online.broadcast(name, frame)
+            def committed(outcome: Appended | StoreError, name: str = name) -> None:
+                if isinstance(outcome, StoreError):
+                    log.error("announcement not stored in room %s: %s", name, outcome)
 
-            await self.store.commit_then(AppendMessage(message), committed)
+            await self.store.append(self.ledger.draft(SERVER_USER, text, room=name), committed)
         return len(rooms)
 
-    async def _commit_message(
-        self, peer: Peer, client_id: str | None, write: AppendMessage, committed: Committed
+    def _apply(self, message: Message) -> None:
+        """A committed message, in id order: deliver it to its connections here.
+
+        A direct message is handed to its recipient's connections, or kept for
+        their next login; deciding at commit time, not at send time, is what
+        keeps a recipient who logs in or out meanwhile from getting it twice
+        or never.
+        """
+        self.last_applied = message.id
+        frame = encode(message)
+        if message.to is None:
+            assert message.room is not None
+            self.online.broadcast(message.room, frame)
+            return
+        sender, to = message.sender, message.to
+        if to != sender:  # a note to self is delivered once, below
+            for own in self.online.peers_of(sender):
+                own.put(frame)
+        if not self.mailbox.hand_over(to, message, frame, self.online.peers_of(to)):
+            self._stored.add(message.id)
+
+    async def _append_for(
+        self, peer: Peer, client_id: str | None, draft: Draft, then: AppendThen
     ) -> None:
+        """Queue a message ``peer`` is owed an answer for; ``then`` gives the answer."""
+        peer.submitted()
         try:
-            await self._commit_for(peer, write, committed)
+            await self.store.append(draft, then)
         except BaseException:
+            peer.answered()  # never queued (cancelled while the queue was full)
             self.ledger.abandon(peer, client_id)
             raise
 

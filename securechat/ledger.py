@@ -1,11 +1,12 @@
-"""The send ledger: message ids, timestamps, and idempotent re-sends.
+"""The send ledger: timestamps and idempotent re-sends.
 
-Every message the server accepts gets the next id and a timestamp here. A
-client may send a message again with the same client ``id`` after a
-reconnect; the ledger remembers each user's recent client ids and the
-message ids they became, so that a re-send is answered with the original
-``ack`` instead of becoming a second message, and one that arrives while
-the original is still being committed waits for the original's answer.
+Every message the server accepts gets its timestamp here; its id comes from
+the store at its commit (:meth:`~securechat.store.Store.append`). A client
+may send a message again with the same client ``id`` after a reconnect; the
+ledger remembers each user's recent client ids and the message ids they
+became, so that a re-send is answered with the original ``ack`` instead of
+becoming a second message, and one that arrives while the original is still
+being committed waits for the original's answer.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 from .delivery import Peer
-from .protocol import Ack, Error, ErrorCode, Message, UtcClock, utc_timestamp
-from .store import RecentSend
+from .protocol import Ack, Error, ErrorCode, UtcClock, utc_timestamp
+from .store import Appended, Draft, RecentSend, StoreError
 
 # A client id is remembered while it is among the user's last RECENT_IDS ids
 # or younger than RECENT_SECONDS, up to RECENT_IDS_MAX.
@@ -54,10 +55,9 @@ class RecentIds:
 
 
 class SendLedger:
-    """Ids for new messages, and the outcome of every recent client id."""
+    """Timestamps for new messages, and the outcome of every recent client id."""
 
-    def __init__(self, last_message_id: int, recent_sends: Iterable[RecentSend] = ()) -> None:
-        self.last_id = last_message_id
+    def __init__(self, recent_sends: Iterable[RecentSend] = ()) -> None:
         self._clock = UtcClock()
         self._recent: dict[str, RecentIds] = {}
         # (user, client id) of messages waiting for their commit, and the
@@ -66,27 +66,17 @@ class SendLedger:
         for sent in recent_sends:
             self._remember(sent.sender, sent.client_id, sent.message_id, _epoch(sent.ts))
 
-    def new_message(
+    def draft(
         self,
         sender: str,
         text: str,
+        client_id: str | None = None,
         *,
         room: str | None = None,
         to: str | None = None,
         action: bool = False,
-    ) -> Message:
-        self.last_id += 1
-        # Every field is already valid (the text came in a validated envelope),
-        # so the model is built without validating it again.
-        return Message.model_construct(
-            id=self.last_id,
-            room=room,
-            to=to,
-            sender=sender,
-            text=text,
-            action=True if action else None,  # omitted on the wire when false
-            ts=self._clock(),
-        )
+    ) -> Draft:
+        return Draft(sender, text, self._clock(), room, to, action, client_id)
 
     def is_resend(self, peer: Peer, client_id: str | None) -> bool:
         """A client id seen before: answer with the original outcome instead of sending again.
@@ -117,17 +107,16 @@ class SendLedger:
         self,
         peer: Peer,
         client_id: str | None,
-        message_id: int,
-        error: BaseException | None,
+        outcome: Appended | StoreError,
         *,
         stored: bool = False,
     ) -> None:
         """Answer the sender (and any re-send waiting) once the message is committed or failed."""
         reply: Ack | Error
-        if error is None:
-            reply = Ack(ref=client_id, id=message_id, stored=True if stored else None)
+        if isinstance(outcome, Appended):
+            reply = Ack(ref=client_id, id=outcome.id, stored=True if stored else None)
             if client_id is not None:
-                self._remember(peer.username, client_id, message_id, time.time())
+                self._remember(peer.username, client_id, outcome.id, time.time())
         else:
             reply = Error(
                 code=ErrorCode.UNAVAILABLE,

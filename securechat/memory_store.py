@@ -26,8 +26,12 @@ from .store import (
     QUEUE_SIZE,
     AddMember,
     AppendMessage,
+    AppendThen,
     DeleteMessages,
+    Draft,
+    Feed,
     HistoryScope,
+    LocalLog,
     MarkDelivered,
     PeerScope,
     Pruned,
@@ -151,6 +155,7 @@ class MemoryStore:
         self._failure: StoreError | None = None
         self._closed = False
         self._queued = trio.Event()  # wakes run()
+        self._log = LocalLog()
 
     # -- what a test controls --
 
@@ -209,6 +214,7 @@ class MemoryStore:
             newest[sender] = newest.get(sender, 0) + 1
             if newest[sender] <= recent_per_user or ts >= recent_since:
                 recent.append(RecentSend(sender, client_id, id_, ts))
+        self._log.last_id = max(self._log.last_id, state.pruned_through, *state.rows)
         return Snapshot(
             last_message_id=max(state.pruned_through, *state.rows, 0),
             rooms=dict(state.rooms),
@@ -265,6 +271,13 @@ class MemoryStore:
             raise trio.WouldBlock
         self._queue.append((writes if isinstance(writes, tuple) else (writes,), then))
         self._queued.set()
+
+    async def append(self, draft: Draft, then: AppendThen) -> None:
+        write = self._log.number(draft)
+        await self.commit_then(write, self._log.then(write.message, then))
+
+    def feed(self, apply: Feed) -> None:
+        self._log.feed(apply)
 
     async def history_ids(self, scope: HistoryScope, after: int | None, limit: int) -> list[int]:
         await trio.lowlevel.checkpoint()

@@ -50,8 +50,12 @@ from .store import (
     QUEUE_SIZE,
     AddMember,
     AppendMessage,
+    AppendThen,
     DeleteMessages,
+    Draft,
+    Feed,
     HistoryScope,
+    LocalLog,
     MarkDelivered,
     PeerScope,
     Pruned,
@@ -467,10 +471,13 @@ class SqliteStore:
         self.shrinks = self._pruner_db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         self._rooms_checked_through: int | None = None  # None: every room at the next prune
         self._in_use_after_prune: int | None = None
+        self._log = LocalLog()
 
     async def load(self, *, recent_per_user: int, recent_since: str) -> Snapshot:
         """The stored state (see :meth:`Store.load`), read in a worker thread."""
-        return await self._read(lambda db: _snapshot(db, recent_per_user, recent_since))
+        snapshot = await self._read(lambda db: _snapshot(db, recent_per_user, recent_since))
+        self._log.last_id = max(self._log.last_id, snapshot.last_message_id)
+        return snapshot
 
     # -- writes --
 
@@ -516,6 +523,13 @@ class SqliteStore:
             then(StoreError("the store is closed"))
             return
         self._send.send_nowait((writes if isinstance(writes, tuple) else (writes,), then))
+
+    async def append(self, draft: Draft, then: AppendThen) -> None:
+        write = self._log.number(draft)
+        await self.commit_then(write, self._log.then(write.message, then))
+
+    def feed(self, apply: Feed) -> None:
+        self._log.feed(apply)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer and the after-commit task, until :meth:`close`; then the writer

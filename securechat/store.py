@@ -18,6 +18,13 @@ The write calls say what they guarantee:
 - ``commit_then_nowait(writes, then)`` is the same for callers that cannot
   wait (a config reload); it raises ``trio.WouldBlock`` when the queue is full.
 
+Messages go through ``append(draft, then)`` instead: the store numbers
+them (ids grow in commit order) and hands every committed message to the
+function given to ``feed``, in id order, before the ``then`` of its append
+runs. Fan-out is that function's job, the ``ack`` the ``then``'s. In one
+process the feed is the commit itself (:class:`LocalLog`); a store shared
+by several servers feeds each of them every server's messages.
+
 The ``then`` calls run in commit order, and ``commit`` returns in that
 order too: what a caller does after ``await commit(...)`` comes after the
 fan-out of everything committed before. They run outside the store's writer
@@ -109,6 +116,77 @@ Write = (
 )
 # What runs after a commit: with None once the writes are durable, with the error if not.
 Then = Callable[[StoreError | None], None]
+
+
+# --- messages ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A message the server accepted, before the store gives it its id."""
+
+    sender: str
+    text: str
+    ts: str
+    room: str | None = None
+    to: str | None = None  # a direct message (then ``room`` is None)
+    action: bool = False
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Appended:
+    """An appended message, committed: the id it got."""
+
+    id: int
+
+
+# What runs after an append: with the message's id once it is durable, with the error if not.
+AppendThen = Callable[[Appended | StoreError], None]
+# Where committed messages go, in id order (see Store.feed).
+Feed = Callable[[Message], None]
+
+
+class LocalLog:
+    """Numbering and feed for a store that is the only writer of its messages (one
+    process): ids continue from the highest stored one in the order appends are
+    queued, which is commit order, and the feed gets each message right before the
+    ``then`` of its append."""
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self._feed: Feed | None = None
+
+    def feed(self, apply: Feed) -> None:
+        self._feed = apply
+
+    def number(self, draft: Draft) -> AppendMessage:
+        self.last_id += 1
+        # Every field is already valid (the text came in a validated envelope),
+        # so the model is built without validating it again.
+        message = Message.model_construct(
+            id=self.last_id,
+            room=draft.room,
+            to=draft.to,
+            sender=draft.sender,
+            text=draft.text,
+            action=True if draft.action else None,  # omitted on the wire when false
+            ts=draft.ts,
+        )
+        # A direct message is stored as undelivered; whoever hands it to its
+        # recipient marks it delivered.
+        return AppendMessage(message, draft.client_id, delivered=draft.to is None)
+
+    def then(self, message: Message, then: AppendThen) -> Then:
+        def committed(error: StoreError | None) -> None:
+            if error is not None:
+                then(error)
+                return
+            if self._feed is not None:
+                self._feed(message)
+            then(Appended(message.id))
+
+        return committed
 
 
 # --- retention ---------------------------------------------------------------------------
@@ -248,6 +326,18 @@ class Store(Protocol):
     def commit_then_nowait(self, writes: Write | tuple[Write, ...], then: Then) -> None:
         """:meth:`commit_then` for callers that cannot wait; raises ``trio.WouldBlock``
         when the queue is full (nothing is queued then)."""
+        ...
+
+    # -- messages --
+
+    async def append(self, draft: Draft, then: AppendThen) -> None:
+        """Queue a new message like :meth:`commit_then`: it gets the next id at its commit,
+        goes to the feed, and then ``then(Appended(id))`` runs (``then(error)`` if it
+        cannot be stored, and nothing goes to the feed). Ids grow in commit order."""
+        ...
+
+    def feed(self, apply: Feed) -> None:
+        """From now on, hand every committed message to ``apply``, once each, in id order."""
         ...
 
     # -- reads --

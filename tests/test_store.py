@@ -29,7 +29,9 @@ from securechat.protocol import Message, utc_timestamp
 from securechat.sqlite_store import PRUNE_BATCH, SqliteStore, pages_to_release
 from securechat.store import (
     AddMember,
+    Appended,
     AppendMessage,
+    Draft,
     HistoryScope,
     MarkDelivered,
     PeerScope,
@@ -799,6 +801,72 @@ async def test_every_then_runs_once_in_order_when_writes_interleave_with_commits
     await store.commit(MarkDelivered(()))
     assert outcomes.calls == [(i, None) for i in range(1, 101)]
     assert (await snapshot(store)).last_message_id == 100
+
+
+# --- append and feed: the store numbers messages and feeds them in id order --------------
+
+
+class Fed:
+    """What a store's feed and its appends' callbacks saw, in the order they saw it."""
+
+    def __init__(self, store: Store) -> None:
+        self.events: list[tuple[str, Any]] = []
+        store.feed(lambda message: self.events.append(("fed", message)))
+
+    def then(self, label: str) -> Callable[[Appended | StoreError], None]:
+        return lambda outcome: self.events.append((label, outcome))
+
+
+def draft(text: str, **fields: Any) -> Draft:
+    return Draft(sender="alice", text=text, ts=TS, **({"room": "lobby"} | fields))
+
+
+async def test_appends_are_numbered_in_commit_order_and_fed_before_their_then(
+    store: Store,
+) -> None:
+    await store.commit(AppendMessage(room_message(41)))
+    await snapshot(store)  # (as at start-up) numbering continues from the highest id
+    fed = Fed(store)
+    await store.append(draft("one"), fed.then("a"))
+    await store.append(draft("two", room=None, to="bob", client_id="c2"), fed.then("b"))
+    await store.commit(MarkDelivered(()))  # everything queued before it is committed
+    kinds = [(kind, value.id) for kind, value in fed.events]
+    assert kinds == [("fed", 42), ("a", 42), ("fed", 43), ("b", 43)]
+    assert [value for kind, value in fed.events if kind != "fed"] == [Appended(42), Appended(43)]
+    one, two = (value for kind, value in fed.events if kind == "fed")
+    assert (one.room, one.to, one.sender, one.text, one.ts) == ("lobby", None, "alice", "one", TS)
+    assert (two.room, two.to, two.text) == (None, "bob", "two")
+    assert await room_history(store, "lobby", 41, 10) == [one]
+    # A direct message is stored as waiting for its recipient; its client id is kept.
+    assert await store.undelivered("bob") == [two]
+    assert RecentSend("alice", "c2", 43, TS) in (await snapshot(store)).recent_sends
+
+
+async def test_an_append_that_cannot_be_stored_is_not_fed_and_its_then_gets_the_error(
+    store: Store,
+) -> None:
+    fed = Fed(store)
+    store.close()
+    await store.append(draft("lost"), fed.then("a"))
+    assert len(fed.events) == 1
+    label, outcome = fed.events[0]
+    assert label == "a"
+    assert isinstance(outcome, StoreError)
+
+
+async def test_message_ids_from_appends_continue_after_a_restart(db_path: Path) -> None:
+    async with running(SqliteStore(db_path)) as store:
+        await snapshot(store)
+        fed = Fed(store)
+        for text in ("a", "b", "c"):
+            await store.append(draft(text), fed.then(text))
+        await store.commit(MarkDelivered(()))
+    async with running(SqliteStore(db_path)) as reopened:
+        await snapshot(reopened)
+        fed = Fed(reopened)
+        await reopened.append(draft("d"), fed.then("d"))
+        await reopened.commit(MarkDelivered(()))
+        assert fed.events[-1] == ("d", Appended(4))
 
 
 async def test_a_commit_of_no_writes_returns_at_once(store: Store) -> None:
