@@ -182,6 +182,11 @@ class ClusterSection(_Section):
             )
         return self
 
+    @property
+    def endpoint(self) -> str:
+        """Redis's ``host:port``, for messages."""
+        return self.target({}).endpoint
+
     def redacted_url(self) -> str:
         """The URL with its password (if any) replaced by ``***``: safe to log."""
         parts = urlsplit(self.redis_url.get_secret_value())
