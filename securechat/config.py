@@ -7,7 +7,8 @@ and :mod:`~securechat.limits` only, and importing it loads neither trio nor
 the server. Every key is documented in ``config.example.toml``. Unknown keys
 and bad values are errors that name the file and the key. Relative paths in
 the file are relative to the file's own directory, so a config works from
-any working directory.
+any working directory. ``[cluster]`` (:class:`ClusterSection`) holds a secret, the
+Redis URL's password: it shows in no repr and no error message.
 """
 
 from __future__ import annotations

@@ -135,13 +135,17 @@ async def test_replicated_needs_connected_replicas(
 # --- connecting -----------------------------------------------------------------------------
 
 
-async def test_unreachable_redis_is_one_line_naming_host_and_port() -> None:
+async def test_unreachable_redis_is_one_line_naming_host_and_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
     port = free_port()  # nothing listens there
     cluster = section(f"redis://:{SECRET}@127.0.0.1:{port}/0")
     with pytest.raises(ClusterError) as info:
         async with connect(cluster, {}):
             pass
     assert str(info.value) == f"cannot use Redis at 127.0.0.1:{port}: connection refused"
+    assert SECRET not in caplog.text
 
 
 async def test_unknown_host_is_one_line() -> None:
@@ -154,7 +158,10 @@ async def test_unknown_host_is_one_line() -> None:
     )
 
 
-async def test_password_from_the_url_or_the_environment(tmp_path: Path) -> None:
+async def test_password_from_the_url_or_the_environment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # securechat's and coredis's logs: no password either
     async with redis_at(tmp_path / "r", {"requirepass": SECRET}) as server:
         plain = server.url
         with_password = plain.replace("redis://", f"redis://:{SECRET}@")
@@ -171,6 +178,7 @@ async def test_password_from_the_url_or_the_environment(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="give the password in one place only"):
             async with connect(section(with_password), {REDIS_PASSWORD_ENV: SECRET}):
                 pass
+    assert SECRET not in caplog.text
 
 
 async def test_the_process_environment_is_the_default(
