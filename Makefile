@@ -28,6 +28,8 @@ test: $(STAMP)
 	$(BIN)/mypy
 	@command -v tmux >/dev/null || { echo "installing Debian's tmux for tests/test_terminal.py"; \
 		apt-get install -y -qq tmux || { apt-get update -qq && apt-get install -y -qq tmux; }; }
+	@command -v redis-server >/dev/null || { echo "installing Debian's redis-server for the cluster tests (they start private instances, never its service)"; \
+		apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
 	$(BIN)/pytest
 
 certs: certs/server.crt

@@ -7,18 +7,29 @@ and :mod:`~securechat.limits` only, and importing it loads neither trio nor
 the server. Every key is documented in ``config.example.toml``. Unknown keys
 and bad values are errors that name the file and the key. Relative paths in
 the file are relative to the file's own directory, so a config works from
-any working directory.
+any working directory. ``[cluster]`` (:class:`ClusterSection`) holds a secret, the
+Redis URL's password: it shows in no repr and no error message.
 """
 
 from __future__ import annotations
 
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .limits import LOGIN_BACKOFF_MAX, LOGIN_FAILURES_ALLOWED
 from .passwords import check_phc
@@ -52,7 +63,9 @@ class Account:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # hide_input_in_errors: a ValidationError's text must not echo a password (the
+    # Redis URL's, a password hash); describe_errors leaves inputs out too.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
 
 
 class ServerSection(_Section):
@@ -119,6 +132,119 @@ class ClientSection(_Section):
     key: ConfigPath | None = None
 
 
+REDIS_PASSWORD_ENV = "SECURECHAT_REDIS_PASSWORD"  # noqa: S105 (a variable's name)
+Durability = Literal["fsync", "replicated", "memory"]
+"""``[cluster] durability``: what Redis must guarantee before a node acks a message."""
+REDIS_PORT = 6379
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how to reach Redis, from ``[cluster] redis_url`` and the environment."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: SecretStr | None
+    tls: bool
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` for messages (never a password)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class ClusterSection(_Section):
+    """``[cluster]``: this node shares the chat with others through Redis.
+
+    The URL is a secret (it may hold the password): its repr is masked, and messages
+    use :meth:`redacted_url` or :attr:`RedisTarget.endpoint`.
+    """
+
+    redis_url: SecretStr
+    durability: Durability = "fsync"
+    replicas: int = Field(1, ge=1, le=100)  # with durability = "replicated"
+    presence_ttl: Seconds = 15.0
+    history_max_per_room: int = Field(10000, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_url(cls, value: SecretStr) -> SecretStr:
+        _split_redis_url(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_need_replication(self) -> ClusterSection:
+        if self.replicas != 1 and self.durability != "replicated":
+            raise ValueError(
+                'replicas: only used with durability = "replicated" (remove it, or set that)'
+            )
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """Redis's ``host:port``, for messages."""
+        return self.target({}).endpoint
+
+    def redacted_url(self) -> str:
+        """The URL with its password (if any) replaced by ``***``: safe to log."""
+        parts = urlsplit(self.redis_url.get_secret_value())
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        if at and parts.password is not None:
+            userinfo = f"{userinfo.partition(':')[0]}:***"
+        return f"{parts.scheme}://{userinfo}{at}{hostport}{parts.path}"
+
+    def target(self, environ: Mapping[str, str]) -> RedisTarget:
+        """The URL's parts, with the password from the URL or from ``environ``
+        (:data:`REDIS_PASSWORD_ENV`); both at once is a :class:`ConfigError`."""
+        parts, db = _split_redis_url(self.redis_url.get_secret_value())
+        assert parts.hostname is not None  # checked by the validator
+        from_url = unquote(parts.password) if parts.password else None
+        from_env = environ.get(REDIS_PASSWORD_ENV) or None
+        if from_url is not None and from_env is not None:
+            raise ConfigError(
+                f"[cluster] redis_url holds a password and {REDIS_PASSWORD_ENV} is set too:"
+                " give the password in one place only"
+            )
+        password = from_url if from_url is not None else from_env
+        return RedisTarget(
+            host=parts.hostname,
+            port=parts.port or REDIS_PORT,
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=None if password is None else SecretStr(password),
+            tls=parts.scheme == "rediss",
+        )
+
+
+def _split_redis_url(url: str) -> tuple[SplitResult, int]:
+    """The URL's parts and its database index; a ValueError that never quotes the URL."""
+    form = "redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] (or rediss:// for TLS)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # its text may quote the URL
+        raise ValueError(f"must be {form}, with a port from 1 to 65535") from None
+    if parts.scheme not in ("redis", "rediss") or not url.startswith(f"{parts.scheme}://"):
+        raise ValueError(f"must be {form}")
+    if not parts.hostname:
+        raise ValueError(f"names no host; the form is {form}")
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if parts.query or parts.fragment:
+        raise ValueError(f"takes no query or fragment; the form is {form}")
+    db_text = parts.path.removeprefix("/")
+    if db_text == "":
+        return parts, 0
+    if not db_text.isascii() or not db_text.isdigit() or len(db_text) > 5:
+        raise ValueError(
+            f"the database must be a number, as in redis://host:6379/0; the form is {form}"
+        )
+    return parts, int(db_text)
+
+
 class Config(_Section):
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
@@ -126,6 +252,7 @@ class Config(_Section):
     users: dict[Name, UserSection] = {}
     rooms: dict[Name, RoomSection] = {}
     client: ClientSection = ClientSection()
+    cluster: ClusterSection | None = None  # None: one process, the SQLite store
 
     @field_validator("users")
     @classmethod

@@ -30,6 +30,9 @@ from securechat.server import ChatServer
 from securechat.sqlite_store import SqliteStore
 from securechat.store import Store
 
+from .redis_server import RedisServer
+from .redis_server import redis_server as private_redis_server
+
 # Test-only passwords for throwaway users; never used outside the test suite.
 PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password", "dave": "dave-pw-1234"}
 CERT_USERS = ("alice", "bob", "carol")  # carol has a certificate and no password
@@ -197,6 +200,14 @@ async def start_server(
 @pytest.fixture
 async def server(start_server: StartServer) -> RunningServer:
     return await start_server()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A private, durable redis-server (tests/redis_server.py), stopped after the test.
+    For other settings: ``async with private_redis_server(tmp_path / "r", {...})``."""
+    async with private_redis_server(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from securechat import passwords
 from securechat.config import (
+    REDIS_PASSWORD_ENV,
     Account,
+    ClusterSection,
     Config,
     ConfigError,
+    RedisTarget,
     describe_exposure,
     exposure_warning,
     load_config,
+    parse_config,
 )
 from securechat.protocol import DEFAULT_MAX_FRAME_BYTES
 
@@ -281,6 +287,147 @@ def test_several_errors_are_all_reported_on_one_line(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, "bogus = 1\n[server]\nport = 70000\n"))
     assert "bogus: unknown key" in message
     assert "server.port: " in message
+
+
+# --- [cluster] -----------------------------------------------------------------------------
+
+SECRET = "s3cret-Redis-pw"  # a test password that must never show in an error or a repr
+
+
+def cluster(tmp_path: Path, text: str) -> ClusterSection:
+    section = load_config(write(tmp_path, "[cluster]\n" + text)).cluster
+    assert section is not None
+    return section
+
+
+def test_no_cluster_section_means_one_process(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).cluster is None
+    assert load_config(EXAMPLE).cluster is None  # `make run` stays single-process
+
+
+def test_the_example_documents_every_cluster_key_with_its_default(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [cluster]") : text.index("[client]")]
+    keys = [line[2:] for line in block.splitlines() if re.match(r"# (\[cluster\]|\w+ = )", line)]
+    documented = cluster(tmp_path, "\n".join(keys[1:]) + "\n")
+    assert keys[0] == "[cluster]"
+    assert set(ClusterSection.model_fields) == set(documented.model_fields_set)
+    defaults = cluster(tmp_path, f'redis_url = "{documented.redis_url.get_secret_value()}"\n')
+    assert documented == defaults
+    assert (defaults.durability, defaults.replicas) == ("fsync", 1)
+    assert (defaults.presence_ttl, defaults.history_max_per_room) == (15.0, 10000)
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("redis://127.0.0.1", RedisTarget("127.0.0.1", 6379, 0, None, None, tls=False)),
+        ("redis://127.0.0.1:6380/2", RedisTarget("127.0.0.1", 6380, 2, None, None, tls=False)),
+        (
+            "rediss://redis.example.net/",
+            RedisTarget("redis.example.net", 6379, 0, None, None, tls=True),
+        ),
+        ("redis://[::1]:7000/0", RedisTarget("::1", 7000, 0, None, None, tls=False)),
+        ("redis://chat@h:1/15", RedisTarget("h", 1, 15, "chat", None, tls=False)),
+    ],
+)
+def test_redis_urls(tmp_path: Path, url: str, target: RedisTarget) -> None:
+    section = cluster(tmp_path, f'redis_url = "{url}"\n')
+    assert section.target({}) == target
+    assert section.redacted_url() == url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param(f"http://:{SECRET}@h:6379", "must be redis://", id="http"),
+        pytest.param(f"h:{SECRET}@x", "must be redis://", id="no-scheme"),
+        pytest.param(f"redis:/:{SECRET}@h", "must be redis://", id="one-slash"),
+        pytest.param(f"redis://:{SECRET}@", "names no host", id="no-host"),
+        pytest.param(f"redis://:{SECRET}@h:0", "port must be a number from 1 to 65535", id="0"),
+        pytest.param(f"redis://:{SECRET}@h:70000", "port from 1 to 65535", id="port-70000"),
+        pytest.param(f"redis://:{SECRET}@h:{SECRET}", "port from 1 to 65535", id="port-text"),
+        pytest.param(f"redis://:{SECRET}@h/{SECRET}", "database must be a number", id="db"),
+        pytest.param(f"redis://:{SECRET}@h/0?ssl={SECRET}", "no query", id="query"),
+        pytest.param(f"redis://:{SECRET}@[::1", "must be redis://", id="bad-ipv6"),
+    ],
+)
+def test_bad_redis_url_is_one_line_without_the_password(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    message = config_error(write(tmp_path, f'[cluster]\nredis_url = "{url}"\n'))
+    assert "cluster.redis_url: " in message
+    assert expected in message
+    assert SECRET not in message
+
+
+URL = 'redis_url = "redis://h"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("durability = 'fsync'\n", "cluster.redis_url: missing", id="no-url"),
+        pytest.param("redis_url = 6379\n", "cluster.redis_url: ", id="url-int"),
+        pytest.param(URL + "durability = 'disk'\n", "cluster.durability: ", id="durability"),
+        pytest.param(
+            URL + "durability = 'replicated'\nreplicas = 0\n", "cluster.replicas: ", id="r0"
+        ),
+        pytest.param(URL + "presence_ttl = 0\n", "cluster.presence_ttl: ", id="ttl-0"),
+        pytest.param(URL + "presence_ttl = '15'\n", "cluster.presence_ttl: ", id="ttl-str"),
+        pytest.param(URL + "history_max_per_room = 0\n", "cluster.history_max_per_room: ", id="h"),
+        pytest.param(URL + "password = 'x'\n", "cluster.password: unknown key", id="unknown"),
+        pytest.param(URL + "replicas = 2\n", "cluster: replicas: only used with dura", id="fsync"),
+    ],
+)
+def test_bad_cluster_values(tmp_path: Path, text: str, key: str) -> None:
+    assert key in config_error(write(tmp_path, "[cluster]\n" + text))
+
+
+def test_replicated_takes_replicas(tmp_path: Path) -> None:
+    section = cluster(
+        tmp_path, 'redis_url = "redis://h"\ndurability = "replicated"\nreplicas = 2\n'
+    )
+    assert (section.durability, section.replicas) == ("replicated", 2)
+
+
+def test_redis_password_from_the_url_or_the_environment_never_both(tmp_path: Path) -> None:
+    in_url = cluster(tmp_path, f'redis_url = "redis://chat:{SECRET}%40x@h"\n')
+    target = in_url.target({})
+    assert (target.username, target.password) == ("chat", SecretStr(f"{SECRET}@x"))
+    assert target.password is not None
+    assert target.password.get_secret_value() == f"{SECRET}@x"  # percent-decoded
+    assert in_url.target({REDIS_PASSWORD_ENV: ""}).password == target.password  # empty: unset
+
+    plain = cluster(tmp_path, 'redis_url = "redis://h"\n')
+    assert plain.target({}).password is None
+    from_env = plain.target({REDIS_PASSWORD_ENV: SECRET}).password
+    assert from_env is not None
+    assert from_env.get_secret_value() == SECRET
+
+    with pytest.raises(ConfigError) as both:
+        in_url.target({REDIS_PASSWORD_ENV: "another"})
+    assert str(both.value) == (
+        f"[cluster] redis_url holds a password and {REDIS_PASSWORD_ENV} is set too:"
+        " give the password in one place only"
+    )
+
+
+def test_the_redis_password_shows_nowhere(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f'[cluster]\nredis_url = "rediss://u:{SECRET}@h:7/1"\n'))
+    assert config.cluster is not None
+    assert config.cluster.redacted_url() == "rediss://u:***@h:7/1"
+    target = config.cluster.target({})
+    assert target.endpoint == "h:7"
+    for shown in (repr(config), str(config), repr(target), config.model_dump_json()):
+        assert SECRET not in shown
+    # A ValidationError's own text (for whoever logs one) hides the input too.
+    with pytest.raises(ValidationError) as invalid:
+        Config.model_validate({"cluster": {"redis_url": f"redis://:{SECRET}@h/x"}})
+    assert SECRET not in str(invalid.value)
+    with pytest.raises(ConfigError) as error:
+        parse_config({"cluster": {"redis_url": f"redis://:{SECRET}@h/x"}}, tmp_path / "c.toml")
+    assert SECRET not in str(error.value)
 
 
 # --- the file's own permissions -----------------------------------------------------------

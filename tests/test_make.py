@@ -57,6 +57,13 @@ def test_make_test_installs_the_test_tools(clone: Path) -> None:
     assert ".venv/bin/pytest" in commands
 
 
+def test_make_test_brings_redis_server_when_missing(clone: Path) -> None:
+    # The cluster tests start private redis-servers (tests/redis_server.py).
+    commands = "\n".join(dry_run(clone, "test"))
+    guard = commands[commands.index("command -v redis-server >/dev/null || {") :]
+    assert "apt-get install -y -qq redis-server" in guard[: guard.index(".venv/bin/pytest")]
+
+
 def test_make_run_port_and_config(clone: Path) -> None:
     commands = dry_run(clone, "run", "PORT=9000")
     assert commands[-1] == ".venv/bin/securechat server --config config.example.toml --port 9000"
