@@ -407,6 +407,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
             " (pass --config FILE; config.example.toml shows every key)"
         )
     config = load_config(args.config)
+    if config.cluster is not None:
+        # Refused rather than ignored: a node that silently ran alone would split the chat.
+        raise ConfigError(
+            f"{args.config}: [cluster] is not usable yet: the Redis store is built but"
+            " presence, memberships and kicks do not cross nodes (issue 12); remove the"
+            " section to run one process"
+        )
     overrides = {
         name: getattr(args, name)
         for name in ("host", "port", "cert", "key", "ca", "client_certs")

@@ -37,7 +37,7 @@ from .lines import LineTransport
 from .protocol import Error, ErrorCode, encode
 from .session import ServerStats, Services, Session, UserRates
 from .sqlite_store import SqliteStore
-from .store import Retention, StoreError
+from .store import Retention, Store, StoreError
 from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
@@ -58,7 +58,9 @@ def raise_open_file_limit() -> None:
 class ChatServer:
     """Listens, accepts, and runs every connection until :meth:`request_shutdown`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+        """``store``: where the chat's state lives; default, the SQLite database of
+        ``[storage]`` (a cluster node passes its :class:`~securechat.redis_store.RedisStore`)."""
         self.config = config
         self.limits = config.limits
         interval = config.server.flush_interval_ms / 1000
@@ -77,11 +79,13 @@ class ChatServer:
                 max_delay=config.limits.login_backoff_max,
             ),
         )
-        self.store = SqliteStore(config.storage.path)
+        self.store: Store = store if store is not None else SqliteStore(config.storage.path)
         storage = config.storage
-        self.retention = Retention(
-            max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
-        )
+        per_room = storage.retention_messages_per_room
+        if config.cluster is not None:  # Redis holds history in memory: always bounded
+            limit = config.cluster.history_max_per_room
+            per_room = min(per_room, limit) if per_room else limit
+        self.retention = Retention(max_age=storage.retention_days * 86400, per_room=per_room)
         self._hub: Hub | None = None  # set up by load(), from the stored state
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
@@ -215,7 +219,8 @@ class ChatServer:
                     if self.ticker is not None:
                         self.ticker.stop()
         finally:
-            self.store.close_database()
+            if isinstance(self.store, SqliteStore):
+                self.store.close_database()
         log.info("server stopped")
 
     async def _prune_periodically(self, scope: trio.CancelScope) -> None:
@@ -228,14 +233,14 @@ class ChatServer:
         rules = []
         if storage.retention_days:
             rules.append(f"older than {storage.retention_days:g} days")
-        if storage.retention_messages_per_room:
-            rules.append(f"beyond the newest {storage.retention_messages_per_room} of a room")
+        if self.retention.per_room:
+            rules.append(f"beyond the newest {self.retention.per_room} of a room")
         log.info(
             "retention: deleting messages %s, every %g s%s",
             " or ".join(rules),
             storage.prune_interval,
             ""
-            if self.store.shrinks
+            if not isinstance(self.store, SqliteStore) or self.store.shrinks
             else " (this database was made without auto_vacuum: the space is reused,"
             " the file does not shrink; see config.example.toml)",
         )

@@ -23,9 +23,10 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from securechat import certs, passwords, tls
+from securechat import certs, passwords, redis_link, tls
 from securechat.client import ChatConnection
-from securechat.config import Config, parse_config
+from securechat.config import ClusterSection, Config, parse_config
+from securechat.redis_store import RedisStore
 from securechat.server import ChatServer
 from securechat.sqlite_store import SqliteStore
 from securechat.store import Store
@@ -200,6 +201,14 @@ async def start_server(
 @pytest.fixture
 async def server(start_server: StartServer) -> RunningServer:
     return await start_server()
+
+
+@asynccontextmanager
+async def redis_store(server: RedisServer) -> AsyncIterator[RedisStore]:
+    """A RedisStore on ``server`` (its clients connected; its tasks not started)."""
+    section = ClusterSection.model_validate({"redis_url": server.url})
+    async with redis_link.connect(section) as client, redis_link.connect(section) as tail:
+        yield RedisStore(client, tail)
 
 
 @pytest.fixture

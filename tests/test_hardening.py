@@ -29,6 +29,7 @@ from securechat.protocol import (
     Say,
 )
 from securechat.server import raise_open_file_limit
+from securechat.sqlite_store import SqliteStore
 
 from .conftest import (
     PASSWORDS,
@@ -440,13 +441,15 @@ async def test_failed_store_write_is_unavailable_not_acknowledged(server: Runnin
     kept = (await receive_type(alice, Ack)).id
 
     # inject a disk that refuses writes
-    server.server.store._writer_db.execute("PRAGMA query_only = ON")
+    store = server.server.store
+    assert isinstance(store, SqliteStore)
+    store._writer_db.execute("PRAGMA query_only = ON")
     await alice.send(Say(room="lobby", text="lost?", id="k2"))
     error = await receive_first(alice, Ack, Error)
     assert isinstance(error, Error)
     assert (error.code, error.ref) == (ErrorCode.UNAVAILABLE, "k2")
 
-    server.server.store._writer_db.execute("PRAGMA query_only = OFF")
+    store._writer_db.execute("PRAGMA query_only = OFF")
     await alice.send(Say(room="lobby", text="kept too", id="k3"))
     kept_too = (await receive_type(alice, Ack)).id
 

@@ -36,6 +36,7 @@ from securechat.protocol import (
     Welcome,
     Who,
 )
+from securechat.sqlite_store import SqliteStore
 
 from .conftest import (
     PASSWORDS,
@@ -555,6 +556,7 @@ async def test_wire_names_only(server: RunningServer) -> None:
 async def test_history_read_failure_is_unavailable(server: RunningServer) -> None:
     bob = await server.login("bob")
     store = server.server.store
+    assert isinstance(store, SqliteStore)
     healthy = list(store._idle_readers)
     # Inject databases that fail every read (they have no tables).
     store._idle_readers[:] = [sqlite3.connect(":memory:", check_same_thread=False) for _ in healthy]
