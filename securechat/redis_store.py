@@ -65,6 +65,7 @@ from .store import (
     StoreError,
     Then,
     Write,
+    commit_and_wait,
 )
 
 log = logging.getLogger("securechat.cluster")
@@ -270,19 +271,7 @@ class RedisStore:
     # -- writes --
 
     async def commit(self, *writes: Write) -> None:
-        if not writes:
-            return
-        outcome: list[StoreError | None] = []
-        committed = trio.Event()
-
-        def then(error: StoreError | None) -> None:
-            outcome.append(error)
-            committed.set()
-
-        await self.commit_then(writes, then)
-        await committed.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
+        await commit_and_wait(self.commit_then, writes)
 
     async def commit_then(self, writes: Write | tuple[Write, ...], then: Then) -> None:
         item = (writes if isinstance(writes, tuple) else (writes,), then)

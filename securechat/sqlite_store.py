@@ -69,6 +69,7 @@ from .store import (
     StoreError,
     Then,
     Write,
+    commit_and_wait,
 )
 
 if TYPE_CHECKING:
@@ -483,19 +484,7 @@ class SqliteStore:
 
     async def commit(self, *writes: Write) -> None:
         """Commit ``writes`` in one transaction and wait for it; raises the error if it fails."""
-        if not writes:
-            return
-        outcome: list[StoreError | None] = []
-        committed = trio.Event()
-
-        def then(error: StoreError | None) -> None:
-            outcome.append(error)
-            committed.set()
-
-        await self.commit_then(writes, then)
-        await committed.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
+        await commit_and_wait(self.commit_then, writes)
 
     async def commit_then(self, writes: Write | tuple[Write, ...], then: Then) -> None:
         """Queue ``writes`` (a tuple is committed as one unit); ``then(None)`` runs once it is

@@ -39,7 +39,7 @@ read without blocking the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -116,6 +116,26 @@ Write = (
 )
 # What runs after a commit: with None once the writes are durable, with the error if not.
 Then = Callable[[StoreError | None], None]
+
+
+async def commit_and_wait(
+    commit_then: Callable[[tuple[Write, ...], Then], Awaitable[None]], writes: tuple[Write, ...]
+) -> None:
+    """:meth:`Store.commit` on top of :meth:`Store.commit_then`: queue ``writes`` as one
+    unit, wait for its commit, raise its error."""
+    if not writes:
+        return
+    outcome: list[StoreError | None] = []
+    committed = trio.Event()
+
+    def then(error: StoreError | None) -> None:
+        outcome.append(error)
+        committed.set()
+
+    await commit_then(writes, then)
+    await committed.wait()
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 # --- messages ----------------------------------------------------------------------------
