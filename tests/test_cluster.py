@@ -2,7 +2,8 @@
 
 Each node is a real ChatServer on its own loopback port with real TLS, its
 state in a RedisStore; clients are real ChatConnections. What crosses nodes
-so far: messages (in id order, no gaps), history, and idempotent re-sends.
+so far: messages (in id order, no gaps), history, and idempotent re-sends;
+and Redis going away costs refused sends, not connections or messages.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 
 from securechat.client import ChatConnection
-from securechat.protocol import LOBBY, Ack, History, HistoryEnd, Message, Say
+from securechat.protocol import LOBBY, Ack, Error, ErrorCode, History, HistoryEnd, Message, Say
 from securechat.server import ChatServer
 
 from .conftest import WAIT, ConfigFactory, Endpoint, Pki, receive_type, redis_store
@@ -112,3 +114,32 @@ async def test_a_resend_to_another_node_is_acked_with_the_same_id_and_stored_onc
                 if isinstance(envelope, Message):
                     texts.append(envelope.text)
         assert texts.count("only once") == 1
+
+
+async def test_while_redis_is_down_sends_are_refused_and_after_it_returns_they_go_through(
+    redis_server: RedisServer,
+    make_config: ConfigFactory,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with nodes(2, redis_server, make_config, pki) as (a, b):
+        alice = await a.login("alice")
+        bob = await b.login("bob")
+        with trio.fail_after(WAIT * 3):
+            before = await say(alice, "before", "a1")
+            await messages(bob, 1)
+            await redis_server.kill()
+            await alice.send(Say(room=LOBBY, text="while down", id="a2"))
+            refused = await receive_type(alice, Error)
+            assert (refused.code, refused.ref) == (ErrorCode.UNAVAILABLE, "a2")
+            await redis_server.restart()
+            # The connections stayed up; the same client id goes through now, once.
+            after = await say(alice, "while down", "a2")
+            assert after.id > before.id
+            (seen,) = await messages(bob, 1)
+            assert (seen.id, seen.text) == (after.id, "while down")
+    # One line per change of state, however long it lasted: no log storm.
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("Redis unavailable" in line for line in lines) == 1  # node a's refused send
+    assert sum("Redis available again" in line for line in lines) == 1
+    assert sum("cannot read the message log" in line for line in lines) <= 2  # once per node
