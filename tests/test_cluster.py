@@ -143,3 +143,24 @@ async def test_while_redis_is_down_sends_are_refused_and_after_it_returns_they_g
     assert sum("Redis unavailable" in line for line in lines) == 1  # node a's refused send
     assert sum("Redis available again" in line for line in lines) == 1
     assert sum("cannot read the message log" in line for line in lines) <= 2  # once per node
+
+
+async def test_every_acknowledged_message_survives_a_sigkill_of_redis(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    limits = {"messages_per_second": 1000.0, "message_burst": 1000}
+    async with nodes(2, redis_server, make_config, pki, limits=limits) as (a, b):
+        alice = await a.login("alice")
+        with trio.fail_after(WAIT * 3):
+            for number in range(100):
+                await alice.send(Say(room=LOBBY, text=f"durable {number}", id=f"d{number}"))
+            acked = {(await receive_type(alice, Ack)).id for _ in range(100)}
+            await redis_server.kill()  # SIGKILL: no chance to save anything more
+            await redis_server.restart()
+            bob = await b.login("bob")
+            await bob.send(History(room=LOBBY, limit=200, id="h"))
+            stored: list[int] = []
+            while not isinstance(envelope := await bob.receive(), HistoryEnd):
+                if isinstance(envelope, Message) and envelope.text.startswith("durable "):
+                    stored.append(envelope.id)
+        assert sorted(stored) == sorted(acked)  # every ack kept, each once
