@@ -13,8 +13,7 @@ Messages are durable: ``say`` and ``dm`` hand a draft to the
 sender can pipeline. The store gives the message its id (ids grow in commit order) and
 hands every committed message, in id order, to :meth:`Hub._apply` (the
 fan-out); then the append's callback sends the ``ack``. Nothing is
-delivered or acknowledged before it is on disk, and both run outside the
-store's writer.
+delivered or acknowledged before it is on disk.
 """
 
 from __future__ import annotations

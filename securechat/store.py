@@ -27,10 +27,10 @@ by several servers feeds each of them every server's messages.
 
 The ``then`` calls run in commit order, and ``commit`` returns in that
 order too: what a caller does after ``await commit(...)`` comes after the
-fan-out of everything committed before. They run outside the store's writer
-(SqliteStore: in a task of its own), so a slow ``then`` (a big room's
-fan-out) delays the ``then`` calls after it, never the next commit. A
-``then`` must not raise: if it does, the error is logged and the next one
+fan-out of everything committed before. They run after the commit, never
+inside a transaction (SqliteStore: its writer runs them between two
+commits; RedisStore: once its tail has fed the messages committed up to
+them). A ``then`` must not raise: if it does, the error is logged and the next one
 runs.
 
 Start-up state comes as one :class:`Snapshot` from ``await load(...)``,

@@ -13,7 +13,6 @@ import random
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -920,32 +919,21 @@ async def test_a_commit_of_no_writes_returns_at_once(store: Store) -> None:
     assert finished.is_set()
 
 
-async def test_the_next_batch_commits_while_the_callbacks_of_the_last_one_run(
-    db_path: Path,
-) -> None:
-    # A callback is where the hub fans a message out and acks it: however long
-    # that takes, the writer has gone on to commit the next batch meanwhile.
-    next_batch_committed: list[bool] = []
+async def test_writes_queued_while_callbacks_run_join_the_next_batch(db_path: Path) -> None:
+    # The writer runs a batch's callbacks (the fan-out, the acks) right after its
+    # commit, and what they and others queue meanwhile is committed together next.
+    store = CountingStore(db_path)
+    async with running(store):
 
-    def slow_fan_out(error: StoreError | None) -> None:
-        with contextlib.closing(sqlite3.connect(db_path)) as db:
-            deadline = time.monotonic() + WAIT / 2
-            while time.monotonic() < deadline:
-                if db.execute("SELECT 1 FROM messages WHERE id = 2").fetchone():
-                    next_batch_committed.append(True)
-                    return
-                time.sleep(0.001)
-        next_batch_committed.append(False)
+        def fan_out(error: StoreError | None) -> None:
+            for i in range(2, 6):
+                store.commit_then_nowait(AppendMessage(room_message(i)), lambda error: None)
 
-    async with running(SqliteStore(db_path)) as store:
-        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")  # the writer's first commit waits for this lock
-            await store.commit_then(AppendMessage(room_message(1)), slow_fan_out)
-            await trio.testing.wait_all_tasks_blocked()  # the writer took message 1, alone
-            await store.commit_then(AppendMessage(room_message(2)), lambda error: None)
-            other.execute("COMMIT")
+        await store.commit_then(AppendMessage(room_message(1)), fan_out)
+        await store.commit(MarkDelivered(()))  # (queued at once: it joins message 1)
         await store.commit(MarkDelivered(()))
-    assert next_batch_committed == [True]
+        assert [m.id for m in await room_history(store, "lobby", None, 10)] == [1, 2, 3, 4, 5]
+    assert store.transactions[:2] == [2, 4]
 
 
 async def test_a_then_that_raises_is_logged_and_the_next_ones_run(
