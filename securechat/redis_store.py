@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import coredis
@@ -286,7 +286,7 @@ class RedisStore:
     async def append(self, draft: Draft, then: AppendThen) -> None:
         await self._queue(_Append(draft, then), lambda: then(StoreError("the store is closed")))
 
-    async def _queue(self, item: _Queued, refuse: Any) -> None:
+    async def _queue(self, item: _Queued, refuse: Callable[[], None]) -> None:
         if self._closed:
             refuse()
             return

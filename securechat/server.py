@@ -81,11 +81,9 @@ class ChatServer:
         )
         self.store: Store = store if store is not None else SqliteStore(config.storage.path)
         storage = config.storage
-        per_room = storage.retention_messages_per_room
-        if config.cluster is not None:  # Redis holds history in memory: always bounded
-            limit = config.cluster.history_max_per_room
-            per_room = min(per_room, limit) if per_room else limit
-        self.retention = Retention(max_age=storage.retention_days * 86400, per_room=per_room)
+        self.retention = Retention(
+            max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
+        )
         self._hub: Hub | None = None  # set up by load(), from the stored state
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []

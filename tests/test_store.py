@@ -931,9 +931,11 @@ async def test_writes_queued_while_callbacks_run_join_the_next_batch(db_path: Pa
 
         await store.commit_then(AppendMessage(room_message(1)), fan_out)
         await store.commit(MarkDelivered(()))  # (queued at once: it joins message 1)
-        await store.commit(MarkDelivered(()))
+        await store.commit(MarkDelivered(()))  # (joins the four, or comes after them)
         assert [m.id for m in await room_history(store, "lobby", None, 10)] == [1, 2, 3, 4, 5]
-    assert store.transactions[:2] == [2, 4]
+    first, second = store.transactions[:2]
+    assert first == 2
+    assert second in (4, 5)  # the four queued by the callback, together
 
 
 async def test_a_then_that_raises_is_logged_and_the_next_ones_run(
