@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from .protocol import MAX_MESSAGE_ID, Message
+from .protocol import MAX_MESSAGE_ID, Message, trusted_message
 from .store import (
     QUEUE_SIZE,
     AddMember,
@@ -120,14 +120,14 @@ def _visible(scope: HistoryScope, message: Message) -> bool:
 
 def _as_read(message: Message) -> Message:
     """A stored message as a read returns it: a new object, ``action`` True or None."""
-    return Message.model_construct(
-        id=message.id,
-        room=message.room,
-        to=message.to,
-        sender=message.sender,
-        text=message.text,
-        action=True if message.action else None,
-        ts=message.ts,
+    return trusted_message(
+        message.id,
+        message.room,
+        message.to,
+        message.sender,
+        message.text,
+        bool(message.action),
+        message.ts,
     )
 
 

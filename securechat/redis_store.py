@@ -41,7 +41,7 @@ from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
 from .ledger import RECENT_SECONDS
-from .protocol import Message
+from .protocol import Message, trusted_message
 from .store import (
     QUEUE_SIZE,
     AddMember,
@@ -144,14 +144,14 @@ def _body(draft: Draft) -> str:
 
 def _message(id_: int, body: bytes | str) -> Message:
     fields = json.loads(body)
-    return Message.model_construct(
-        id=id_,
-        room=fields.get("room"),
-        to=fields.get("to"),
-        sender=fields["sender"],
-        text=fields["text"],
-        action=True if fields.get("action") else None,
-        ts=fields["ts"],
+    return trusted_message(
+        id_,
+        fields.get("room"),
+        fields.get("to"),
+        fields["sender"],
+        fields["text"],
+        bool(fields.get("action")),
+        fields["ts"],
     )
 
 

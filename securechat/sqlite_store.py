@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from .protocol import MAX_MESSAGE_ID, Message
+from .protocol import MAX_MESSAGE_ID, Message, trusted_message
 from .store import (
     QUEUE_SIZE,
     AddMember,
@@ -364,17 +364,7 @@ def _rows(cursor: sqlite3.Cursor, max_chars: int | None) -> list[Message]:
     try:
         for id_, room, recipient, sender, text, ts, action in cursor:
             # Rows were validated on the way in; skip validating them again.
-            messages.append(
-                Message.model_construct(
-                    id=id_,
-                    room=room,
-                    to=recipient,
-                    sender=sender,
-                    text=text,
-                    action=True if action else None,
-                    ts=ts,
-                )
-            )
+            messages.append(trusted_message(id_, room, recipient, sender, text, bool(action), ts))
             chars += len(text)
             if max_chars is not None and chars >= max_chars:
                 break

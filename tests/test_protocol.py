@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from securechat import protocol
 from securechat.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_TEXT_CHARS,
@@ -1112,3 +1113,31 @@ def test_duplicate_key_fast_paths_agree_with_a_full_parse(
     else:
         with pytest.raises(ProtocolError):
             _reject_duplicate_keys(frame, None, len(set(keys)))
+
+
+@pytest.mark.parametrize(
+    ("room", "to", "action"),
+    [("lobby", None, False), (None, "bob", True), ("dev", None, True)],
+)
+def test_trusted_message_is_what_model_construct_builds(
+    room: str | None, to: str | None, action: bool
+) -> None:
+    fast = protocol.trusted_message(
+        7, room, to, "alice", "hi <b>", action, "2026-11-30T00:00:00.000Z"
+    )
+    slow = protocol.Message.model_construct(
+        id=7,
+        room=room,
+        to=to,
+        sender="alice",
+        text="hi <b>",
+        action=True if action else None,
+        ts="2026-11-30T00:00:00.000Z",
+    )
+    assert protocol._MESSAGE_PLAIN  # the short cut is taken, not the fallback
+    assert fast == slow
+    assert fast.__dict__ == slow.__dict__
+    assert fast.model_fields_set == slow.model_fields_set
+    assert protocol.encode(fast) == protocol.encode(slow)
+    # and it is a valid message, as the wire sees it
+    assert protocol.parse_server_frame(protocol.encode(fast)) == slow
