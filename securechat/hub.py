@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 import trio
 
@@ -49,7 +50,11 @@ from .store import (
     AddMember,
     Appended,
     AppendThen,
+    Change,
     Draft,
+    HereOnline,
+    LetGo,
+    OnlineElsewhere,
     RemoveMember,
     SaveRoom,
     Snapshot,
@@ -61,6 +66,9 @@ from .store import (
 log = logging.getLogger(__name__)
 
 Committed = Callable[[BaseException | None], None]
+
+# How many "stored for later" flags wait for their ack (see Hub._stored).
+STORED_FLAGS = 4096
 
 
 async def load_state(store: Store) -> Snapshot:
@@ -91,11 +99,15 @@ class Hub:
             allow_create=allow_room_create,
             max_rooms=max_rooms,
         )
-        self.online = Online()
+        self.online = Online(state.online_elsewhere)
         self.ledger = SendLedger(state.recent_sends)
         self.last_applied = state.last_message_id  # the newest message delivered here
-        self._stored: set[int] = set()  # direct messages kept for an offline recipient
+        # Direct messages kept for an offline recipient, until their ack says so. In
+        # a cluster every node sees every message, and only the sender's node acks:
+        # the oldest are forgotten (by then long acked).
+        self._stored: dict[int, None] = {}
         store.feed(self._apply)
+        store.watch(self._changed)
         self.mailbox = Mailbox(store, state.undelivered_to)
         self.shutting_down = False  # no presence updates while everyone is being let go
         self.configure_rooms(rooms)
@@ -110,7 +122,7 @@ class Hub:
         """
         self.rooms.set_users(users)
         self.configure_rooms(rooms)
-        for username in self.online.users():
+        for username in self.online.here():
             if username not in self.rooms.users:
                 self.disconnect_user(
                     username, Error(code=ErrorCode.KICKED, message="your account was removed")
@@ -161,6 +173,8 @@ class Hub:
         if user not in self.rooms.users:
             raise ProtocolError(ErrorCode.AUTH_FAILED, "invalid username, password or certificate")
         first = self.online.add(peer)
+        if first:
+            self.store.tell(HereOnline(user, True))
         lobby = self.rooms.lobby()
         if user not in lobby.members:
             self.rooms.add_member(lobby, user)
@@ -172,13 +186,17 @@ class Hub:
         rooms = self.rooms.of(user)
         for name in rooms:
             self.online.enter(name, peer)
-        if first:
+        if first and user not in self.online.elsewhere:
             self.online.announce(user, rooms, "online")
         return rooms
 
     def logout(self, peer: Peer) -> None:
-        if self.online.remove(peer) and not self.shutting_down:
-            self.online.announce(peer.username, self.rooms.of(peer.username), "offline")
+        user = peer.username
+        if not self.online.remove(peer):
+            return
+        self.store.tell(HereOnline(user, False))
+        if not self.shutting_down and user not in self.online.elsewhere:
+            self.online.announce(user, self.rooms.of(user), "offline")
 
     async def deliver_stored(self, peer: Peer) -> None:
         """Send ``peer`` the direct messages that arrived while its user was offline."""
@@ -283,7 +301,7 @@ class Hub:
             peer.send(reply)
             peer.answered()
 
-        await self._commit_for(peer, SaveRoom(name, topic, room.allowed), committed)
+        await self._commit_for(peer, SaveRoom(name, topic, room.allowed, by=user), committed)
 
     def room_list(self, username: str | None, ref: str | None = None) -> RoomList:
         """The rooms ``username`` may join (every room when None: the operator)."""
@@ -348,7 +366,7 @@ class Hub:
         def committed(outcome: Appended | StoreError) -> None:
             stored = False
             if isinstance(outcome, Appended) and outcome.id in self._stored:
-                self._stored.discard(outcome.id)
+                del self._stored[outcome.id]
                 stored = True
             self.ledger.settle(peer, client_id, outcome, stored=stored)
 
@@ -384,8 +402,63 @@ class Hub:
         if to != sender:  # a note to self is delivered once, below
             for own in self.online.peers_of(sender):
                 own.put(frame)
-        if not self.mailbox.hand_over(to, message, frame, self.online.peers_of(to)):
-            self._stored.add(message.id)
+        if (
+            not self.mailbox.hand_over(to, message, frame, self.online.peers_of(to))
+            and to not in self.online.elsewhere
+        ):
+            self._stored[message.id] = None
+            if len(self._stored) > STORED_FLAGS:
+                del self._stored[next(iter(self._stored))]
+
+    def _changed(self, change: Change) -> None:
+        """What another server sharing the store changed (a cluster), in log order: the
+        same state and notices here as if it had been done on this server."""
+        if isinstance(change, OnlineElsewhere):
+            user = change.username
+            if change.online:
+                self.online.elsewhere.add(user)
+            else:
+                self.online.elsewhere.discard(user)
+            if not self.online.is_here(user) and not self.shutting_down:
+                state: Literal["online", "offline"] = "online" if change.online else "offline"
+                self.online.announce(user, self.rooms.of(user), state)
+        elif isinstance(change, LetGo):
+            text = change.message
+            self.disconnect_user(change.username, Error(code=ErrorCode.KICKED, message=text))
+        elif isinstance(change, SaveRoom):
+            room = self.rooms.adopt(change.name, change.allowed)
+            if change.topic is not None and change.topic != room.topic:
+                if room.topic_from_config:
+                    return  # this server's config file sets it
+                self.rooms.set_topic(room, change.topic)
+                by = change.by or SERVER_USER
+                frame = encode(RoomTopic(room=room.name, topic=change.topic, by=by))
+                self.online.broadcast(room.name, frame)
+        elif isinstance(change, AddMember):
+            room = self.rooms.adopt(change.room)
+            user = change.username
+            if user in room.members or not room.may_join(user):
+                return
+            self.rooms.add_member(room, user)
+            if room.name != LOBBY:
+                self.online.room_presence(room.name, user, "joined")
+            elif user in self.online.elsewhere and not self.online.is_here(user):
+                # A first login on another node: its "online" may have come first,
+                # when the user was in no room yet (it is not ordered with writes).
+                self.online.announce(user, [LOBBY], "online")
+            for peer in self.online.peers_of(user):  # the user's connections here join too
+                self.online.enter(room.name, peer)
+                peer.send(Joined(room=room.name, topic=room.topic, members=self._members(room)))
+        else:
+            left = self.rooms.get(change.room)
+            user = change.username
+            if left is None or user not in left.members:
+                return
+            self.rooms.remove_member(left, user)
+            for peer in self.online.peers_of(user):
+                self.online.leave(left.name, peer)
+                peer.send(Left(room=left.name))
+            self.online.room_presence(left.name, user, "left")
 
     async def _append_for(
         self, peer: Peer, client_id: str | None, draft: Draft, then: AppendThen
@@ -438,6 +511,8 @@ class Hub:
         if not self.online.is_online(username):
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"{username!r} is not online")
         text = f"kicked by {by}" + (f": {reason}" if reason else "")
+        if username in self.online.elsewhere:
+            self.store.tell(LetGo(username, text))
         self.disconnect_user(username, Error(code=ErrorCode.KICKED, message=text))
         log.warning("kick user=%s by=%s", username, by)
         return Kicked(username=username, ref=ref)

@@ -33,6 +33,7 @@ from .store import (
     HistoryScope,
     LocalLog,
     MarkDelivered,
+    Notice,
     PeerScope,
     Pruned,
     RecentSend,
@@ -46,6 +47,7 @@ from .store import (
     StoreError,
     Then,
     VisibleScope,
+    Watch,
     Write,
 )
 
@@ -278,6 +280,12 @@ class MemoryStore:
 
     def feed(self, apply: Feed) -> None:
         self._log.feed(apply)
+
+    def watch(self, apply: Watch) -> None:
+        """Never called: this store has one server."""
+
+    def tell(self, notice: Notice) -> None:
+        """Nobody to tell: this store has one server."""
 
     async def history_ids(self, scope: HistoryScope, after: int | None, limit: int) -> list[int]:
         await trio.lowlevel.checkpoint()

@@ -20,17 +20,27 @@ from .protocol import Presence, encode
 
 
 class Online:
-    """The local connections, by user and by room."""
+    """The local connections, by user and by room; and, in a cluster, who is connected
+    to the other servers (``elsewhere``: users only, their connections are not here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, elsewhere: Iterable[str] = ()) -> None:
         self._users: dict[str, list[Peer]] = {}
         self._rooms: dict[str, dict[Peer, None]] = {}
+        self.elsewhere: set[str] = set(elsewhere)
 
     def users(self) -> list[str]:
-        return sorted(self._users)
+        """Everyone online, here or on another server."""
+        return sorted(self._users.keys() | self.elsewhere)
 
     def is_online(self, username: str) -> bool:
+        return username in self._users or username in self.elsewhere
+
+    def is_here(self, username: str) -> bool:
         return username in self._users
+
+    def here(self) -> list[str]:
+        """The users connected to this server."""
+        return list(self._users)
 
     def peers_of(self, username: str) -> Sequence[Peer]:
         """The user's connections (do not change the sequence)."""

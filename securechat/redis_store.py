@@ -23,6 +23,18 @@ message before its ``ack``, as in one process. After a lost connection or
 a Redis restart the tail resumes from its cursor: nothing skipped, nothing
 twice.
 
+Other servers' changes go through the same log, in the same order: room
+state (a room saved, a member added or removed) is written together with an
+event entry (one ``MULTI``), and the tail hands each event from another node
+to the hub (:meth:`RedisStore.watch`); events take the id of the last message
+with a sequence number of their own (``<id>-<n>``), so message ids stay dense.
+Presence is per node: a hash of the users connected to it, refreshed every
+third of ``presence_ttl`` and expiring if the node stops (it died); an event
+for each user's first and last connection on a node makes a change visible at
+once, and each node checks the others' hashes on the same beat, so that the
+users of a node that vanished go offline within ``presence_ttl``. A kick is an
+event for the nodes where the user is.
+
 Keys share one hash tag (``{chat}``), so that every script may touch every
 key (on Redis Cluster they all live in one slot; docs/cluster.md).
 """
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,11 +61,16 @@ from .store import (
     Appended,
     AppendMessage,
     AppendThen,
+    Change,
     DeleteMessages,
     Draft,
     Feed,
+    HereOnline,
     HistoryScope,
+    LetGo,
     MarkDelivered,
+    Notice,
+    OnlineElsewhere,
     PeerScope,
     Pruned,
     ReleaseSpace,
@@ -64,6 +82,7 @@ from .store import (
     StoredRoom,
     StoreError,
     Then,
+    Watch,
     Write,
     commit_and_wait,
 )
@@ -80,6 +99,18 @@ TAIL_COUNT = 500
 TAIL_BLOCK_MS = 1000
 # Waits between attempts while Redis cannot be reached (the tail).
 RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Notices (presence, kicks) waiting to be told; beyond that they are dropped
+# (presence is then put right by the next beat).
+NOTICE_QUEUE = 10_000
+
+# A log entry's id: (the last message id, a sequence number; 0 for the message itself).
+EntryId = tuple[int, int]
+
+
+def _entry_id(value: bytes | str) -> EntryId:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
+
 
 # KEYS[1]: the prefix's sequence key (so that the call is routed to its slot).
 # ARGV: prefix, client-id lifetime, log length, then per draft:
@@ -123,12 +154,38 @@ return ids
 """
 
 
+# An event after the last message: KEYS[1] the message sequence, KEYS[2] the log;
+# ARGV: log length, node, event (JSON). Returns the entry's id.
+_EVENT = """
+local last = redis.call("GET", KEYS[1]) or "0"
+return redis.call("XADD", KEYS[2], "MAXLEN", "~", ARGV[1], last .. "-*", "e", ARGV[3], "n", ARGV[2])
+"""
+
+
 # The sequence is at least ARGV[1] (a message stored with an id of its own).
 _RAISE_SEQ = """
 if tonumber(redis.call("GET", KEYS[1]) or "0") < tonumber(ARGV[1]) then
   redis.call("SET", KEYS[1], ARGV[1])
 end
 """
+
+
+def _event(write: Write) -> dict[str, Any] | None:
+    """The log event for the other nodes that a write of room state makes (None: none)."""
+    if isinstance(write, SaveRoom):
+        allowed = None if write.allowed is None else sorted(write.allowed)
+        return {
+            "t": "room",
+            "name": write.name,
+            "topic": write.topic,
+            "allowed": allowed,
+            "by": write.by,
+        }
+    if isinstance(write, AddMember):
+        return {"t": "join", "room": write.room, "user": write.username}
+    if isinstance(write, RemoveMember):
+        return {"t": "part", "room": write.room, "user": write.username}
+    return None
 
 
 def _body(draft: Draft) -> str:
@@ -179,7 +236,9 @@ class RedisStore:
 
     ``client`` serves the writer and reads; ``tail_client`` only the log's blocking
     reads (a blocking read holds its connection). Both are entered by the caller,
-    in a task that outlives the store's :meth:`run`.
+    in a task that outlives the store's :meth:`run`. ``node`` names this server in
+    the cluster (default: a new random name each start); ``presence_ttl`` is how
+    long its users stay online for the others after it stops answering.
     """
 
     def __init__(
@@ -188,19 +247,32 @@ class RedisStore:
         tail_client: coredis.Redis[bytes],
         *,
         prefix: str = PREFIX,
+        node: str | None = None,
+        presence_ttl: float = 15.0,
     ) -> None:
         self._client = client
         self._tail_client = tail_client
         self._prefix = prefix
+        self.node = node or secrets.token_hex(6)
+        self.presence_ttl = presence_ttl
         self._send, self._receive = trio.open_memory_channel[_Queued](QUEUE_SIZE)
         self._closed = False
         self._feed: Feed | None = None
-        self._cursor = 0  # the id of the last message fed
-        # The highest id Redis has answered an append with.
-        self._barrier = 0
+        self._watch: Watch | None = None
+        self._cursor: EntryId = (0, 0)  # the last log entry fed
+        self._last_message = 0  # the id of the last message fed
+        # The last log entry of a write Redis has answered (an append's, an event's).
+        self._barrier: EntryId = (0, 0)
+        # Presence: the users connected here; the other nodes' users (what their
+        # hashes and events said), and for each user the nodes they are on.
+        self._here: set[str] = set()
+        self._nodes: dict[str, set[str]] = {}
+        self._where: dict[str, set[str]] = {}
+        self._notices, self._notices_out = trio.open_memory_channel[Notice](NOTICE_QUEUE)
+        self._presence_lost = False  # a change of ours may not have reached Redis
         # Answers waiting for the tail to feed up to an id, in commit order:
         # (that id, then, its outcome).
-        self._unsettled: deque[tuple[int, Any, Any]] = deque()
+        self._unsettled: deque[tuple[EntryId, Any, Any]] = deque()
         self._settled = trio.Event()
         self._redis_down = False
 
@@ -215,6 +287,7 @@ class RedisStore:
         the last message stored now."""
         try:
             last = int(await self._client.get(self._key("seq")) or 0)
+            await self._load_nodes()
             stored_rooms = await self._client.hgetall(self._key("rooms"))
             member_rooms = await self._client.smembers(self._key("memberrooms"))
             memberships: dict[str, frozenset[str]] = {}
@@ -236,13 +309,27 @@ class RedisStore:
             rooms[_text(name)] = StoredRoom(
                 saved.get("topic", ""), None if allowed is None else frozenset(allowed)
             )
-        self._cursor = max(self._cursor, last)
+        # Events after ``last`` are read again by the tail: each of them is already in
+        # this snapshot, and applying one again changes nothing.
+        self._cursor = max(self._cursor, (last, 0))
+        self._last_message = max(self._last_message, last)
         return Snapshot(
             last_message_id=last,
             rooms=rooms,
             memberships=memberships,
             undelivered_to=frozenset(_text(user) for user in waiting),
+            online_elsewhere=frozenset(self._where),
         )
+
+    async def _load_nodes(self) -> None:
+        """The other nodes' users, from their presence hashes (those that expired are gone)."""
+        for node in await self._client.smembers(self._key("nodes")):
+            name = _text(node)
+            if name == self.node:
+                continue
+            users = await self._client.hkeys(self._key("node:" + name))
+            for user in users:
+                self._node_user(name, _text(user), True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer and the tail of the log, until :meth:`close`; then the writer
@@ -250,6 +337,8 @@ class RedisStore:
         the tail to feed them."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tail)
+            nursery.start_soon(self._tell_loop)
+            nursery.start_soon(self._beat)
             task_status.started()
             await self._write()
             with trio.move_on_after(RETRY_DELAYS[-1]):
@@ -260,13 +349,45 @@ class RedisStore:
                 _, then, outcome = self._unsettled.popleft()
                 self._call(then, outcome)
             nursery.cancel_scope.cancel()
+        with trio.move_on_after(RETRY_DELAYS[-1]) as leaving:
+            leaving.shield = True
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """A clean stop: the others see this node's users offline now, not after the ttl."""
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete([self._key("node:" + self.node)])
+                pipe.srem(self._key("nodes"), [self.node])
+                pipe.eval(
+                    _EVENT,
+                    keys=[self._key("seq"), self._key("log")],
+                    args=[LOG_LENGTH, self.node, json.dumps({"t": "gone"})],
+                )
+        except (RedisError, OSError) as exc:
+            log.warning("could not tell the cluster this node stops: %s", exc)
 
     def close(self) -> None:
         self._closed = True
         self._send.close()
+        self._notices.close()
 
     def feed(self, apply: Feed) -> None:
         self._feed = apply
+
+    def watch(self, apply: Watch) -> None:
+        self._watch = apply
+
+    def tell(self, notice: Notice) -> None:
+        if isinstance(notice, HereOnline):
+            if notice.online:
+                self._here.add(notice.username)
+            else:
+                self._here.discard(notice.username)
+        try:
+            self._notices.send_nowait(notice)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._presence_lost = True  # the next beat puts presence right
 
     # -- writes --
 
@@ -322,10 +443,11 @@ class RedisStore:
         # stored either, and every answer is the error. (Those are idempotent.)
         appends = [item for item in batch if isinstance(item, _Append)]
         failure: StoreError | None = None
+        events: list[EntryId] = []  # each unit's last log entry (its events')
         try:
             for item in batch:
                 if not isinstance(item, _Append):
-                    await self._apply(item[0])
+                    events.append(await self._apply(item[0]))
             ids = iter(await self._run_appends(appends) if appends else [])
         except StoreError as exc:  # a write that cannot be applied
             log.error("Redis write refused (batch of %d): %s", len(batch), exc)
@@ -341,13 +463,17 @@ class RedisStore:
         # Answered in queue order, each once the tail has fed every message appended
         # up to it: what follows an answer (an ack, code after ``await commit``) comes
         # after the fan-out of everything committed before, as in one process.
+        # The units went first, then the appends: their entries are in that order.
+        units = iter(events)
+        for item in batch:
+            if not isinstance(item, _Append):
+                self._barrier = max(self._barrier, next(units))
+                self._unsettled.append((self._barrier, item[1], None))
         for item in batch:
             if isinstance(item, _Append):
                 id_ = next(ids)
-                self._barrier = max(self._barrier, id_)
+                self._barrier = max(self._barrier, (id_, 0))
                 self._unsettled.append((self._barrier, item.then, Appended(id_)))
-            else:
-                self._unsettled.append((self._barrier, item[1], None))
         self._settle()
 
     async def _run_appends(self, appends: list[_Append]) -> list[int]:
@@ -365,8 +491,9 @@ class RedisStore:
         assert isinstance(ids, list | tuple)
         return [int(id_) for id_ in ids]
 
-    async def _apply(self, writes: tuple[Write, ...]) -> None:
-        """One unit of writes other than appends, in one MULTI/EXEC."""
+    async def _apply(self, writes: tuple[Write, ...]) -> EntryId:
+        """One unit of writes other than appends, in one MULTI/EXEC, with an event in the
+        log for each change of room state; returns the last event's entry (or (0, 0))."""
         ids = [
             id_
             for write in writes
@@ -386,9 +513,20 @@ class RedisStore:
                 # between this read and the write is lost: the config's rooms only).
                 stored = await self._client.hget(self._key("rooms"), write.name)
                 topics[write.name] = json.loads(stored).get("topic", "") if stored else ""
+        events = []
         async with self._client.pipeline(transaction=True) as pipe:
             for write in writes:
                 self._queue_write(pipe, write, bodies, topics)
+                if (event := _event(write)) is not None:
+                    events.append(self._queue_event(pipe, event))
+        return max([_entry_id(await entry) for entry in events], default=(0, 0))
+
+    def _queue_event(self, pipe: Any, event: dict[str, Any]) -> Any:
+        return pipe.eval(
+            _EVENT,
+            keys=[self._key("seq"), self._key("log")],
+            args=[LOG_LENGTH, self.node, json.dumps(event, ensure_ascii=False)],
+        )
 
     async def _bodies(self, ids: list[int]) -> dict[int, Message]:
         if not ids:
@@ -489,7 +627,9 @@ class RedisStore:
         while True:
             try:
                 found = await self._tail_client.xread(
-                    {self._key("log"): f"{self._cursor}-0"}, count=TAIL_COUNT, block=TAIL_BLOCK_MS
+                    {self._key("log"): "{}-{}".format(*self._cursor)},
+                    count=TAIL_COUNT,
+                    block=TAIL_BLOCK_MS,
                 )
             except (RedisError, OSError) as exc:
                 if failures == 0:
@@ -502,28 +642,181 @@ class RedisStore:
                 failures = 0
             for entries in (found or {}).values():
                 for entry in entries:
-                    identifier = _text(entry.identifier)
-                    self._feed_entry(int(identifier.split("-")[0]), entry.field_values)
+                    self._feed_entry(_entry_id(entry.identifier), entry.field_values)
             self._settle()
 
-    def _feed_entry(self, id_: int, fields: Any) -> None:
-        if id_ <= self._cursor:
+    def _feed_entry(self, entry: EntryId, fields: Any) -> None:
+        if entry <= self._cursor:
             return
-        if id_ != self._cursor + 1 and self._cursor:
+        self._cursor = entry
+        body = fields.get(b"m", fields.get("m"))
+        if body is not None:
+            self._feed_message(entry[0], body)
+            return
+        event = fields.get(b"e", fields.get("e"))
+        node = fields.get(b"n", fields.get("n"))
+        if event is not None and node is not None and _text(node) != self.node:
+            try:
+                self._apply_event(_text(node), json.loads(event))
+            except Exception:
+                log.exception("applying log entry %d-%d failed", *entry)
+
+    def _feed_message(self, id_: int, body: bytes | str) -> None:
+        if id_ <= self._last_message:
+            return
+        if id_ != self._last_message + 1 and self._last_message:
             log.error(
                 "the message log no longer holds messages %d to %d (this node fell behind"
                 " by more than %d); clients catch up from history",
-                self._cursor + 1,
+                self._last_message + 1,
                 id_ - 1,
                 LOG_LENGTH,
             )
-        self._cursor = id_
-        body = fields.get(b"m", fields.get("m"))
-        if self._feed is not None and body is not None:
+        self._last_message = id_
+        if self._feed is not None:
             try:
                 self._feed(_message(id_, body))
             except Exception:
                 log.exception("feeding message %d failed", id_)
+
+    def _apply_event(self, node: str, event: dict[str, Any]) -> None:
+        """Another node's event: room state to the hub; presence here first."""
+        kind = event.get("t")
+        if kind == "room":
+            allowed = event.get("allowed")
+            self._tell_hub(
+                SaveRoom(
+                    event["name"],
+                    event.get("topic"),
+                    None if allowed is None else frozenset(allowed),
+                    by=event.get("by"),
+                )
+            )
+        elif kind == "join":
+            self._tell_hub(AddMember(event["room"], event["user"]))
+        elif kind == "part":
+            self._tell_hub(RemoveMember(event["room"], event["user"]))
+        elif kind == "kick":
+            self._tell_hub(LetGo(event["user"], event["message"]))
+        elif kind == "on":
+            self._node_user(node, event["user"], True)
+        elif kind == "off":
+            self._node_user(node, event["user"], False)
+        elif kind == "sync":
+            self._node_users(node, set(event["users"]))
+        elif kind == "gone":
+            self._node_users(node, set())
+
+    def _tell_hub(self, change: Change) -> None:
+        if self._watch is not None:
+            self._watch(change)
+
+    # -- presence --
+
+    def _node_user(self, node: str, user: str, online: bool) -> None:
+        users = self._nodes.setdefault(node, set())
+        if online:
+            users.add(user)
+        else:
+            users.discard(user)
+            if not users:
+                del self._nodes[node]
+        nodes = self._where.get(user)
+        was_elsewhere = bool(nodes)
+        if online:
+            self._where.setdefault(user, set()).add(node)
+        elif nodes is not None:
+            nodes.discard(node)
+            if not nodes:
+                del self._where[user]
+        if bool(self._where.get(user)) != was_elsewhere:
+            self._tell_hub(OnlineElsewhere(user, online))
+
+    def _node_users(self, node: str, users: set[str]) -> None:
+        """``node``'s users are now exactly ``users`` (a resync, or none: it is gone)."""
+        had = self._nodes.get(node, set())
+        for user in sorted(had - users):
+            self._node_user(node, user, False)
+        for user in sorted(users - had):
+            self._node_user(node, user, True)
+
+    async def _tell_loop(self) -> None:
+        """Pass on what the hub tells the others: presence changes here, kicks."""
+        async with self._notices_out:
+            async for first in self._notices_out:
+                notices = [first]
+                while len(notices) < MAX_BATCH:
+                    try:
+                        notices.append(self._notices_out.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await self._tell_all(notices)
+                except (RedisError, OSError) as exc:
+                    if not self._presence_lost:
+                        log.error("cannot tell the cluster about presence: %s", exc)
+                    self._presence_lost = True
+
+    async def _tell_all(self, notices: list[Notice]) -> None:
+        here = self._key("node:" + self.node)
+        async with self._client.pipeline(transaction=True) as pipe:
+            for notice in notices:
+                if isinstance(notice, LetGo):
+                    event = {"t": "kick", "user": notice.username, "message": notice.message}
+                elif notice.online:
+                    pipe.hset(here, {notice.username: "1"})
+                    event = {"t": "on", "user": notice.username}
+                else:
+                    pipe.hdel(here, [notice.username])
+                    event = {"t": "off", "user": notice.username}
+                self._queue_event(pipe, event)
+            pipe.pexpire(here, int(self.presence_ttl * 1000))
+            pipe.sadd(self._key("nodes"), [self.node])
+
+    async def _beat(self) -> None:
+        """Every third of the ttl: keep this node's presence alive (and put it right
+        after a failure), and drop the users of nodes whose presence expired."""
+        while True:
+            await trio.sleep(self.presence_ttl / 3)
+            try:
+                await self._keep_alive()
+                await self._sweep()
+            except (RedisError, OSError) as exc:
+                if not self._presence_lost:
+                    log.error("cannot refresh presence in Redis: %s", exc)
+                self._presence_lost = True
+
+    async def _keep_alive(self) -> None:
+        here = self._key("node:" + self.node)
+        ttl_ms = int(self.presence_ttl * 1000)
+        if not self._presence_lost and (await self._client.pexpire(here, ttl_ms) or not self._here):
+            await self._client.sadd(self._key("nodes"), [self.node])
+            return
+        # Lost, or expired while Redis was away: write it again, and tell the others.
+        users = sorted(self._here)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete([here])
+            if users:
+                pipe.hset(here, dict.fromkeys(users, "1"))
+                pipe.pexpire(here, ttl_ms)
+            pipe.sadd(self._key("nodes"), [self.node])
+            self._queue_event(pipe, {"t": "sync", "users": users})
+        if self._presence_lost:
+            log.warning("presence in Redis is up to date again")
+        self._presence_lost = False
+
+    async def _sweep(self) -> None:
+        listed = {_text(node) for node in await self._client.smembers(self._key("nodes"))}
+        for node in sorted((listed | set(self._nodes)) - {self.node}):
+            if await self._client.exists([self._key("node:" + node)]):
+                if node not in self._nodes:  # started (or came back) unseen
+                    users = await self._client.hkeys(self._key("node:" + node))
+                    self._node_users(node, {_text(user) for user in users})
+                continue
+            if node in self._nodes:
+                log.warning("node %s stopped answering: its users are offline", node)
+            self._node_users(node, set())
+            await self._client.srem(self._key("nodes"), [node])
 
     def _settle(self) -> None:
         while self._unsettled and self._unsettled[0][0] <= self._cursor:

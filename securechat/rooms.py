@@ -119,6 +119,15 @@ class Rooms:
         self._version += 1
         return room
 
+    def adopt(self, name: str, allowed: frozenset[str] | None = None) -> Room:
+        """The room, created as another server sharing the store created it (no limits
+        apply: it exists already)."""
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name, allowed=allowed)
+            self._version += 1
+        return room
+
     def drop(self, room: Room) -> None:
         """Forget a room just created whose first write failed."""
         if self._rooms.get(room.name) is room and not room.members:

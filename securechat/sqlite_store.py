@@ -60,6 +60,7 @@ from .store import (
     HistoryScope,
     LocalLog,
     MarkDelivered,
+    Notice,
     PeerScope,
     Pruned,
     RecentSend,
@@ -71,6 +72,7 @@ from .store import (
     StoredRoom,
     StoreError,
     Then,
+    Watch,
     Write,
     commit_and_wait,
 )
@@ -479,6 +481,12 @@ class SqliteStore:
 
     def feed(self, apply: Feed) -> None:
         self._log.feed(apply)
+
+    def watch(self, apply: Watch) -> None:
+        """Never called: this store has one server."""
+
+    def tell(self, notice: Notice) -> None:
+        """Nobody to tell: this store has one server."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer, until :meth:`close`; then it commits what is queued, the last

@@ -91,6 +91,7 @@ class SaveRoom:
     name: str
     topic: str | None  # None: keep the stored topic ("" for a new room)
     allowed: frozenset[str] | None = None  # a private room's list of who may join
+    by: str | None = None  # who set ``topic`` (an admin), for the other servers to say
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,44 @@ Write = (
 )
 # What runs after a commit: with None once the writes are durable, with the error if not.
 Then = Callable[[StoreError | None], None]
+
+
+# --- what the servers sharing a store tell each other ------------------------------------
+# With one server nothing is shared and none of this happens. On a cluster node
+# the store hands the hub what the other nodes changed (:meth:`Store.watch`), in
+# log order, and passes on what this node tells them (:meth:`Store.tell`).
+
+
+@dataclass(frozen=True)
+class HereOnline:
+    """Told: ``username`` has its first connection on this server (``online``), or its
+    last one here has gone."""
+
+    username: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class OnlineElsewhere:
+    """Fed: ``username`` is now online on some other server (``online``), or on none."""
+
+    username: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class LetGo:
+    """Told and fed: end ``username``'s connections with an error saying ``message``
+    (a kick)."""
+
+    username: str
+    message: str
+
+
+Notice = HereOnline | LetGo
+# What another server changed: room state it committed, presence, kicks.
+Change = SaveRoom | AddMember | RemoveMember | OnlineElsewhere | LetGo
+Watch = Callable[[Change], None]
 
 
 async def commit_and_wait(
@@ -268,6 +307,8 @@ class Snapshot:
     undelivered_to: frozenset[str] = frozenset()
     # Messages sent with a client id (see Store.load), oldest first.
     recent_sends: tuple[RecentSend, ...] = ()
+    # Users connected to other servers sharing the store (a cluster).
+    online_elsewhere: frozenset[str] = frozenset()
 
 
 # --- history -----------------------------------------------------------------------------
@@ -351,6 +392,19 @@ class Store(Protocol):
 
     def feed(self, apply: Feed) -> None:
         """From now on, hand every committed message to ``apply``, once each, in id order."""
+        ...
+
+    # -- other servers sharing the store (a cluster) --
+
+    def watch(self, apply: Watch) -> None:
+        """From now on, hand what other servers change (room state they committed,
+        presence, kicks) to ``apply``, in the order they committed it, interleaved in
+        order with :meth:`feed`. A store that only one server uses never calls it."""
+        ...
+
+    def tell(self, notice: Notice) -> None:
+        """Tell the other servers (best effort, without waiting); nothing to do for a
+        store that only one server uses."""
         ...
 
     # -- reads --

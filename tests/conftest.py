@@ -204,11 +204,12 @@ async def server(start_server: StartServer) -> RunningServer:
 
 
 @asynccontextmanager
-async def redis_store(server: RedisServer) -> AsyncIterator[RedisStore]:
-    """A RedisStore on ``server`` (its clients connected; its tasks not started)."""
+async def redis_store(server: RedisServer, **options: Any) -> AsyncIterator[RedisStore]:
+    """A RedisStore on ``server`` (its clients connected; its tasks not started);
+    ``options`` for RedisStore (node, presence_ttl)."""
     section = ClusterSection.model_validate({"redis_url": server.url})
     async with redis_link.connect(section) as client, redis_link.connect(section) as tail:
-        yield RedisStore(client, tail)
+        yield RedisStore(client, tail, **options)
 
 
 @pytest.fixture

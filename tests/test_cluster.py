@@ -1,9 +1,10 @@
 """Several servers, one chat: nodes sharing a real, private Redis (tests/redis_server.py).
 
 Each node is a real ChatServer on its own loopback port with real TLS, its
-state in a RedisStore; clients are real ChatConnections. What crosses nodes
-so far: messages (in id order, no gaps), history, and idempotent re-sends;
-and Redis going away costs refused sends, not connections or messages.
+state in a RedisStore; clients are real ChatConnections. What crosses nodes:
+messages (in id order, no gaps), history, idempotent re-sends, rooms,
+memberships and topics, presence (also of a node that dies), kicks; and
+Redis going away costs refused sends, not connections or messages.
 """
 
 from __future__ import annotations
@@ -16,20 +17,50 @@ import pytest
 import trio
 
 from securechat.client import ChatConnection
-from securechat.protocol import LOBBY, Ack, Error, ErrorCode, History, HistoryEnd, Message, Say
+from securechat.protocol import (
+    LOBBY,
+    Ack,
+    Bye,
+    Dm,
+    Error,
+    ErrorCode,
+    History,
+    HistoryEnd,
+    Join,
+    Joined,
+    Kick,
+    Kicked,
+    Leave,
+    Left,
+    Members,
+    Message,
+    Presence,
+    RoomTopic,
+    Say,
+    TopicRequest,
+    Who,
+)
 from securechat.server import ChatServer
 
-from .conftest import WAIT, ConfigFactory, Endpoint, Pki, receive_type, redis_store
+from .conftest import WAIT, ConfigFactory, Endpoint, Pki, receive_closed, receive_type, redis_store
 from .redis_server import RedisServer
 
 
 @asynccontextmanager
 async def nodes(
-    count: int, redis: RedisServer, make_config: ConfigFactory, pki: Pki, **overrides: Any
+    count: int,
+    redis: RedisServer,
+    make_config: ConfigFactory,
+    pki: Pki,
+    presence_ttl: float = 15.0,
+    **overrides: Any,
 ) -> AsyncIterator[list[Endpoint]]:
     """``count`` servers on one Redis, each on its own port, with the same config
     (``make_config(**overrides)``); stopped at the end."""
-    async with redis_store(redis) as first, redis_store(redis) as second:
+    async with (
+        redis_store(redis, node="a", presence_ttl=presence_ttl) as first,
+        redis_store(redis, node="b", presence_ttl=presence_ttl) as second,
+    ):
         stores = [first, second][:count]
         servers = [ChatServer(make_config(**overrides), store=store) for store in stores]
         endpoints: list[Endpoint] = []
@@ -164,3 +195,137 @@ async def test_every_acknowledged_message_survives_a_sigkill_of_redis(
                 if isinstance(envelope, Message) and envelope.text.startswith("durable "):
                     stored.append(envelope.id)
         assert sorted(stored) == sorted(acked)  # every ack kept, each once
+
+
+async def presence(connection: ChatConnection, username: str, state: str) -> Presence:
+    """The next presence of ``username`` in ``state`` (other frames are skipped)."""
+    while True:
+        seen = await receive_type(connection, Presence)
+        if (seen.username, seen.state) == (username, state):
+            return seen
+
+
+async def test_rooms_memberships_and_topics_made_on_one_node_hold_on_the_other(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    async with nodes(2, redis_server, make_config, pki) as (a, b):
+        alice = await a.login("alice")  # an admin
+        bob = await b.login("bob")
+        with trio.fail_after(WAIT):
+            await alice.send(Join(room="dev", id="j1"))
+            assert (await receive_type(alice, Joined)).members == ["alice"]
+            # node b learnt of the new room and of alice in it
+            await bob.send(Join(room="dev", id="j2"))
+            joined = await receive_type(bob, Joined)
+            assert (joined.room, joined.members) == ("dev", ["alice", "bob"])
+            seen = await presence(alice, "bob", "joined")
+            assert seen.room == "dev"
+            await alice.send(TopicRequest(room="dev", topic="ship it", id="t1"))
+            topic = await receive_type(bob, RoomTopic)
+            assert (topic.room, topic.topic, topic.by) == ("dev", "ship it", "alice")
+            await bob.send(Who(room="dev", id="w1"))
+            members = await receive_type(bob, Members)
+            assert members.members == ["alice", "bob"]
+            await alice.send(Leave(room="dev", id="l1"))
+            await receive_type(alice, Left)
+            assert (await presence(bob, "alice", "left")).room == "dev"
+            await bob.send(Who(room="dev", id="w2"))
+            assert (await receive_type(bob, Members)).members == ["bob"]
+
+
+async def test_presence_crosses_nodes_and_counts_every_node_a_user_is_on(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    async with nodes(2, redis_server, make_config, pki) as (a, b):
+        alice = await a.login("alice")
+        with trio.fail_after(WAIT):
+            bob_on_b = await b.login("bob")
+            await presence(alice, "bob", "online")
+            await alice.send(Who(room=LOBBY, id="w1"))
+            assert "bob" in (await receive_type(alice, Members)).online
+            bob_on_a = await a.login("bob")  # a second device, on alice's node
+            await bob_on_b.send(Bye())
+            await receive_closed(bob_on_b)
+            await bob_on_a.send(Bye())
+            await receive_closed(bob_on_a)
+            # one "offline", after both: not when his first device left
+            await presence(alice, "bob", "offline")
+            await alice.send(Who(room=LOBBY, id="w2"))
+            assert "bob" not in (await receive_type(alice, Members)).online
+
+
+async def test_a_direct_message_to_a_user_on_another_node_is_delivered_not_stored(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    async with nodes(2, redis_server, make_config, pki) as (a, b):
+        alice = await a.login("alice")
+        bob = await b.login("bob")
+        with trio.fail_after(WAIT):
+            await presence(alice, "bob", "online")
+            await alice.send(Dm(to="bob", text="psst", id="d1"))
+            ack = await receive_type(alice, Ack)
+            assert ack.stored is None  # bob is online, on node b
+            (got,) = await messages(bob, 1)
+            assert (got.id, got.text, got.to) == (ack.id, "psst", "bob")
+            await bob.send(Bye())
+            await receive_closed(bob)
+            await presence(alice, "bob", "offline")
+            await alice.send(Dm(to="bob", text="later", id="d2"))
+            assert (await receive_type(alice, Ack)).stored is True
+            bob_again = await b.login("bob")
+            (waiting,) = await messages(bob_again, 1)
+            assert waiting.text == "later"
+
+
+async def test_a_kick_on_one_node_ends_the_users_connections_on_the_other(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    async with nodes(2, redis_server, make_config, pki) as (a, b):
+        alice = await a.login("alice")  # an admin
+        bob = await b.login("bob")
+        with trio.fail_after(WAIT):
+            await presence(alice, "bob", "online")
+            await alice.send(Kick(username="bob", reason="spam", id="k1"))
+            assert (await receive_type(alice, Kicked)).username == "bob"
+            error = await receive_type(bob, Error)
+            assert (error.code, error.message) == (ErrorCode.KICKED, "kicked by alice: spam")
+            await receive_closed(bob)
+
+
+async def test_users_of_a_node_that_dies_go_offline_within_presence_ttl(
+    redis_server: RedisServer,
+    make_config: ConfigFactory,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ttl = 1.5
+    async with (
+        redis_store(redis_server, node="a", presence_ttl=ttl) as store_a,
+        redis_store(redis_server, node="b", presence_ttl=ttl) as store_b,
+        trio.open_nursery() as nursery,
+    ):
+        server_a = ChatServer(make_config(), store=store_a)
+        server_b = ChatServer(make_config(), store=store_b)
+        a = Endpoint(*(await nursery.start(server_a.serve))[0], pki)
+        dies = trio.CancelScope()
+
+        async def run_b(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            with dies:
+                await server_b.serve(task_status=task_status)
+
+        b = Endpoint(*(await nursery.start(run_b))[0], pki)
+        try:
+            alice = await a.login("alice")
+            bob = await b.login("bob")
+            with trio.fail_after(WAIT * 2):
+                await presence(alice, "bob", "online")
+                # Node b stops dead: no goodbye to Redis, nothing more from it.
+                dies.cancel()
+                await presence(alice, "bob", "offline")
+            lines = [record.getMessage() for record in caplog.records]
+            assert "node b stopped answering: its users are offline" in lines
+            await trio.aclose_forcefully(bob.stream)
+        finally:
+            await a.aclose()
+            await b.aclose()
+            server_a.request_shutdown()
