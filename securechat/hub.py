@@ -50,7 +50,7 @@ from .store import (
     AddMember,
     Appended,
     AppendThen,
-    Change,
+    ChatChange,
     Draft,
     HereOnline,
     LetGo,
@@ -107,7 +107,6 @@ class Hub:
         # the oldest are forgotten (by then long acked).
         self._stored: dict[int, None] = {}
         store.feed(self._apply)
-        store.watch(self._changed)
         self.mailbox = Mailbox(store, state.undelivered_to)
         self.shutting_down = False  # no presence updates while everyone is being let go
         self.configure_rooms(rooms)
@@ -410,9 +409,10 @@ class Hub:
             if len(self._stored) > STORED_FLAGS:
                 del self._stored[next(iter(self._stored))]
 
-    def _changed(self, change: Change) -> None:
-        """What another server sharing the store changed (a cluster), in log order: the
-        same state and notices here as if it had been done on this server."""
+    def changed(self, change: ChatChange) -> None:
+        """What another server sharing the store changed (a cluster; see
+        :meth:`Store.watch`), in log order: the same state and notices here as if it
+        had been done on this server."""
         if isinstance(change, OnlineElsewhere):
             user = change.username
             if change.online:

@@ -76,8 +76,11 @@ class TokenBucket:
 
     def debt_paid_in(self, now: float) -> float:
         """Seconds until the bucket is out of debt (0 if it is not in debt)."""
-        tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
-        return max(0.0, -tokens / self.rate)
+        return max(0.0, -self.tokens_at(now) / self.rate)
+
+    def tokens_at(self, now: float) -> float:
+        """The tokens at ``now`` (negative: in debt)."""
+        return min(self.burst, self.tokens + (now - self._updated) * self.rate)
 
 
 class RateKind(enum.Enum):
@@ -91,6 +94,11 @@ class RateLimiter:
     Messages cost one token each. A request costs tokens in proportion to the
     work it makes the server do (the caller says how much), so pipelining
     cheap-looking requests is limited like sending messages.
+
+    Servers sharing one chat (a cluster) share the buckets by telling each
+    other what each user spent: with ``share``, :attr:`spent` collects what was
+    taken here since the caller last emptied it, and :meth:`debit` charges
+    what a user spent on another server.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class RateLimiter:
         message_burst: float,
         request_rate: float,
         request_burst: float,
+        share: bool = False,
     ) -> None:
         self._settings = {
             RateKind.MESSAGES: (message_rate, message_burst),
@@ -107,16 +116,35 @@ class RateLimiter:
         }
         self._buckets: dict[tuple[str, RateKind], TokenBucket] = {}
         self._flooded: set[str] = set()  # cut off for flooding, debt not yet paid
+        self.share = share
+        self.spent: dict[tuple[str, RateKind], float] = {}
 
     def take(self, user: str, kind: RateKind, cost: float, now: float) -> tuple[Verdict, float]:
+        verdict, retry_after = self._bucket(user, kind, now).take(now, cost)
+        if verdict is Verdict.DISCONNECT:
+            self._flooded.add(user)
+        if self.share:
+            self.spent[user, kind] = self.spent.get((user, kind), 0.0) + cost
+        return verdict, retry_after
+
+    def debit(self, user: str, kind: RateKind, cost: float, now: float) -> None:
+        """Charge what ``user`` spent on another server (no verdict: it is spent)."""
+        if self._bucket(user, kind, now).take(now, cost)[0] is Verdict.DISCONNECT:
+            self._flooded.add(user)
+
+    def available(self, user: str, kind: RateKind, now: float) -> float:
+        """The tokens ``user`` has of ``kind`` at ``now`` (negative: in debt)."""
+        bucket = self._buckets.get((user, kind))
+        if bucket is None:
+            return self._settings[kind][1]
+        return bucket.tokens_at(now)
+
+    def _bucket(self, user: str, kind: RateKind, now: float) -> TokenBucket:
         bucket = self._buckets.get((user, kind))
         if bucket is None:
             rate, burst = self._settings[kind]
             bucket = self._buckets[user, kind] = TokenBucket(rate, burst, now)
-        verdict, retry_after = bucket.take(now, cost)
-        if verdict is Verdict.DISCONNECT:
-            self._flooded.add(user)
-        return verdict, retry_after
+        return bucket
 
     def cooldown(self, user: str, now: float) -> float:
         """Seconds until a user cut off for flooding has paid their debt (0: not cut off).
@@ -180,6 +208,11 @@ class LoginThrottle:
     forgotten first), so an attacker cycling through addresses cannot exhaust
     memory; reservations live only while their checks run, so there are never
     more of them than logins in progress.
+
+    Servers sharing one chat (a cluster) share the failures: with ``share``,
+    :attr:`failed_here` and :attr:`cleared_here` collect what happened here since
+    the caller last emptied them, and :meth:`failed_elsewhere` /
+    :meth:`cleared_elsewhere` apply what happened on another server.
     """
 
     def __init__(
@@ -190,7 +223,11 @@ class LoginThrottle:
         first_delay: float = 1.0,
         max_delay: float = LOGIN_BACKOFF_MAX,
         max_keys: int = 100_000,
+        share: bool = False,
     ) -> None:
+        self.share = share
+        self.failed_here: list[tuple[str, ...]] = []
+        self.cleared_here: list[str] = []
         self.free_failures = free_failures
         self.window = window
         self.first_delay = first_delay
@@ -220,6 +257,12 @@ class LoginThrottle:
     def failed(self, keys: Collection[str], now: float) -> None:
         """Settle a reservation for ``keys`` as a failed attempt at ``now``."""
         self.release(keys)
+        if self.share:
+            self.failed_here.append(tuple(keys))
+        self.failed_elsewhere(keys, now)
+
+    def failed_elsewhere(self, keys: Collection[str], now: float) -> None:
+        """A failed attempt for ``keys`` on another server (seen here at ``now``)."""
         for key in keys:
             failures, _ = self._keys.pop(key, (deque(), 0.0))
             failures.append(now)
@@ -235,7 +278,13 @@ class LoginThrottle:
     def succeeded(self, keys: Collection[str], *, clear: Collection[str]) -> None:
         """Settle a reservation for ``keys`` as a success; forget the failures of ``clear`` only."""
         self.release(keys)
-        for key in clear:
+        if self.share:
+            self.cleared_here.extend(clear)
+        self.cleared_elsewhere(clear)
+
+    def cleared_elsewhere(self, keys: Collection[str]) -> None:
+        """Forget the failures of ``keys`` (a success, here or on another server)."""
+        for key in keys:
             self._keys.pop(key, None)
 
     def release(self, keys: Collection[str]) -> None:

@@ -68,6 +68,7 @@ from .store import (
     HereOnline,
     HistoryScope,
     LetGo,
+    LoginFailures,
     MarkDelivered,
     Notice,
     OnlineElsewhere,
@@ -79,6 +80,7 @@ from .store import (
     RoomScope,
     SaveRoom,
     Snapshot,
+    Spent,
     StoredRoom,
     StoreError,
     Then,
@@ -240,6 +242,8 @@ class RedisStore:
     the cluster (default: a new random name each start); ``presence_ttl`` is how
     long its users stay online for the others after it stops answering.
     """
+
+    shared = True
 
     def __init__(
         self,
@@ -698,6 +702,12 @@ class RedisStore:
             self._tell_hub(RemoveMember(event["room"], event["user"]))
         elif kind == "kick":
             self._tell_hub(LetGo(event["user"], event["message"]))
+        elif kind == "spent":
+            costs = tuple((user, rate, float(cost)) for user, rate, cost in event["costs"])
+            self._tell_hub(Spent(costs))
+        elif kind == "logins":
+            failed = tuple(tuple(keys) for keys in event["failed"])
+            self._tell_hub(LoginFailures(failed, tuple(event["cleared"])))
         elif kind == "on":
             self._node_user(node, event["user"], True)
         elif kind == "off":
@@ -708,6 +718,7 @@ class RedisStore:
             self._node_users(node, set())
 
     def _tell_hub(self, change: Change) -> None:
+        # (The server routes what concerns limits to them, the rest to its hub.)
         if self._watch is not None:
             self._watch(change)
 
@@ -761,8 +772,13 @@ class RedisStore:
         here = self._key("node:" + self.node)
         async with self._client.pipeline(transaction=True) as pipe:
             for notice in notices:
+                event: dict[str, Any]
                 if isinstance(notice, LetGo):
                     event = {"t": "kick", "user": notice.username, "message": notice.message}
+                elif isinstance(notice, Spent):
+                    event = {"t": "spent", "costs": notice.costs}
+                elif isinstance(notice, LoginFailures):
+                    event = {"t": "logins", "failed": notice.failed, "cleared": notice.cleared}
                 elif notice.online:
                     pipe.hset(here, {notice.username: "1"})
                     event = {"t": "on", "user": notice.username}

@@ -36,8 +36,9 @@ from .limits import (
 from .lines import LineTransport
 from .protocol import Error, ErrorCode, encode
 from .session import ServerStats, Services, Session, UserRates
+from .shared_limits import LimitSharing
 from .sqlite_store import SqliteStore
-from .store import Retention, Store, StoreError
+from .store import Change, LoginFailures, Retention, Spent, Store, StoreError
 from .transport import LeanSocketStream
 
 log = logging.getLogger("securechat.server")
@@ -85,6 +86,7 @@ class ChatServer:
             max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
         )
         self._hub: Hub | None = None  # set up by load(), from the stored state
+        self._sharing: LimitSharing | None = None  # a cluster node's shared limits
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._sessions: set[Session] = set()
@@ -128,6 +130,19 @@ class ChatServer:
             allow_room_create=settings.allow_room_create,
             max_rooms=settings.max_rooms,
         )
+        if self.store.shared:
+            self._sharing = LimitSharing(
+                self.store, self.rates.limiter, self.authenticator.throttle
+            )
+            self.store.watch(self._changed_elsewhere)
+
+    def _changed_elsewhere(self, change: Change) -> None:
+        """What another server of the cluster changed or spent."""
+        if isinstance(change, Spent | LoginFailures):
+            if self._sharing is not None:
+                self._sharing.apply(change)
+        else:
+            self.hub.changed(change)
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -204,13 +219,15 @@ class ChatServer:
                 await storage.start(self.store.run)
                 if self.ticker is not None:
                     storage.start_soon(self.ticker.run)
-                pruning = trio.CancelScope()
+                background = trio.CancelScope()
                 if self.retention.enabled:
-                    storage.start_soon(self._prune_periodically, pruning)
+                    storage.start_soon(self._prune_periodically, background)
+                if self._sharing is not None:
+                    storage.start_soon(self._share_limits, self._sharing, background)
                 try:
                     await self._serve_connections(listeners, task_status)
                 finally:
-                    pruning.cancel()
+                    background.cancel()
                     # The writer commits what is queued, the last callbacks run, then
                     # the store's tasks end.
                     self.store.close()
@@ -220,6 +237,10 @@ class ChatServer:
             if isinstance(self.store, SqliteStore):
                 self.store.close_database()
         log.info("server stopped")
+
+    async def _share_limits(self, sharing: LimitSharing, scope: trio.CancelScope) -> None:
+        with scope:
+            await sharing.run()
 
     async def _prune_periodically(self, scope: trio.CancelScope) -> None:
         """Apply the retention rule now and every ``prune_interval``, until ``scope`` ends.

@@ -482,6 +482,8 @@ class SqliteStore:
     def feed(self, apply: Feed) -> None:
         self._log.feed(apply)
 
+    shared = False  # one server: nothing to watch or tell
+
     def watch(self, apply: Watch) -> None:
         """Never called: this store has one server."""
 

@@ -151,9 +151,28 @@ class LetGo:
     message: str
 
 
-Notice = HereOnline | LetGo
-# What another server changed: room state it committed, presence, kicks.
-Change = SaveRoom | AddMember | RemoveMember | OnlineElsewhere | LetGo
+@dataclass(frozen=True)
+class Spent:
+    """Told and fed: what users spent of their rate limits on one server since it last
+    said: (user, the :class:`~securechat.limits.RateKind` value, tokens)."""
+
+    costs: tuple[tuple[str, str, float], ...]
+
+
+@dataclass(frozen=True)
+class LoginFailures:
+    """Told and fed: failed logins on one server (each attempt's throttle keys), and the
+    keys that a successful login cleared."""
+
+    failed: tuple[tuple[str, ...], ...]
+    cleared: tuple[str, ...]
+
+
+Notice = HereOnline | LetGo | Spent | LoginFailures
+# What another server changed in the chat (room state it committed, presence, kicks) ...
+ChatChange = SaveRoom | AddMember | RemoveMember | OnlineElsewhere | LetGo
+# ... and that, or what it spent of the shared limits.
+Change = ChatChange | Spent | LoginFailures
 Watch = Callable[[Change], None]
 
 
@@ -345,6 +364,9 @@ HistoryScope = RoomScope | PeerScope | VisibleScope
 
 class Store(Protocol):
     """Durable messages, rooms and memberships (see the module docstring for the guarantees)."""
+
+    # Other servers share this store (a cluster): what :meth:`watch` and :meth:`tell` are for.
+    shared: bool
 
     # -- start-up and lifetime --
 

@@ -9,14 +9,16 @@ Redis going away costs refused sends, not connections or messages.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
+from pydantic import SecretStr
 
 from securechat.client import ChatConnection
+from securechat.limits import RateKind
 from securechat.protocol import (
     LOBBY,
     Ack,
@@ -24,6 +26,7 @@ from securechat.protocol import (
     Dm,
     Error,
     ErrorCode,
+    Hello,
     History,
     HistoryEnd,
     Join,
@@ -42,7 +45,17 @@ from securechat.protocol import (
 )
 from securechat.server import ChatServer
 
-from .conftest import WAIT, ConfigFactory, Endpoint, Pki, receive_closed, receive_type, redis_store
+from .conftest import (
+    PASSWORDS,
+    WAIT,
+    ConfigFactory,
+    Endpoint,
+    Pki,
+    RunningServer,
+    receive_closed,
+    receive_type,
+    redis_store,
+)
 from .redis_server import RedisServer
 
 
@@ -54,7 +67,7 @@ async def nodes(
     pki: Pki,
     presence_ttl: float = 15.0,
     **overrides: Any,
-) -> AsyncIterator[list[Endpoint]]:
+) -> AsyncIterator[list[RunningServer]]:
     """``count`` servers on one Redis, each on its own port, with the same config
     (``make_config(**overrides)``); stopped at the end."""
     async with (
@@ -63,11 +76,11 @@ async def nodes(
     ):
         stores = [first, second][:count]
         servers = [ChatServer(make_config(**overrides), store=store) for store in stores]
-        endpoints: list[Endpoint] = []
+        endpoints: list[RunningServer] = []
         async with trio.open_nursery() as nursery:
             for server in servers:
                 host, port = (await nursery.start(server.serve))[0]
-                endpoints.append(Endpoint(host, port, pki))
+                endpoints.append(RunningServer(host, port, pki, server=server))
             try:
                 yield endpoints
             finally:
@@ -306,14 +319,16 @@ async def test_users_of_a_node_that_dies_go_offline_within_presence_ttl(
     ):
         server_a = ChatServer(make_config(), store=store_a)
         server_b = ChatServer(make_config(), store=store_b)
-        a = Endpoint(*(await nursery.start(server_a.serve))[0], pki)
+        host, port = (await nursery.start(server_a.serve))[0]
+        a = Endpoint(host, port, pki)
         dies = trio.CancelScope()
 
         async def run_b(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             with dies:
                 await server_b.serve(task_status=task_status)
 
-        b = Endpoint(*(await nursery.start(run_b))[0], pki)
+        host, port = (await nursery.start(run_b))[0]
+        b = Endpoint(host, port, pki)
         try:
             alice = await a.login("alice")
             bob = await b.login("bob")
@@ -329,3 +344,48 @@ async def test_users_of_a_node_that_dies_go_offline_within_presence_ttl(
             await a.aclose()
             await b.aclose()
             server_a.request_shutdown()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll node state that has no event to wait on, with a deadline."""
+    with trio.fail_after(WAIT):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def test_a_users_rate_limit_is_one_budget_over_all_nodes(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    limits = {"message_burst": 3, "messages_per_second": 0.05}
+    async with nodes(2, redis_server, make_config, pki, limits=limits) as (a, b):
+        alice_on_a = await a.login("alice")
+        alice_on_b = await b.login("alice")
+        with trio.fail_after(WAIT):
+            for number in range(3):  # her whole burst, on node a
+                await say(alice_on_a, f"spent {number}", f"a{number}")
+            limiter = b.server.rates.limiter
+            await wait_until(
+                lambda: limiter.available("alice", RateKind.MESSAGES, trio.current_time()) < 1
+            )
+            await alice_on_b.send(Say(room=LOBBY, text="one more", id="b1"))
+            refused = await receive_type(alice_on_b, Error)
+        assert (refused.code, refused.ref) == (ErrorCode.RATE_LIMITED, "b1")
+
+
+async def test_the_login_back_off_is_one_over_all_nodes(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    limits = {"login_failures_allowed": 2}
+    async with nodes(2, redis_server, make_config, pki, limits=limits) as (a, b):
+        with trio.fail_after(WAIT):
+            for number in range(2):  # the free failures, spent on node a
+                guesser = await a.open()
+                await guesser.send(Hello(username="bob", password=SecretStr(f"guess {number}")))
+                assert (await receive_type(guesser, Error)).code is ErrorCode.AUTH_FAILED
+            throttle = b.server.authenticator.throttle
+            await wait_until(lambda: throttle.failures("user:bob", trio.current_time()) == 2)
+            # bob is blocked on node b too: even the right password is refused
+            bob = await b.open()
+            await bob.send(Hello(username="bob", password=SecretStr(PASSWORDS["bob"])))
+            refused = await receive_type(bob, Error)
+        assert refused.code is ErrorCode.AUTH_FAILED

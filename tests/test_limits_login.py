@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from securechat.limits import LoginThrottle, Refusal
+from securechat.limits import LoginThrottle, RateKind, RateLimiter, Refusal, Verdict
 
 USER = "user:carol"
 IP = "ip:192.0.2.7"
@@ -192,3 +192,43 @@ def test_memory_is_bounded_and_reservations_vanish_when_settled() -> None:
     assert limiter.reserve(("user:new", "ip:new"), 1000.0) is None
     assert limiter.in_flight("user:new") == 1
     assert len(limiter) == 100
+
+
+def test_a_shared_throttle_collects_what_happened_here_and_counts_what_happened_elsewhere() -> None:
+    here = LoginThrottle(free_failures=2, share=True)
+    keys = ("user:bob", "ip:192.0.2.1")
+    assert here.reserve(keys, 0.0) is None
+    here.failed(keys, 0.0)
+    assert here.failed_here == [keys]
+    # another server's failure counts here as if it had been made here
+    here.failed_elsewhere(("user:bob",), 1.0)
+    assert here.failures("user:bob", 1.0) == 2
+    assert here.reserve(keys, 1.0) is not None  # blocked: two failures
+    here.cleared_elsewhere(("user:bob",))  # bob logged in on another server
+    assert here.failures("user:bob", 1.0) == 0
+    assert here.cleared_here == []  # not ours to tell again
+
+
+def test_a_throttle_that_does_not_share_collects_nothing() -> None:
+    alone = LoginThrottle()
+    assert alone.reserve(("user:bob",), 0.0) is None
+    alone.failed(("user:bob",), 0.0)
+    assert alone.failed_here == []
+
+
+def test_a_shared_rate_limiter_collects_spending_and_charges_what_others_spent() -> None:
+    here = RateLimiter(
+        message_rate=1.0, message_burst=5, request_rate=1.0, request_burst=5, share=True
+    )
+    assert here.take("alice", RateKind.MESSAGES, 1.0, 0.0) == (Verdict.ACCEPT, 0.0)
+    assert here.spent == {("alice", RateKind.MESSAGES): 1.0}
+    here.debit("alice", RateKind.MESSAGES, 4.0, 0.0)  # spent on another server
+    assert here.available("alice", RateKind.MESSAGES, 0.0) == 0.0
+    verdict, retry_after = here.take("alice", RateKind.MESSAGES, 1.0, 0.0)
+    assert (verdict, retry_after) == (Verdict.REJECT, 2.0)
+    # far past the limit elsewhere: cut off here too
+    here.debit("alice", RateKind.MESSAGES, 100.0, 0.0)
+    here.debit("alice", RateKind.MESSAGES, 100.0, 0.0)
+    here.debit("alice", RateKind.MESSAGES, 100.0, 0.0)
+    assert here.cooldown("alice", 0.0) > 0
+    assert here.available("bob", RateKind.REQUESTS, 0.0) == 5
