@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 import trio
+from coredis.tokens import PureToken
 from pydantic import SecretStr
 
+from securechat import redis_link
 from securechat.client import ChatConnection
+from securechat.config import ClusterSection
 from securechat.limits import RateKind
 from securechat.protocol import (
     LOBBY,
@@ -389,3 +392,42 @@ async def test_the_login_back_off_is_one_over_all_nodes(
             await bob.send(Hello(username="bob", password=SecretStr(PASSWORDS["bob"])))
             refused = await receive_type(bob, Error)
         assert refused.code is ErrorCode.AUTH_FAILED
+
+
+async def test_killed_redis_connections_cost_no_message_the_tail_resumes_from_its_cursor(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    # No pub/sub anywhere: every node reads the log with XREAD BLOCK from its cursor.
+    # Here Redis drops every node connection at once, the blocked tails' too (the
+    # failure that ended coredis pub/sub iterators silently under trio).
+    limits = {"messages_per_second": 1000.0, "message_burst": 1000}
+    async with nodes(2, redis_server, make_config, pki, limits=limits) as (a, b):
+        alice = await a.login("alice")
+        bob = await b.login("bob")
+        section = ClusterSection.model_validate({"redis_url": redis_server.url})
+        async with redis_link.connect(section) as killer:
+            with trio.fail_after(WAIT * 3):
+                for number in range(50):
+                    await alice.send(Say(room=LOBBY, text=f"m {number}", id=f"m{number}"))
+                received = [await receive_type(bob, Message)]  # the tails are reading
+                killed = await killer.client_kill(type_=PureToken.NORMAL, skipme=True)
+                assert killed >= 4  # two nodes, a writer and a tail each
+                for number in range(50, 100):
+                    await alice.send(Say(room=LOBBY, text=f"m {number}", id=f"m{number}"))
+                # A send caught in a killed write is refused (unavailable): the
+                # client sends it again with the same id, as the real client does.
+                acked: set[str] = set()
+                while len(acked) < 100:
+                    reply = await alice.receive()
+                    if isinstance(reply, Ack) and reply.ref is not None:
+                        acked.add(reply.ref)
+                    elif isinstance(reply, Error):
+                        assert (reply.code, reply.ref) == (ErrorCode.UNAVAILABLE, reply.ref)
+                        assert reply.ref is not None
+                        number = int(reply.ref[1:])
+                        await alice.send(Say(room=LOBBY, text=f"m {number}", id=reply.ref))
+                received += [await receive_type(bob, Message) for _ in range(99)]
+        texts = [message.text for message in received]
+        assert sorted(texts) == sorted(f"m {n}" for n in range(100))  # each once
+        ids = [message.id for message in received]
+        assert ids == list(range(ids[0], ids[0] + 100))  # in id order, no gap
