@@ -185,13 +185,27 @@ async def check_durability(client: coredis.Redis[bytes], section: ClusterSection
             " [cluster] redis_url at the primary"
         )
     if section.durability == "replicated":
-        connected = int(str(replication.get("connected_slaves", 0)))
-        if connected < section.replicas:
+        # Replicas still in their first sync (state wait_bgsave, ...) cannot confirm a write.
+        online = sum(
+            1
+            for key, value in replication.items()
+            if _text(key).startswith("slave") and _replica_state(value) == "online"
+        )
+        if online < section.replicas:
             raise ClusterError(
-                f"{where} has {connected} connected replica(s) and [cluster] replicas ="
-                f" {section.replicas} needs {section.replicas}: attach replicas (replicaof),"
-                ' lower replicas, or use durability = "fsync"'
+                f"{where} has {online} replica(s) online and [cluster] replicas ="
+                f" {section.replicas} needs {section.replicas}: attach replicas (replicaof)"
+                ' and let them sync, lower replicas, or use durability = "fsync"'
             )
+
+
+def _replica_state(value: object) -> str:
+    """The ``state`` of an ``INFO replication`` ``slaveN`` entry (parsed into a mapping by
+    coredis; ``ip=...,state=online,...`` as Redis writes it otherwise)."""
+    if isinstance(value, Mapping):
+        return _text(value.get("state"))
+    fields = dict(part.partition("=")[::2] for part in _text(value).split(","))
+    return fields.get("state", "")
 
 
 def _text(value: object) -> str:

@@ -95,6 +95,9 @@ PREFIX = "sc:{chat}:"
 # The log stream keeps about this many entries: a node that falls further
 # behind skips the oldest (it says so); its clients catch up from history.
 LOG_LENGTH = 100_000
+# durability = "replicated": how long a batch waits for its replicas before its
+# answers are "unavailable" (the messages are kept; a re-send gets the same id).
+REPLICA_TIMEOUT = 1.0
 # What one batch, and one read of the log, may hold.
 MAX_BATCH = 1024
 TAIL_COUNT = 500
@@ -222,6 +225,10 @@ def _pair(a: str, b: str) -> str:
     return "\n".join(sorted((a, b)))
 
 
+class _NotReplicated(StoreError):
+    pass
+
+
 class _Append:
     __slots__ = ("draft", "then")
 
@@ -240,7 +247,10 @@ class RedisStore:
     reads (a blocking read holds its connection). Both are entered by the caller,
     in a task that outlives the store's :meth:`run`. ``node`` names this server in
     the cluster (default: a new random name each start); ``presence_ttl`` is how
-    long its users stay online for the others after it stops answering.
+    long its users stay online for the others after it stops answering. With
+    ``wait_replicas`` (``[cluster] durability = "replicated"``), a batch is answered
+    only once that many replicas have it too (``WAIT``, at most
+    :data:`REPLICA_TIMEOUT`); otherwise its answers are ``unavailable``.
     """
 
     shared = True
@@ -253,12 +263,14 @@ class RedisStore:
         prefix: str = PREFIX,
         node: str | None = None,
         presence_ttl: float = 15.0,
+        wait_replicas: int = 0,
     ) -> None:
         self._client = client
         self._tail_client = tail_client
         self._prefix = prefix
         self.node = node or secrets.token_hex(6)
         self.presence_ttl = presence_ttl
+        self.wait_replicas = wait_replicas
         self._send, self._receive = trio.open_memory_channel[_Queued](QUEUE_SIZE)
         self._closed = False
         self._feed: Feed | None = None
@@ -453,6 +465,11 @@ class RedisStore:
                 if not isinstance(item, _Append):
                     events.append(await self._apply(item[0]))
             ids = iter(await self._run_appends(appends) if appends else [])
+            if self.wait_replicas:
+                await self._replicated()
+        except _NotReplicated as exc:  # like Redis away: one line per change of state
+            self._redis_state(down=True, error=exc)
+            failure = exc
         except StoreError as exc:  # a write that cannot be applied
             log.error("Redis write refused (batch of %d): %s", len(batch), exc)
             failure = exc
@@ -479,6 +496,23 @@ class RedisStore:
                 self._barrier = max(self._barrier, (id_, 0))
                 self._unsettled.append((self._barrier, item.then, Appended(id_)))
         self._settle()
+
+    async def _replicated(self) -> None:
+        """Wait until ``wait_replicas`` replicas have everything written so far.
+
+        ``WAIT`` counts the writes of its own connection, and the pool may have
+        sent the batch over others: so a write of its own goes first, which the
+        replication stream carries after everything written before it.
+        """
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.incr(self._key("replicated"))
+            confirmed = pipe.wait(self.wait_replicas, int(REPLICA_TIMEOUT * 1000))
+        count = await confirmed
+        if count < self.wait_replicas:
+            raise _NotReplicated(
+                f"Redis: {count} of {self.wait_replicas} replica(s) confirmed the write"
+                f" within {REPLICA_TIMEOUT:g} s"
+            )
 
     async def _run_appends(self, appends: list[_Append]) -> list[int]:
         args: list[str | int] = [self._prefix, int(RECENT_SECONDS), LOG_LENGTH]

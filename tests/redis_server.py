@@ -32,6 +32,8 @@ BASE_SETTINGS: dict[str, str] = {
     "appendfsync": "always",
     "daemonize": "no",
     "logfile": '""',  # stdout, which goes to redis.log in the directory
+    # A replica's first sync starts at once (the default waits 5 s for more replicas).
+    "repl-diskless-sync-delay": "0",
 }
 PORT_ATTEMPTS = 5  # a freshly freed port taken by someone else before redis binds it
 

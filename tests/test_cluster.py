@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,10 +57,12 @@ from .conftest import (
     Pki,
     RunningServer,
     receive_closed,
+    receive_first,
     receive_type,
     redis_store,
 )
 from .redis_server import RedisServer
+from .redis_server import redis_server as private_redis_server
 
 
 @asynccontextmanager
@@ -69,13 +72,18 @@ async def nodes(
     make_config: ConfigFactory,
     pki: Pki,
     presence_ttl: float = 15.0,
+    wait_replicas: int = 0,
     **overrides: Any,
 ) -> AsyncIterator[list[RunningServer]]:
     """``count`` servers on one Redis, each on its own port, with the same config
     (``make_config(**overrides)``); stopped at the end."""
     async with (
-        redis_store(redis, node="a", presence_ttl=presence_ttl) as first,
-        redis_store(redis, node="b", presence_ttl=presence_ttl) as second,
+        redis_store(
+            redis, node="a", presence_ttl=presence_ttl, wait_replicas=wait_replicas
+        ) as first,
+        redis_store(
+            redis, node="b", presence_ttl=presence_ttl, wait_replicas=wait_replicas
+        ) as second,
     ):
         stores = [first, second][:count]
         servers = [ChatServer(make_config(**overrides), store=store) for store in stores]
@@ -431,3 +439,44 @@ async def test_killed_redis_connections_cost_no_message_the_tail_resumes_from_it
         assert sorted(texts) == sorted(f"m {n}" for n in range(100))  # each once
         ids = [message.id for message in received]
         assert ids == list(range(ids[0], ids[0] + 100))  # in id order, no gap
+
+
+async def test_replicated_durability_acks_only_what_a_replica_has_too(
+    redis_server: RedisServer,
+    make_config: ConfigFactory,
+    pki: Pki,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    section = ClusterSection.model_validate(
+        {"redis_url": redis_server.url, "durability": "replicated", "replicas": 1}
+    )
+    replica_of = {"replicaof": f"{redis_server.host} {redis_server.port}"}
+    async with (
+        private_redis_server(tmp_path / "replica", replica_of) as replica,
+        redis_link.connect(section) as probe,
+    ):
+        with trio.fail_after(WAIT):  # the replica's link comes up, and it syncs
+            while "'state': 'online'" not in str(await probe.info("replication")):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await redis_link.check_durability(probe, section)  # what a node checks at start
+        async with nodes(1, redis_server, make_config, pki, wait_replicas=1) as (a,):
+            alice = await a.login("alice")
+            with trio.fail_after(WAIT * 3):
+                first = await say(alice, "replicated", "r1")
+                await replica.kill()
+                await alice.send(Say(room=LOBBY, text="primary only", id="r2"))
+                refused = await receive_type(alice, Error)
+                assert (refused.code, refused.ref) == (ErrorCode.UNAVAILABLE, "r2")
+                await replica.restart()
+                # The client sends it again with the same id until it is acked: once
+                # the replica has it, with the id the primary gave it the first time.
+                while True:
+                    await alice.send(Say(room=LOBBY, text="primary only", id="r2"))
+                    reply = await receive_first(alice, Ack, Error)
+                    if isinstance(reply, Ack):
+                        break
+                    assert reply.code is ErrorCode.UNAVAILABLE
+                assert reply.id == first.id + 1
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("replica(s) confirmed the write" in line for line in lines) == 1

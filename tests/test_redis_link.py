@@ -109,16 +109,16 @@ async def test_replicated_needs_connected_replicas(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     assert await refusal(redis_server, durability="replicated") == (
-        f"Redis at 127.0.0.1:{redis_server.port} has 0 connected replica(s) and [cluster]"
-        " replicas = 1 needs 1: attach replicas (replicaof), lower replicas, or use"
-        ' durability = "fsync"'
+        f"Redis at 127.0.0.1:{redis_server.port} has 0 replica(s) online and [cluster]"
+        " replicas = 1 needs 1: attach replicas (replicaof) and let them sync, lower"
+        ' replicas, or use durability = "fsync"'
     )
     primary = f"127.0.0.1 {redis_server.port}"
     async with redis_at(tmp_path / "replica", {"replicaof": primary}) as replica:
         cluster = section(redis_server.url, durability="replicated")
         async with connect(cluster) as client:
-            with trio.fail_after(WAIT):  # the replica's link comes up by itself
-                while (await client.info("replication"))["connected_slaves"] == 0:  # noqa: ASYNC110
+            with trio.fail_after(WAIT):  # the replica's link comes up, and it syncs
+                while "'state': 'online'" not in str(await client.info("replication")):  # noqa: ASYNC110
                     await trio.sleep(0.02)
             await check_durability(client, cluster)
         assert "replicas = 2 needs 2" in await refusal(
