@@ -121,11 +121,12 @@ class Hub:
         """
         self.rooms.set_users(users)
         self.configure_rooms(rooms)
-        for username in self.online.here():
+        removed = "your account was removed"
+        for username in self.online.users():  # here and on other servers
             if username not in self.rooms.users:
-                self.disconnect_user(
-                    username, Error(code=ErrorCode.KICKED, message="your account was removed")
-                )
+                if username in self.online.elsewhere:  # theirs may not be reloaded yet
+                    self.store.tell(LetGo(username, removed))
+                self.disconnect_user(username, Error(code=ErrorCode.KICKED, message=removed))
 
     def configure_rooms(self, rooms: Mapping[str, RoomSettings]) -> None:
         """Apply the config file's rooms (at start-up and on reload)."""

@@ -480,3 +480,27 @@ async def test_replicated_durability_acks_only_what_a_replica_has_too(
                 assert reply.id == first.id + 1
     lines = [record.getMessage() for record in caplog.records]
     assert sum("replica(s) confirmed the write" in line for line in lines) == 1
+
+
+async def test_a_reload_on_one_node_reaches_the_users_connections_on_the_other(
+    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+) -> None:
+    rooms = {"ops": {"members": ["alice", "bob"]}}
+    async with nodes(2, redis_server, make_config, pki, rooms=rooms) as (a, b):
+        bob = await b.login("bob")
+        dave = await b.login("dave")
+        with trio.fail_after(WAIT):
+            await bob.send(Join(room="ops", id="j1"))
+            assert (await receive_type(bob, Joined)).room == "ops"
+            await dave.send(Join(room="ops", id="j2"))
+            refused = await receive_type(dave, Error)  # private, on node b too
+            assert refused.code is ErrorCode.FORBIDDEN
+            # Node a reloads a file that takes bob off the room and removes dave.
+            config = make_config(rooms={"ops": {"members": ["alice"]}})
+            users = {name: account for name, account in config.users.items() if name != "dave"}
+            a.server.reload(config.model_copy(update={"users": users}))
+            left = await receive_type(bob, Left)
+            assert left.room == "ops"
+            gone = await receive_type(dave, Error)
+            assert (gone.code, gone.message) == (ErrorCode.KICKED, "your account was removed")
+            await receive_closed(dave)
