@@ -217,6 +217,13 @@ def _message(id_: int, body: bytes | str) -> Message:
     )
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in one short line: coredis quotes a failed pipeline's commands
+    (scripts and all) before the cause, which is what a log line needs."""
+    text = str(exc).rsplit("caused error: ", 1)[-1].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -381,7 +388,7 @@ class RedisStore:
                     args=[LOG_LENGTH, self.node, json.dumps({"t": "gone"})],
                 )
         except (RedisError, OSError) as exc:
-            log.warning("could not tell the cluster this node stops: %s", exc)
+            log.warning("could not tell the cluster this node stops: %s", _reason(exc))
 
     def close(self) -> None:
         self._closed = True
@@ -475,7 +482,7 @@ class RedisStore:
             failure = exc
         except (RedisError, OSError) as exc:
             self._redis_state(down=True, error=exc)
-            failure = StoreError(f"Redis: {exc}")
+            failure = StoreError(f"Redis: {_reason(exc)}")
         if failure is not None:
             for item in batch:
                 self._call(item.then if isinstance(item, _Append) else item[1], failure)
@@ -653,7 +660,8 @@ class RedisStore:
 
     def _redis_state(self, *, down: bool, error: BaseException | None = None) -> None:
         if down and not self._redis_down:
-            log.error("Redis unavailable: %s (sends are refused until it is back)", error)
+            reason = "?" if error is None else _reason(error)
+            log.error("Redis unavailable: %s (sends are refused until it is back)", reason)
         elif not down and self._redis_down:
             log.warning("Redis available again")
         self._redis_down = down
@@ -671,7 +679,7 @@ class RedisStore:
                 )
             except (RedisError, OSError) as exc:
                 if failures == 0:
-                    log.error("cannot read the message log from Redis: %s (retrying)", exc)
+                    log.error("cannot read the message log from Redis: %s (retrying)", _reason(exc))
                 await trio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
                 failures += 1
                 continue
@@ -799,7 +807,7 @@ class RedisStore:
                     await self._tell_all(notices)
                 except (RedisError, OSError) as exc:
                     if not self._presence_lost:
-                        log.error("cannot tell the cluster about presence: %s", exc)
+                        log.error("cannot tell the cluster about presence: %s", _reason(exc))
                     self._presence_lost = True
 
     async def _tell_all(self, notices: list[Notice]) -> None:
@@ -833,7 +841,7 @@ class RedisStore:
                 await self._sweep()
             except (RedisError, OSError) as exc:
                 if not self._presence_lost:
-                    log.error("cannot refresh presence in Redis: %s", exc)
+                    log.error("cannot refresh presence in Redis: %s", _reason(exc))
                 self._presence_lost = True
 
     async def _keep_alive(self) -> None:
@@ -894,7 +902,7 @@ class RedisStore:
             )
             return [int(_text(value)) for value in found]
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+            raise StoreError(f"Redis: {_reason(exc)}") from exc
 
     async def history_ids(self, scope: HistoryScope, after: int | None, limit: int) -> list[int]:
         if limit <= 0:
@@ -919,7 +927,7 @@ class RedisStore:
         try:
             bodies = await self._bodies(ordered)
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+            raise StoreError(f"Redis: {_reason(exc)}") from exc
         taken: list[Message] = []
         chars = 0
         for id_ in ordered:
@@ -969,5 +977,5 @@ class RedisStore:
                         await self.commit(DeleteMessages(excess_ids))
                         by_room += len(excess_ids)
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+            raise StoreError(f"Redis: {_reason(exc)}") from exc
         return Pruned(by_age=by_age, by_room=by_room)

@@ -193,11 +193,14 @@ async def test_while_redis_is_down_sends_are_refused_and_after_it_returns_they_g
             assert after.id > before.id
             (seen,) = await messages(bob, 1)
             assert (seen.id, seen.text) == (after.id, "while down")
-    # One line per change of state, however long it lasted: no log storm.
+    # One line per node and change of state, however long it lasted: no log storm.
+    # (Node b logs it too if a write of its own was caught: its login's.)
     lines = [record.getMessage() for record in caplog.records]
-    assert sum("Redis unavailable" in line for line in lines) == 1  # node a's refused send
-    assert sum("Redis available again" in line for line in lines) == 1
-    assert sum("cannot read the message log" in line for line in lines) <= 2  # once per node
+    assert 1 <= sum("Redis unavailable" in line for line in lines) <= 2
+    assert 1 <= sum("Redis available again" in line for line in lines) <= 2
+    assert sum("cannot read the message log" in line for line in lines) <= 2
+    # each a short line: no command or script quoted
+    assert all("\n" not in line and len(line) < 300 for line in lines if "Redis" in line)
 
 
 async def test_every_acknowledged_message_survives_a_sigkill_of_redis(
