@@ -6,7 +6,9 @@ its validity dates), its key (mode, and that it matches the certificate), the
 ``[server] host`` against the certificate's names, the CA for client
 certificates, that the server's TLS settings load these files, the
 database (there and writable, or creatable), whether a server already runs
-with this config (its pidfile), and whether the port is free. An error is
+with this config (its pidfile), and whether the port is free. For a cluster
+node (``[cluster]``) there is no database or pidfile to check, and Redis is not
+contacted; a port in use is a warning (it may be that node). An error is
 what stops the server from starting or clients from connecting; a warning is
 what works but should not stay that way.
 
@@ -76,6 +78,21 @@ def check_config(path: Path, now: datetime) -> list[Finding]:
     """Every check, in order; a config that does not load stops the rest."""
     findings, config = check_reloadable(path, now)
     if config is None:
+        return findings
+    if config.cluster is not None:
+        # No database and no pidfile (securechat.cli): whether a node runs is not known here.
+        findings.append(
+            _ok(
+                "cluster",
+                f"a cluster node on Redis at {config.cluster.endpoint} (durability"
+                f" {config.cluster.durability}; check-config does not contact Redis);"
+                " no database, no pidfile",
+            )
+        )
+        port = _port(config.server)
+        if port.status is Status.ERROR:
+            port = _warning("port", f"{port.text} (fine if it is a node of this cluster)")
+        findings.append(port)
         return findings
     findings.append(_database(config.storage.path))
     pidfile = pidfile_path(config.storage.path)

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import trio
 from pydantic import SecretStr
 
-from . import __version__, checks, process, service, tls
+from . import __version__, checks, process, service, supervisor, tls
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
 from .client import ChatConnection, ChatSession, ClientError
 from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
@@ -37,13 +37,15 @@ from .console import Console, PipeConsole, open_console
 from .operator_console import PROMPT, run_operator_console
 from .passwords import check_new_password, hash_password
 from .protocol import NAME_PATTERN, Welcome, json_schemas
-from .server import ChatServer, raise_open_file_limit
+from .redis_link import ClusterError
+from .server import ChatServer, cluster_store, raise_open_file_limit
 from .service import HangupAction, ServiceError
 from .store import StoreError
 
 log = logging.getLogger("securechat")
 
 DEFAULT_SERVER_CONFIG = Path("securechat.toml")
+MAX_WORKERS = 64
 PASSWORD_ENV = "SECURECHAT_PASSWORD"  # noqa: S105 (a variable name)
 
 
@@ -95,6 +97,16 @@ def _renewable(value: str) -> str:
     if value == CA:
         raise argparse.ArgumentTypeError("the CA is not renewed: --new-ca replaces it")
     return value if value == SERVER else _username(value)
+
+
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}: {count}")
+    return count
 
 
 def _leaf_days(value: str) -> int:
@@ -203,11 +215,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the TLS chat server. Settings come from the config file; the flags below"
             " override it. It logs its pid and config file at start and keeps its pid in a"
-            " file beside the database (data/securechat.pid). Stop with Ctrl-C or SIGTERM:"
-            " clients are told and the server exits 0; closing the terminal it runs in stops"
-            " it the same way. `securechat reload` (or SIGHUP) re-reads the config file's"
-            " users and rooms and the certificate files (an invalid file is logged and"
-            " ignored)."
+            " file beside the database (data/securechat.pid; a cluster node, with [cluster],"
+            " keeps none). Stop with Ctrl-C or SIGTERM: clients are told and the server exits"
+            " 0; closing the terminal it runs in stops it the same way. `securechat reload`"
+            " (or SIGHUP) re-reads the config file's users and rooms and the certificate files"
+            " (an invalid file is logged and ignored)."
         ),
     )
     server.add_argument(
@@ -234,6 +246,16 @@ def _build_parser() -> argparse.ArgumentParser:
             " /kick USER; /quit or Ctrl-D stops the server"
         ),
     )
+    server.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run N worker processes of this cluster node on one port (SO_REUSEPORT), under a"
+        " supervisor that restarts a worker that dies and passes SIGHUP, SIGTERM and SIGINT"
+        " on; needs [cluster]",
+    )
+    # Internal: a worker of --workers (see securechat/supervisor.py).
+    server.add_argument(supervisor.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     server.add_argument(
         "--log-file",
         type=Path,
@@ -407,38 +429,67 @@ def _cmd_server(args: argparse.Namespace) -> int:
             " (pass --config FILE; config.example.toml shows every key)"
         )
     config = load_config(args.config)
-    if config.cluster is not None:
-        # Refused rather than ignored: a node that silently ran alone would split the chat.
-        raise ConfigError(
-            f"{args.config}: [cluster] is not usable yet: the Redis store is built but"
-            " presence, memberships and kicks do not cross nodes (issue 12); remove the"
-            " section to run one process"
-        )
+    _check_process_flags(args, config)
     overrides = {
         name: getattr(args, name)
         for name in ("host", "port", "cert", "key", "ca", "client_certs")
         if getattr(args, name) is not None
     }
     config = _with_overrides(config, overrides)
+    supervised = args.workers is not None or args.worker
     with contextlib.ExitStack() as cleanup:  # undone in reverse order
-        log_handler = service.log_handler(args.log_file)
+        log_handler = service.log_handler(args.log_file, tag_pid=supervised)
         cleanup.callback(log_handler.close)
         cleanup.callback(logging.getLogger().removeHandler, log_handler)
-        # Before the database is touched: a second server on it is refused here.
-        pidfile = service.PidFile.acquire(service.pidfile_path(config.storage.path))
-        cleanup.callback(pidfile.release)
-        try:
-            server = ChatServer(config)
-        except StoreError as exc:
-            raise RuntimeFailure(str(exc)) from None
-        raise_open_file_limit()
         hangup = _Hangup(
             had_terminal=service.has_controlling_terminal(),
             # Read before trio installs its handler: SIG_IGN here means nohup.
             ignored_at_start=signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
         )
-        started = _Started(args.config, overrides, pidfile.path, hangup, log_handler)
-        return trio.run(_serve, server, started, args)
+        if args.workers is not None:
+            try:
+                return trio.run(_supervise, config, args, hangup, log_handler)
+            except supervisor.StartFailed as exc:
+                _fail(str(exc))
+                return exc.code
+        server: ChatServer | None = None
+        pidfile: Path | None = None
+        if config.cluster is None:
+            # Before the database is touched: a second server on it is refused here.
+            held = service.PidFile.acquire(service.pidfile_path(config.storage.path))
+            cleanup.callback(held.release)
+            pidfile = held.path
+            try:
+                server = ChatServer(config)
+            except StoreError as exc:
+                raise RuntimeFailure(str(exc)) from None
+        # else: a cluster node opens no database, so it keeps no pidfile. The pidfile
+        # guards the SQLite file against a second server; nodes share Redis, which
+        # needs no such guard, and several nodes on one host may well share one config
+        # file (the workers of --workers do). Its server is built once Redis answers.
+        raise_open_file_limit()
+        started = _Started(args.config, overrides, pidfile, hangup, log_handler)
+        return trio.run(_serve, config, server, started, args)
+
+
+def _check_process_flags(args: argparse.Namespace, config: Config) -> None:
+    """--workers and --worker: what they need, and what they cannot go with."""
+    if args.workers is not None:
+        if config.cluster is None:
+            raise UsageError(
+                f"--workers needs a [cluster] section ({args.config} has none): without"
+                " Redis, worker processes would each be a separate chat"
+            )
+        if args.console:
+            raise UsageError(
+                "--console cannot go with --workers: each worker is a process of its own;"
+                " run the operator console on a server without --workers"
+            )
+    if args.worker and (args.workers is not None or config.cluster is None or args.console):
+        raise UsageError(
+            f"{supervisor.WORKER_FLAG} is for the workers `--workers` starts (with a"
+            " [cluster] section; no --console)"
+        )
 
 
 def _with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
@@ -455,23 +506,55 @@ class _Hangup:
 class _Started:
     config_path: Path
     overrides: dict[str, Any]  # the [server] settings given as flags
-    pidfile: Path
+    pidfile: Path | None  # None: a cluster node
     hangup: _Hangup
     log_handler: logging.Handler
 
 
-async def _serve(server: ChatServer, started: _Started, args: argparse.Namespace) -> int:
+async def _serve(
+    config: Config, server: ChatServer | None, started: _Started, args: argparse.Namespace
+) -> int:
+    """Run ``server``; for a cluster node (``server`` None) connect to Redis and build it."""
     # The console goes first: on a terminal it redirects stdout and stderr
     # so that log lines print above the prompt.
     console = open_console(lambda: PROMPT) if args.console else None
-    _setup_logging(args.log_level, started.log_handler, log_file=args.log_file is not None)
-    log.info(
-        "securechat %s pid %d: config %s, pidfile %s",
-        __version__,
-        os.getpid(),
-        started.config_path.resolve(),
-        started.pidfile.resolve(),
-    )
+    try:
+        _setup_logging(args.log_level, started.log_handler, log_file=args.log_file is not None)
+        if server is not None:
+            assert started.pidfile is not None
+            log.info(
+                "securechat %s pid %d: config %s, pidfile %s",
+                __version__,
+                os.getpid(),
+                started.config_path.resolve(),
+                started.pidfile.resolve(),
+            )
+            return await _run(server, started, args, console)
+        section = config.cluster
+        assert section is not None
+        log.info(
+            "securechat %s pid %d: config %s, cluster mode on Redis %s (durability %s),"
+            " no pidfile%s",
+            __version__,
+            os.getpid(),
+            started.config_path.resolve(),
+            section.redacted_url(),  # never the password
+            section.durability,
+            f", a worker of pid {os.getppid()}" if args.worker else "",
+        )
+        try:
+            async with cluster_store(section) as store:
+                return await _run(ChatServer(config, store=store), started, args, console)
+        except ClusterError as exc:
+            raise RuntimeFailure(str(exc)) from None
+    finally:
+        if console is not None:
+            await console.aclose()
+
+
+async def _run(
+    server: ChatServer, started: _Started, args: argparse.Namespace, console: Console | None
+) -> int:
     process.tune_allocator()
     try:
         await server.load()
@@ -484,28 +567,95 @@ async def _serve(server: ChatServer, started: _Started, args: argparse.Namespace
     gc.freeze()
     settings = server.config.server
     try:
-        await server.listen()
+        await server.listen(reuse_port=args.worker)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_handle_signals, server, started)
+        if console is not None:
+            nursery.start_soon(_operate, server, console)
+        if args.worker:
+            nursery.start_soon(_follow_supervisor, server)
+        addresses = await nursery.start(_serve_until_shutdown, server, nursery.cancel_scope)
+        listening = ", ".join(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in addresses
+        )
+        try:
+            service.notify_systemd(f"READY=1\nSTATUS=listening on {listening}")
+        except ServiceError as exc:
+            log.warning("%s", exc)
+    return 0
+
+
+async def _follow_supervisor(server: ChatServer) -> None:
+    """A worker's stdin is a pipe from its supervisor, which never writes to it: its end
+    means the supervisor is gone (even by SIGKILL), and a worker does not run on alone."""
+    try:
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+    except OSError:
+        stdin = None
+    if stdin is not None:
+        async with stdin:
+            try:
+                while await stdin.receive_some():
+                    pass
+            except (OSError, trio.BrokenResourceError):
+                pass
+    log.warning("the supervisor is gone (this worker's stdin closed): shutting down")
+    server.request_shutdown()
+
+
+async def _supervise(
+    config: Config, args: argparse.Namespace, hangup: _Hangup, log_handler: logging.Handler
+) -> int:
+    """``--workers N``: reserve the port, then run the workers (securechat.supervisor)."""
+    _setup_logging(args.log_level, log_handler, log_file=args.log_file is not None)
+    settings, section = config.server, config.cluster
+    assert section is not None
+    try:
+        held = await trio.to_thread.run_sync(supervisor.reserve_port, settings.host, settings.port)
     except OSError as exc:
         raise RuntimeFailure(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from None
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(_handle_signals, server, started)
-            if console is not None:
-                nursery.start_soon(_operate, server, console)
-            addresses = await nursery.start(_serve_until_shutdown, server, nursery.cancel_scope)
-            listening = ", ".join(
-                f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in addresses
-            )
-            try:
-                service.notify_systemd(f"READY=1\nSTATUS=listening on {listening}")
-            except ServiceError as exc:
-                log.warning("%s", exc)
+        port = held[0].getsockname()[1]
+        where = f"[{settings.host}]:{port}" if ":" in settings.host else f"{settings.host}:{port}"
+        log.info(
+            "securechat %s pid %d: supervisor of %d workers on %s; config %s, cluster mode on"
+            " Redis %s, no pidfile",
+            __version__,
+            os.getpid(),
+            args.workers,
+            where,
+            args.config.resolve(),
+            section.redacted_url(),
+        )
+        return await supervisor.Supervisor(
+            [sys.executable, "-m", "securechat", "server", *_worker_flags(args, port)],
+            args.workers,
+            where=where,
+            environ=os.environ,
+            stop_within=config.limits.shutdown_grace + supervisor.STOP_SLACK,
+            had_terminal=hangup.had_terminal,
+            hangup_ignored_at_start=hangup.ignored_at_start,
+        ).run()
     finally:
-        if console is not None:
-            await console.aclose()
-    return 0
+        for sock in held:
+            sock.close()
+
+
+def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
+    """The supervisor's own flags for a worker, with the reserved port: no secret is a flag."""
+    flags = ["--config", str(args.config), "--port", str(port), "--log-level", args.log_level]
+    for name in ("host", "cert", "key", "ca", "client_certs"):
+        if (value := getattr(args, name)) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    if args.log_file is not None:
+        flags += ["--log-file", str(args.log_file)]
+    return [*flags, supervisor.WORKER_FLAG]
 
 
 async def _serve_until_shutdown(
@@ -590,6 +740,10 @@ def _warn_if_exposed(config_path: Path, config: Config) -> None:
 def _setup_logging(level: str, handler: logging.Handler, *, log_file: bool) -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
+    # coredis logs each retry and each lost connection at INFO (several lines a second
+    # while Redis is away, some with a stray "NoneType: None"); a node logs Redis's state
+    # changes itself, once each. Its lines stay visible with --log-level debug.
+    logging.getLogger("coredis").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     # Keep a host's handlers (pytest's, an embedding app's) unless a file was asked for.
     if log_file or not root.handlers:
         root.addHandler(handler)
@@ -631,6 +785,12 @@ def _cmd_reload(args: argparse.Namespace) -> int:
         hint = _missing_default_hint(args.config)
         raise UsageError(f"{problems[-1].text}; nothing sent to the server{hint}")
     assert config is not None  # it is None only when loading it failed, an error
+    if config.cluster is not None:
+        raise UsageError(
+            f"{args.config} has a [cluster] section: cluster nodes keep no pidfile, so reload"
+            " cannot find them; send SIGHUP to each node, or to the --workers supervisor,"
+            " which passes it on (each logs its pid at start)"
+        )
     pidfile = service.pidfile_path(config.storage.path)
     pid = service.running_pid(pidfile)
     if pid is None:

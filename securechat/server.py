@@ -5,9 +5,16 @@ the listening sockets, the guard around every connection (nothing one
 connection does can stop the server or another connection), the
 connection caps, the TLS handshake under its deadline, and then hands the
 connection to a session over a :class:`~securechat.lines.LineTransport`.
-It also applies a reloaded config and runs the storage and shutdown. Rooms
-and fan-out live in :mod:`securechat.hub`, delivery in
+It also applies a reloaded config and runs the storage and shutdown, and
+builds a cluster node's store (:func:`cluster_store`: Redis, checked for
+durability). Rooms and fan-out live in :mod:`securechat.hub`, delivery in
 :mod:`securechat.delivery`, envelopes in :mod:`securechat.protocol`.
+
+Listening: :meth:`ChatServer.listen` binds as ``trio.open_tcp_listeners`` does
+(``SO_REUSEADDR``, never ``SO_REUSEPORT``), so a second server on the same port
+fails to start. Only a worker of ``securechat server --workers`` asks for
+``reuse_port`` (:mod:`securechat.supervisor`): its workers each bind the port
+with ``SO_REUSEPORT`` and the kernel spreads new connections over them.
 """
 
 from __future__ import annotations
@@ -15,14 +22,18 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import socket
 import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
-from . import __version__, tls
+from . import __version__, redis_link, tls
 from .auth import Authenticator
 from .certs import CertError, common_name
-from .config import Config
+from .config import ClusterSection, Config
 from .delivery import FlushTicker
 from .hub import Hub, load_state
 from .limits import (
@@ -35,6 +46,7 @@ from .limits import (
 )
 from .lines import LineTransport
 from .protocol import Error, ErrorCode, encode
+from .redis_store import RedisStore
 from .session import ServerStats, Services, Session, UserRates
 from .shared_limits import LimitSharing
 from .sqlite_store import SqliteStore
@@ -47,6 +59,65 @@ SERVER_NAME = f"securechat/{__version__}"
 # accept() errors that mean "out of a resource for now" (trio.serve_listeners's list).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_DELAY = 0.1
+LISTEN_BACKLOG = 0xFFFF  # as trio's default: the kernel caps it at net.core.somaxconn
+
+
+def bind_tcp(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
+    """Bound, not yet listening, TCP sockets on every address ``host`` resolves to, set
+    as ``trio.open_tcp_listeners`` sets its own (``SO_REUSEADDR``; ``IPV6_V6ONLY``), and
+    with ``SO_REUSEPORT`` if ``reuse_port``. Port 0: one free port, the same on every
+    address. Raises OSError (``socket.gaierror`` for a host that does not resolve)."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in found:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:  # as trio: skip what the host lacks
+                    continue
+                raise
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(bound) > 1:
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    if not bound:
+        raise OSError(errno.EAFNOSUPPORT, f"no address of {host!r} can be used here")
+    return bound
+
+
+@asynccontextmanager
+async def cluster_store(
+    section: ClusterSection, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[RedisStore]:
+    """A cluster node's store: Redis reached and its durability checked against
+    ``[cluster] durability``. Two clients, entered here so that they outlive the store's
+    tasks: one for writes and reads, one for the log's blocking reads only.
+
+    Raises :class:`~securechat.redis_link.ClusterError` (one line naming Redis as
+    ``host:port``) and :class:`~securechat.config.ConfigError` (a password both in the
+    URL and in the environment); exceptions of the block come out as themselves.
+    """
+    async with (
+        redis_link.connect(section, environ) as client,
+        redis_link.connect(section, environ) as tail,
+    ):
+        await redis_link.check_durability(client, section)
+        yield RedisStore(
+            client,
+            tail,
+            presence_ttl=section.presence_ttl,
+            wait_replicas=section.replicas if section.durability == "replicated" else 0,
+        )
 
 
 def raise_open_file_limit() -> None:
@@ -61,7 +132,8 @@ class ChatServer:
 
     def __init__(self, config: Config, *, store: Store | None = None) -> None:
         """``store``: where the chat's state lives; default, the SQLite database of
-        ``[storage]`` (a cluster node passes its :class:`~securechat.redis_store.RedisStore`)."""
+        ``[storage]`` (a cluster node passes its :class:`~securechat.redis_store.RedisStore`,
+        from :func:`cluster_store`)."""
         self.config = config
         self.limits = config.limits
         interval = config.server.flush_interval_ms / 1000
@@ -82,9 +154,13 @@ class ChatServer:
         )
         self.store: Store = store if store is not None else SqliteStore(config.storage.path)
         storage = config.storage
-        self.retention = Retention(
-            max_age=storage.retention_days * 86400, per_room=storage.retention_messages_per_room
-        )
+        per_room = storage.retention_messages_per_room
+        if config.cluster is not None:
+            # Redis holds history in memory: a room's is always capped there, by
+            # [cluster] history_max_per_room (or a lower [storage] cap, if one is set).
+            cap = config.cluster.history_max_per_room
+            per_room = min(per_room, cap) if per_room else cap
+        self.retention = Retention(max_age=storage.retention_days * 86400, per_room=per_room)
         self._hub: Hub | None = None  # set up by load(), from the stored state
         self._sharing: LimitSharing | None = None  # a cluster node's shared limits
         self.addresses: list[tuple[str, int]] = []
@@ -158,11 +234,12 @@ class ChatServer:
             config.server != settings
             or config.limits != self.limits
             or config.storage != self.config.storage
+            or config.cluster != self.config.cluster
         ):
             # (Also when the server was started with flags that override the file.)
             log.warning(
-                "the file's [server], [limits] or [storage] differ from the running settings;"
-                " those sections are read at start only"
+                "the file's [server], [limits], [storage] or [cluster] differ from the running"
+                " settings; those sections are read at start only"
             )
         try:
             self.ssl_context = tls.server_context(
@@ -192,10 +269,29 @@ class ChatServer:
             ",".join(changes.changed) or "-",
         )
 
-    async def listen(self) -> list[tuple[str, int]]:
-        """Bind the listening sockets (OSError when the address is taken); returns the addresses."""
+    async def listen(self, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+        """Bind the listening sockets (OSError when the address is taken); returns the addresses.
+
+        ``reuse_port``: with ``SO_REUSEPORT``, sharing the port with the other workers of a
+        supervisor (see the module docstring); never for a server of its own.
+        """
         settings = self.config.server
-        self._listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+        if reuse_port:
+            bound = await trio.to_thread.run_sync(
+                partial(bind_tcp, settings.host, settings.port, reuse_port=True)
+            )
+            try:
+                for sock in bound:
+                    sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                for sock in bound:
+                    sock.close()
+                raise
+            self._listeners = [
+                trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in bound
+            ]
+        else:
+            self._listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
         self.addresses = [listener.socket.getsockname()[:2] for listener in self._listeners]
         return self.addresses
 

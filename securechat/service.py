@@ -7,7 +7,9 @@ into it and holds an exclusive ``flock`` on it until it exits, then removes
 it. The lock, not the file's existence, says whether a server runs: a file
 left behind by a server that was killed is unlocked, so it is recognised as
 stale even if its pid now belongs to another process, and a second server
-on the same database is refused at start.
+on the same database is refused at start. A cluster node (``[cluster]``) opens
+no database, so it keeps no pidfile: several nodes on one host may share one
+config file, and nothing local needs guarding (README, "Cluster mode").
 
 **The log** goes to stderr, with a UTC timestamp on every line; under
 systemd, whose journal stamps lines itself, each line starts with its
@@ -268,11 +270,14 @@ _PRIORITIES = {
 }
 
 
-def log_handler(log_file: Path | None) -> logging.Handler:
+def log_handler(log_file: Path | None, *, tag_pid: bool = False) -> logging.Handler:
     """The server's log handler: ``log_file``, the journal, or stderr (see the module doc).
 
+    ``tag_pid``: each line names the process (``securechat.server[1234]: ...``), for
+    the processes of ``--workers``, which share one stderr or log file.
     Raises :class:`ServiceError` when ``log_file`` cannot be opened.
     """
+    source = "%(name)s[%(process)d]" if tag_pid else "%(name)s"
     handler: logging.Handler
     if log_file is not None:
         try:
@@ -282,10 +287,10 @@ def log_handler(log_file: Path | None) -> logging.Handler:
     else:
         handler = StderrHandler()
     if log_file is None and stderr_is_journal(os.environ.get("JOURNAL_STREAM")):
-        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+        handler.setFormatter(JournalFormatter(f"{source}: %(message)s"))
     else:
         formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+            f"%(asctime)s.%(msecs)03dZ %(levelname)s {source}: %(message)s", "%Y-%m-%dT%H:%M:%S"
         )
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)

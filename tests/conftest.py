@@ -13,7 +13,7 @@ import re
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,10 +363,13 @@ class ServerProcess:
             self._grew.set()
             self._grew = trio.Event()
 
-    async def wait_for_log(self, pattern: str) -> re.Match[str]:
-        """Wait (with a deadline) until ``pattern`` appears in the log."""
-        with trio.fail_after(WAIT):
-            while (match := re.search(pattern, self.log())) is None:
+    async def wait_for_log(
+        self, pattern: str, *, since: int = 0, within: float = WAIT
+    ) -> re.Match[str]:
+        """Wait (at most ``within`` seconds) until ``pattern`` appears in the log (from
+        the character ``since`` on: the match's positions count from there)."""
+        with trio.fail_after(within):
+            while (match := re.search(pattern, self.log()[since:])) is None:
                 await self._grew.wait()
         return match
 
@@ -375,22 +378,34 @@ class ServerProcess:
             return await self.process.wait()
 
 
+LISTENING = r"\[SEARCHING\] listening on 127.0.0.1:(\d+)"
+
+
 @asynccontextmanager
 async def server_process(
-    config: Path, pki: Pki, *args: str, stdin: bool = False
+    config: Path,
+    pki: Pki,
+    *args: str,
+    stdin: bool = False,
+    ready: str = LISTENING,
+    ready_within: float = WAIT,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[ServerProcess]:
-    """Start ``securechat server --config CONFIG`` (port 0) and wait until it listens."""
+    """Start ``securechat server --config CONFIG`` (port 0) and wait (``ready_within``
+    seconds at most) until the log matches ``ready``, whose group 1 is the port (default:
+    the server listens). ``env``: variables for the process, on top of this one's."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "securechat", "server", "--config", str(config), *args],
         stderr=subprocess.PIPE,
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )
     assert process.stderr is not None
     running = ServerProcess(process, pki)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(running.collect, process.stderr)
-            found = await running.wait_for_log(r"\[SEARCHING\] listening on 127.0.0.1:(\d+)")
+            found = await running.wait_for_log(ready, within=ready_within)
             running._endpoint = Endpoint("127.0.0.1", int(found[1]), pki)
             yield running
             if process.poll() is None:

@@ -326,14 +326,19 @@ def test_server_config_errors_name_file_and_key(
     assert_one_line_error(capsys.readouterr().err, str(path), *fragments)
 
 
-def test_server_refuses_cluster_mode_until_it_is_finished(
+def test_a_cluster_node_that_cannot_reach_redis_says_where_in_one_line(
     tmp_path: Path, pki: Pki, password_hashes: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Refused, not ignored: a node that ran alone would split the chat in two.
+    # It stops: a node that ran alone would split the chat in two.
+    port = free_port()
     config = server_config(tmp_path, pki, password_hashes)
-    config.write_text(config.read_text() + '\n[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n')
-    assert main(["server", "--config", str(config)]) == 2
-    assert_one_line_error(capsys.readouterr().err, str(config), "[cluster] is not usable yet")
+    config.write_text(
+        config.read_text() + f'\n[cluster]\nredis_url = "redis://127.0.0.1:{port}/0"\n'
+    )
+    assert main(["server", "--config", str(config)]) == 1
+    assert_one_line_error(
+        capsys.readouterr().err, f"cannot use Redis at 127.0.0.1:{port}: connection refused"
+    )
 
 
 def test_server_refuses_a_key_others_can_read(
