@@ -316,10 +316,7 @@ class ChatServer:
                 if self.ticker is not None:
                     storage.start_soon(self.ticker.run)
                 background = trio.CancelScope()
-                if self.retention.enabled:
-                    storage.start_soon(self._prune_periodically, background)
-                if self._sharing is not None:
-                    storage.start_soon(self._share_limits, self._sharing, background)
+                storage.start_soon(self._background, background)
                 try:
                     await self._serve_connections(listeners, task_status)
                 finally:
@@ -334,12 +331,18 @@ class ChatServer:
                 self.store.close_database()
         log.info("server stopped")
 
-    async def _share_limits(self, sharing: LimitSharing, scope: trio.CancelScope) -> None:
+    async def _background(self, scope: trio.CancelScope) -> None:
+        """What runs beside the connections until ``scope`` is cancelled: retention, and
+        on a cluster node the sharing of limits."""
         with scope:
-            await sharing.run()
+            async with trio.open_nursery() as nursery:
+                if self.retention.enabled:
+                    nursery.start_soon(self._prune_periodically)
+                if self._sharing is not None:
+                    nursery.start_soon(self._sharing.run)
 
-    async def _prune_periodically(self, scope: trio.CancelScope) -> None:
-        """Apply the retention rule now and every ``prune_interval``, until ``scope`` ends.
+    async def _prune_periodically(self) -> None:
+        """Apply the retention rule now and every ``prune_interval``, until cancelled.
 
         A prune waits for the writer between its batches and reads in worker
         threads: the chat goes on meanwhile (see :meth:`SqliteStore.prune`).
@@ -359,23 +362,22 @@ class ChatServer:
             else " (this database was made without auto_vacuum: the space is reused,"
             " the file does not shrink; see config.example.toml)",
         )
-        with scope:
-            while True:
-                try:
-                    pruned = await self.store.prune(self.retention, time.time())
-                except StoreError as exc:
-                    log.error("prune failed (retried in %.0f s): %s", storage.prune_interval, exc)
-                else:
-                    if pruned.messages or pruned.pages_released:
-                        log.info(
-                            "pruned %d messages (%d by age, %d by the room cap);"
-                            " released %d free pages",
-                            pruned.messages,
-                            pruned.by_age,
-                            pruned.by_room,
-                            pruned.pages_released,
-                        )
-                await trio.sleep(storage.prune_interval)
+        while True:
+            try:
+                pruned = await self.store.prune(self.retention, time.time())
+            except StoreError as exc:
+                log.error("prune failed (retried in %.0f s): %s", storage.prune_interval, exc)
+            else:
+                if pruned.messages or pruned.pages_released:
+                    log.info(
+                        "pruned %d messages (%d by age, %d by the room cap);"
+                        " released %d free pages",
+                        pruned.messages,
+                        pruned.by_age,
+                        pruned.by_room,
+                        pruned.pages_released,
+                    )
+            await trio.sleep(storage.prune_interval)
 
     async def _serve_connections(
         self,
