@@ -24,7 +24,17 @@ from securechat import supervisor
 from securechat.cli import main
 from securechat.client import ChatConnection
 from securechat.config import REDIS_PASSWORD_ENV, parse_config
-from securechat.protocol import LOBBY, Ack, History, HistoryEnd, Message, Say
+from securechat.protocol import (
+    LOBBY,
+    Ack,
+    History,
+    HistoryEnd,
+    Message,
+    Ping,
+    Pong,
+    Presence,
+    Say,
+)
 from securechat.server import ChatServer, cluster_store
 from securechat.store import Retention
 
@@ -491,3 +501,99 @@ async def test_a_sighup_that_comes_while_a_worker_starts_reaches_it_once_it_is_r
             assert await stop(workers) == 0
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
+
+
+# --- a node dies ---------------------------------------------------------------------------
+
+
+async def test_a_node_sigkilled_mid_burst_loses_no_acknowledged_message_and_alice_moves_on(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    burst = 300
+    async with private_redis_server(tmp_path / "redis") as redis:
+        data = config_data(pki, password_hashes)
+        data["cluster"] = {"redis_url": redis.url, "presence_ttl": 2.0}
+        data["limits"] = {"messages_per_second": 10000.0, "message_burst": 10000}
+        config = write_toml(tmp_path / "node.toml", data)
+        async with server_process(config, pki) as a, server_process(config, pki) as b:
+            bob = await b.endpoint.login("bob")
+            alice = await a.endpoint.login("alice")
+            seen: list[Message] = []  # what bob, on node b all along, receives
+            await receive_first_presence(bob, "alice", "online", seen)
+            acked: dict[str, int] = {}
+            with trio.fail_after(WAIT * 3):
+                for number in range(burst):  # pipelined: acks are read as they come
+                    await alice.send(Say(room=LOBBY, text=f"burst {number}", id=f"m{number}"))
+                while len(acked) < burst // 6:
+                    ack = await receive_type(alice, Ack)
+                    assert ack.ref is not None
+                    acked[ack.ref] = ack.id
+                a.process.kill()  # SIGKILL, in the middle of the burst
+                await a.process.wait()
+                # What node a acked before it died, as far as alice's end has read it.
+                while (envelope := await receive_or_end(alice)) is not None:
+                    if isinstance(envelope, Ack) and envelope.ref is not None:
+                        acked[envelope.ref] = envelope.id
+                # bob sees alice go, within presence_ttl: node a said nothing more.
+                await receive_first_presence(bob, "alice", "offline", seen)
+                # alice's client reconnects to node b and sends again what was not
+                # acknowledged, with the same client ids (what ChatSession does).
+                alice_on_b = await b.endpoint.login("alice")
+                for number in range(burst):
+                    if f"m{number}" not in acked:
+                        await alice_on_b.send(
+                            Say(room=LOBBY, text=f"burst {number}", id=f"m{number}")
+                        )
+                while len(acked) < burst:
+                    ack = await receive_type(alice_on_b, Ack)
+                    assert ack.ref is not None
+                    acked.setdefault(ack.ref, ack.id)
+                    assert acked[ack.ref] == ack.id  # a re-send keeps its original id
+                await alice_on_b.send(History(room=LOBBY, limit=burst + 50, id="h"))
+                stored: list[Message] = []
+                while not isinstance(envelope := await alice_on_b.receive(), HistoryEnd):
+                    if isinstance(envelope, Message):
+                        stored.append(envelope)
+                seen += await drain_messages(bob)
+        texts = [message.text for message in stored]
+        assert sorted(texts) == sorted(f"burst {n}" for n in range(burst))  # each once
+        assert {message.id for message in stored} == set(acked.values())  # every ack kept
+        ids = sorted(message.id for message in stored)
+        assert ids == list(range(ids[0], ids[0] + burst))  # no gap
+        assert [m.id for m in seen] == ids  # each once, in id order
+
+
+async def receive_first_presence(
+    connection: ChatConnection, username: str, state: str, messages: list[Message]
+) -> None:
+    """Wait for ``username``'s presence in ``state``; the messages meanwhile go to ``messages``."""
+    with trio.fail_after(WAIT * 2):
+        while True:
+            envelope = await connection.receive()
+            assert envelope is not None
+            if isinstance(envelope, Message):
+                messages.append(envelope)
+            elif isinstance(envelope, Presence) and (envelope.username, envelope.state) == (
+                username,
+                state,
+            ):
+                return
+
+
+async def receive_or_end(connection: ChatConnection) -> Any:
+    """The next envelope, or None once the connection has ended (its server died)."""
+    try:
+        return await connection.receive()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None
+
+
+async def drain_messages(connection: ChatConnection) -> list[Message]:
+    """The messages ``connection`` has received so far (up to a ping's answer)."""
+    await connection.send(Ping(id="drain"))
+    found: list[Message] = []
+    with trio.fail_after(WAIT):
+        while not isinstance(envelope := await connection.receive(), Pong):
+            if isinstance(envelope, Message):
+                found.append(envelope)
+    return found
