@@ -1,7 +1,10 @@
 """Several servers, one chat: nodes sharing a real, private Redis (tests/redis_server.py).
 
 Each node is a real ChatServer on its own loopback port with real TLS, its
-state in a RedisStore; clients are real ChatConnections. What crosses nodes:
+state in a RedisStore; clients are real ChatConnections. The tests that need
+only the nodes' addresses run twice (the ``cluster`` fixture): with the nodes
+in this process, and as real ``securechat server`` processes with one config
+file; the others look at a node's state, or stop it dead, from inside. What crosses nodes:
 messages (in id order, no gaps), history, idempotent re-sends, rooms,
 memberships and topics, presence (also of a node that dies), kicks; and
 Redis going away costs refused sends, not connections or messages.
@@ -9,8 +12,8 @@ Redis going away costs refused sends, not connections or messages.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +59,13 @@ from .conftest import (
     Endpoint,
     Pki,
     RunningServer,
+    config_data,
     receive_closed,
     receive_first,
     receive_type,
     redis_store,
+    server_process,
+    write_toml,
 )
 from .redis_server import RedisServer
 from .redis_server import redis_server as private_redis_server
@@ -101,6 +107,58 @@ async def nodes(
                     server.request_shutdown()
 
 
+@asynccontextmanager
+async def node_processes(
+    count: int,
+    redis: RedisServer,
+    pki: Pki,
+    password_hashes: dict[str, str],
+    directory: Path,
+    *,
+    presence_ttl: float = 15.0,
+    limits: dict[str, Any] | None = None,
+    rooms: dict[str, Any] | None = None,
+) -> AsyncIterator[list[Endpoint]]:
+    """``count`` real ``securechat server`` processes on one Redis and one config file."""
+    data = config_data(pki, password_hashes)
+    data["cluster"] = {"redis_url": redis.url, "presence_ttl": presence_ttl}
+    if limits:
+        data["limits"] = limits
+    if rooms:
+        data["rooms"] = rooms
+    config = write_toml(directory / "node.toml", data)
+    async with AsyncExitStack() as stack:
+        running = [
+            await stack.enter_async_context(server_process(config, pki)) for _ in range(count)
+        ]
+        yield [process.endpoint for process in running]
+
+
+OpenNodes = Callable[..., AbstractAsyncContextManager[Sequence[Endpoint]]]
+
+
+@pytest.fixture(params=["in-process", "processes"])
+def cluster(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    make_config: ConfigFactory,
+    pki: Pki,
+    password_hashes: dict[str, str],
+    tmp_path: Path,
+) -> OpenNodes:
+    """``async with cluster(**config) as (a, b)``: two nodes on one Redis, each test run
+    twice: as servers in this process, and as real ``securechat server`` processes."""
+
+    def open_nodes(
+        count: int = 2, **options: Any
+    ) -> AbstractAsyncContextManager[Sequence[Endpoint]]:
+        if request.param == "processes":
+            return node_processes(count, redis_server, pki, password_hashes, tmp_path, **options)
+        return nodes(count, redis_server, make_config, pki, **options)
+
+    return open_nodes
+
+
 async def say(connection: ChatConnection, text: str, client_id: str) -> Ack:
     await connection.send(Say(room=LOBBY, text=text, id=client_id))
     return await receive_type(connection, Ack)
@@ -110,10 +168,8 @@ async def messages(connection: ChatConnection, count: int) -> list[Message]:
     return [await receive_type(connection, Message) for _ in range(count)]
 
 
-async def test_room_messages_cross_nodes_both_ways_in_one_id_order(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
-) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+async def test_room_messages_cross_nodes_both_ways_in_one_id_order(cluster: OpenNodes) -> None:
+    async with cluster() as (a, b):
         alice = await a.login("alice")
         bob = await b.login("bob")
         with trio.fail_after(WAIT):
@@ -131,10 +187,10 @@ async def test_room_messages_cross_nodes_both_ways_in_one_id_order(
 
 
 async def test_a_burst_on_one_node_reaches_the_other_in_order_without_gaps(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
     limits = {"messages_per_second": 1000.0, "message_burst": 1000}
-    async with nodes(2, redis_server, make_config, pki, limits=limits) as (a, b):
+    async with cluster(limits=limits) as (a, b):
         alice = await a.login("alice")
         bob = await b.login("bob")
         with trio.fail_after(WAIT * 3):
@@ -147,9 +203,9 @@ async def test_a_burst_on_one_node_reaches_the_other_in_order_without_gaps(
 
 
 async def test_a_resend_to_another_node_is_acked_with_the_same_id_and_stored_once(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+    async with cluster() as (a, b):
         bob = await b.login("bob")
         alice = await a.login("alice")
         with trio.fail_after(WAIT):
@@ -233,9 +289,9 @@ async def presence(connection: ChatConnection, username: str, state: str) -> Pre
 
 
 async def test_rooms_memberships_and_topics_made_on_one_node_hold_on_the_other(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+    async with cluster() as (a, b):
         alice = await a.login("alice")  # an admin
         bob = await b.login("bob")
         with trio.fail_after(WAIT):
@@ -261,9 +317,9 @@ async def test_rooms_memberships_and_topics_made_on_one_node_hold_on_the_other(
 
 
 async def test_presence_crosses_nodes_and_counts_every_node_a_user_is_on(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+    async with cluster() as (a, b):
         alice = await a.login("alice")
         with trio.fail_after(WAIT):
             bob_on_b = await b.login("bob")
@@ -282,9 +338,9 @@ async def test_presence_crosses_nodes_and_counts_every_node_a_user_is_on(
 
 
 async def test_a_direct_message_to_a_user_on_another_node_is_delivered_not_stored(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+    async with cluster() as (a, b):
         alice = await a.login("alice")
         bob = await b.login("bob")
         with trio.fail_after(WAIT):
@@ -305,9 +361,9 @@ async def test_a_direct_message_to_a_user_on_another_node_is_delivered_not_store
 
 
 async def test_a_kick_on_one_node_ends_the_users_connections_on_the_other(
-    redis_server: RedisServer, make_config: ConfigFactory, pki: Pki
+    cluster: OpenNodes,
 ) -> None:
-    async with nodes(2, redis_server, make_config, pki) as (a, b):
+    async with cluster() as (a, b):
         alice = await a.login("alice")  # an admin
         bob = await b.login("bob")
         with trio.fail_after(WAIT):
