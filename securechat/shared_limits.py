@@ -20,6 +20,9 @@ from .limits import LoginThrottle, RateKind, RateLimiter
 from .store import LoginFailures, Spent, Store
 
 SHARE_INTERVAL = 0.1  # seconds
+# Users' spending per notice: a burst of activity becomes several log entries of
+# bounded size rather than one huge one.
+COSTS_PER_NOTICE = 500
 
 
 class LimitSharing:
@@ -40,13 +43,15 @@ class LimitSharing:
     def tell(self) -> None:
         if self.limiter.spent:
             spent, self.limiter.spent = self.limiter.spent, {}
-            self.store.tell(
-                Spent(tuple((user, kind.value, cost) for (user, kind), cost in spent.items()))
-            )
+            costs = [(user, kind.value, cost) for (user, kind), cost in spent.items()]
+            for start in range(0, len(costs), COSTS_PER_NOTICE):
+                self.store.tell(Spent(tuple(costs[start : start + COSTS_PER_NOTICE])))
         if self.throttle.failed_here or self.throttle.cleared_here:
             failed, self.throttle.failed_here = self.throttle.failed_here, []
             cleared, self.throttle.cleared_here = self.throttle.cleared_here, []
-            self.store.tell(LoginFailures(tuple(failed), tuple(cleared)))
+            for start in range(0, max(len(failed), len(cleared)), COSTS_PER_NOTICE):
+                end = start + COSTS_PER_NOTICE
+                self.store.tell(LoginFailures(tuple(failed[start:end]), tuple(cleared[start:end])))
 
     def apply(self, change: Spent | LoginFailures) -> None:
         """What another server told: charged, or counted, here."""
