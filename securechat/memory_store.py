@@ -147,6 +147,8 @@ def _up_to_chars(messages: list[Message], max_chars: int | None) -> list[Message
 class MemoryStore:
     """A :class:`~securechat.store.Store` in memory, committed when the test says so."""
 
+    shared = False  # one server: nothing to watch or tell
+
     def __init__(self, *, queue_size: int = QUEUE_SIZE) -> None:
         self._state = _State()
         self._queue: list[tuple[tuple[Write, ...], Then]] = []
@@ -280,8 +282,6 @@ class MemoryStore:
 
     def feed(self, apply: Feed) -> None:
         self._log.feed(apply)
-
-    shared = False  # one server: nothing to watch or tell
 
     def watch(self, apply: Watch) -> None:
         """Never called: this store has one server."""

@@ -421,6 +421,8 @@ _Queued = tuple[tuple[Write, ...], Then]
 class SqliteStore:
     """The database, its writer task, and its history queries."""
 
+    shared = False  # one server: nothing to watch or tell
+
     def __init__(self, path: Path, *, readers: int = READERS) -> None:
         self.path = path
         self._writer_db = _connect(path)
@@ -481,8 +483,6 @@ class SqliteStore:
 
     def feed(self, apply: Feed) -> None:
         self._log.feed(apply)
-
-    shared = False  # one server: nothing to watch or tell
 
     def watch(self, apply: Watch) -> None:
         """Never called: this store has one server."""
