@@ -32,7 +32,13 @@ from typing import Any
 
 from . import loadgen
 from .cluster import RedisError, RedisProcess
-from .machine import MachineTimes, cpu_seconds, memory_kib, tree_cpu_seconds
+from .machine import (
+    MachineTimes,
+    cpu_seconds,
+    memory_kib,
+    run_delay_seconds,
+    tree_cpu_seconds,
+)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -252,14 +258,19 @@ class BenchServer:
         found["redis"] = self.redis.cpu()
         return found
 
+    def pids(self) -> list[int]:
+        """The server's processes now: the one, or the supervisor, its workers and Redis."""
+        if self.redis is None:
+            return [self.pid]
+        return [*tree_cpu_seconds(self.pid), *([self.redis.pid] if self.redis.alive() else [])]
+
     def memory(self) -> dict[str, int]:
         """VmRSS, VmHWM and VmSize in KiB: the server process's, or as a cluster summed
         over the supervisor, its workers and Redis."""
         if self.redis is None:
             return memory_kib(self.pid)
         total: Counter[str] = Counter()
-        pids = [*tree_cpu_seconds(self.pid), *([self.redis.pid] if self.redis.alive() else [])]
-        for pid in pids:
+        for pid in self.pids():
             with contextlib.suppress(OSError):
                 total.update(memory_kib(pid))
         return dict(total)
@@ -450,12 +461,17 @@ class Span:
     ``redis_cpu_s``, ``redis_cpu_share`` (cores, like every ``*_share``),
     ``redis_fraction`` (Redis's part of ``server_cpu_s``) and ``processes`` (each
     process's CPU seconds over the span).
+
+    ``server_runqueue_wait_share`` is how long the server's threads were ready to run
+    but waited for a CPU (cores' worth, from schedstat): high when the machine's cores
+    are all busy, which shows as latency rather than as CPU.
     """
 
     server: BenchServer
     workers: Sequence[Worker]
     started: float = field(init=False)
     server_cpu: dict[str, float] = field(init=False)
+    server_wait: dict[int, float] = field(init=False)
     worker_cpu: float = field(init=False)
     machine: MachineTimes = field(init=False)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -463,8 +479,12 @@ class Span:
     def __post_init__(self) -> None:
         self.machine = MachineTimes.read()
         self.server_cpu = self.server.cpu_by_process()
+        self.server_wait = self._server_wait()
         self.worker_cpu = self._workers_cpu()
         self.started = time.monotonic()
+
+    def _server_wait(self) -> dict[int, float]:
+        return {pid: run_delay_seconds(pid) for pid in self.server.pids()}
 
     def _workers_cpu(self) -> float:
         return sum(cpu_seconds(worker.pid) for worker in self.workers)
@@ -473,6 +493,10 @@ class Span:
         wall = time.monotonic() - self.started
         processes = span_cpu(self.server_cpu, self.server.cpu_by_process())
         server = sum(processes.values())
+        waited = sum(
+            max(0.0, value - self.server_wait.get(pid, 0.0))
+            for pid, value in self._server_wait().items()
+        )
         generators = self._workers_cpu() - self.worker_cpu
         machine = MachineTimes.read().share_since(self.machine)
         cpus = os.cpu_count() or 1
@@ -484,6 +508,7 @@ class Span:
             "span_s": round(wall, 3),
             "server_cpu_s": round(server, 3),
             "server_cpu_share": share(server),
+            "server_runqueue_wait_share": share(waited),
             "generator_cpu_s": round(generators, 3),
             "generator_cpu_share": share(generators),
             **machine,

@@ -95,6 +95,23 @@ def tree_cpu_seconds(pid: int) -> dict[int, float]:
     return found
 
 
+def run_delay_seconds(pid: int) -> float:
+    """How long the threads of ``pid`` have been runnable but waiting for a CPU, so far
+    (``/proc/PID/task/*/schedstat``, second field; threads that ended are not counted).
+    0.0 for a process that is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (peak RSS) and VmSize of ``pid``, in KiB."""
     found: dict[str, int] = {}

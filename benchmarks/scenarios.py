@@ -486,6 +486,7 @@ def measure_runs(
             "server_cpu_share": run["cpu"]["server_cpu_share"],
             "generator_cpu_share": run["cpu"]["generator_cpu_share"],
             "other_cpu_share": run["cpu"]["other_cpu_share"],
+            "server_runqueue_wait_share": run["cpu"]["server_runqueue_wait_share"],
         }
         for run in runs
     ]

@@ -29,7 +29,7 @@ from benchmarks.cluster import (
     logins_by_worker,
 )
 from benchmarks.driver import BenchError, BenchServer, span_cpu
-from benchmarks.machine import children, tree_cpu_seconds
+from benchmarks.machine import children, run_delay_seconds, tree_cpu_seconds
 
 from .conftest import WAIT, Pki
 
@@ -94,6 +94,15 @@ def test_tree_cpu_counts_live_children_and_reaped_ones() -> None:
             parent.stdin.close()
             parent.wait(WAIT)
     assert tree_cpu_seconds(parent.pid) == {}  # gone: nothing, no error
+
+
+def test_run_queue_wait_is_read_for_every_thread_and_zero_for_a_gone_process() -> None:
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
+        gone.wait(WAIT)
+    assert run_delay_seconds(gone.pid) == 0.0
+    mine = run_delay_seconds(os.getpid())
+    assert mine >= 0.0
+    assert run_delay_seconds(os.getpid()) >= mine  # a counter: it never goes back
 
 
 def test_a_worker_reaped_during_a_span_counts_only_its_time_within_it() -> None:
