@@ -72,6 +72,8 @@ BENCH_ARGS ?=
 
 .PHONY: bench
 bench: $(BENCH_STAMP)
+	@command -v redis-server >/dev/null || { echo "installing Debian's redis-server for the cluster scenarios (they start private instances, never its service)"; \
+		apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.plot
 

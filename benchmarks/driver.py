@@ -2,10 +2,13 @@
 
 :class:`BenchServer` runs ``python -m securechat server --config …`` in its
 own session (it dies with the coordinator: ``PR_SET_PDEATHSIG``), with its
-log in a file, and reads its CPU and memory from /proc. :class:`Worker` is
-one generator process (:mod:`benchmarks.loadgen`) spoken to over a pipe.
-:class:`Span` snapshots the CPU time of the server, of every generator and
-of the machine, at the start and at the end of what is measured.
+log in a file, and reads its CPU and memory from /proc; as a cluster
+(``cluster_workers``: ``--workers N`` on a private Redis,
+:class:`~benchmarks.cluster.RedisProcess`) its CPU is the supervisor's, every
+worker's (its children, found afresh at each reading) and Redis's.
+:class:`Worker` is one generator process (:mod:`benchmarks.loadgen`) spoken to
+over a pipe. :class:`Span` snapshots the CPU time of the server, of every
+generator and of the machine, at the start and at the end of what is measured.
 """
 
 from __future__ import annotations
@@ -28,11 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from . import loadgen
-from .machine import MachineTimes, cpu_seconds, memory_kib
+from .cluster import RedisError, RedisProcess
+from .machine import (
+    MachineTimes,
+    cpu_seconds,
+    memory_kib,
+    run_delay_seconds,
+    tree_cpu_seconds,
+)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 _LISTENING = re.compile(r"\[SEARCHING\] listening on 127\.0\.0\.1:(\d+)")
+_WORKERS_READY = re.compile(
+    r"securechat\.supervisor\[\d+\]: \d+ workers ready on 127\.0\.0\.1:(\d+) \(pids ([\d, ]+)\)"
+)
 
 
 class BenchError(Exception):
@@ -100,6 +113,13 @@ class BenchServer:
     tables, and ``code`` a directory holding another copy of the
     ``securechat`` package to run instead of this checkout's (an older commit
     in a ``git worktree``, to compare).
+
+    ``cluster_workers`` > 0 makes it ``securechat server --workers N`` with a
+    ``[cluster]`` section on a private Redis in ``directory/redis``, started
+    before the server and stopped after it (SIGKILLed instead with
+    ``crash_redis_at_stop``, to check what it had fsynced). ``cluster.*``
+    overrides apply to such a server only: they would turn a one-process server
+    into a cluster node.
     """
 
     def __init__(
@@ -112,9 +132,11 @@ class BenchServer:
         limits: dict[str, Any] | None = None,
         rooms: dict[str, dict[str, Any]] | None = None,
         code: Path | None = None,
+        cluster_workers: int = 0,
     ) -> None:
         self.directory = directory
         self.code = code
+        self.cluster_workers = cluster_workers
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "server.toml"
         self.database = directory / "securechat.db"
@@ -132,16 +154,29 @@ class BenchServer:
             "storage": {"path": str(self.database)},
         }
         for section, values in (overrides or {}).items():
-            data.setdefault(section, {}).update(values)
+            if section != "cluster":
+                data.setdefault(section, {}).update(values)
         self.settings = effective_settings(data)
+        self.cluster_settings: dict[str, Any] = {}
+        self.redis: RedisProcess | None = None
+        if cluster_workers:
+            self.cluster_settings = dict((overrides or {}).get("cluster", {}))
+            self.redis = RedisProcess(directory / "redis")
+            self.settings["cluster"] = {
+                "workers": cluster_workers,
+                **self.cluster_settings,
+                "redis": "redis-server --save '' --appendonly yes --appendfsync always",
+            }
         data["users"] = {
             name: ({"password_hash": phc} if phc else {}) for name, phc in users.items()
         }
         if rooms:
             data["rooms"] = rooms
-        write_toml(self.config, data)
+        self._data = data  # written at start: [cluster] needs Redis's port
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.worker_pids: list[int] = []
+        self.crash_redis_at_stop = False
         self.stopped: dict[str, Any] = {}
 
     @property
@@ -150,6 +185,18 @@ class BenchServer:
         return self.process.pid
 
     def start(self) -> None:
+        data = dict(self._data)
+        command = [sys.executable, "-m", "securechat", "server", "--config", str(self.config)]
+        if self.redis is not None:
+            try:
+                self.redis.start()
+                self.settings["cluster"]["redis_version"] = self.redis.version()
+            except RedisError as exc:
+                raise BenchError(str(exc)) from None
+            data["cluster"] = {"redis_url": self.redis.url, **self.cluster_settings}
+            command += ["--workers", str(self.cluster_workers)]
+        write_toml(self.config, data)
+        self.config.chmod(0o600)  # it holds password hashes: the server warns otherwise
         environment = None
         if self.code is not None:
             # Ahead of the editable install of this checkout (and `-m` puts the
@@ -157,7 +204,7 @@ class BenchServer:
             environment = {**os.environ, "PYTHONPATH": str(self.code)}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-                [sys.executable, "-m", "securechat", "server", "--config", str(self.config)],
+                command,
                 cwd=self.code,
                 env=environment,
                 stdin=subprocess.DEVNULL,
@@ -168,9 +215,14 @@ class BenchServer:
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            found = _LISTENING.search(self.log())
+            if self.redis is None:
+                found = _LISTENING.search(self.log())
+            else:  # every worker listens: the supervisor says so once
+                found = _WORKERS_READY.search(self.log())
             if found:
                 self.port = int(found[1])
+                if self.redis is not None:
+                    self.worker_pids = [int(pid) for pid in found[2].split(", ")]
                 return
             if self.process.poll() is not None:
                 raise BenchError(f"the server exited with {self.process.returncode}: {self.tail()}")
@@ -187,16 +239,61 @@ class BenchServer:
         return " | ".join(self.log().strip().splitlines()[-lines:])
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds so far: the server process's, or as a cluster the sum of
+        :meth:`cpu_by_process`."""
+        if self.redis is None:
+            return cpu_seconds(self.pid)
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each process: ``server`` (one process), or ``supervisor``
+        (with the workers it has reaped: a restarted worker's earlier life), ``worker PID``
+        for each live worker (its children now, not the pids it started with) and
+        ``redis``."""
+        if self.redis is None:
+            return {"server": cpu_seconds(self.pid)}
+        tree = tree_cpu_seconds(self.pid)
+        found = {"supervisor": tree.pop(self.pid, 0.0)}
+        found.update({f"worker {pid}": seconds for pid, seconds in sorted(tree.items())})
+        found["redis"] = self.redis.cpu()
+        return found
+
+    def pids(self) -> list[int]:
+        """The server's processes now: the one, or the supervisor, its workers and Redis."""
+        if self.redis is None:
+            return [self.pid]
+        return [*tree_cpu_seconds(self.pid), *([self.redis.pid] if self.redis.alive() else [])]
 
     def memory(self) -> dict[str, int]:
-        return memory_kib(self.pid)
+        """VmRSS, VmHWM and VmSize in KiB: the server process's, or as a cluster summed
+        over the supervisor, its workers and Redis."""
+        if self.redis is None:
+            return memory_kib(self.pid)
+        total: Counter[str] = Counter()
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total.update(memory_kib(pid))
+        return dict(total)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> dict[str, Any]:
-        """SIGTERM (the server's clean shutdown), SIGKILL if it takes too long; what happened."""
+        """SIGTERM (the server's clean shutdown), SIGKILL if it takes too long; what happened.
+        A cluster's Redis is stopped after the server, however that went."""
+        try:
+            return self._stop_server()
+        finally:
+            if self.redis is not None and self.redis.process is not None:
+                if self.crash_redis_at_stop:
+                    self.redis.kill()
+                else:
+                    self.redis.stop()
+                self.stopped["redis_stopped_by"] = (
+                    "SIGKILL" if self.crash_redis_at_stop else "SIGTERM"
+                )
+
+    def _stop_server(self) -> dict[str, Any]:
         process = self.process
         if process is None or self.stopped:
             return self.stopped
@@ -355,37 +452,65 @@ def spawn_context() -> Any:
 
 @dataclass
 class Span:
-    """CPU of the server, the generators and the machine over one measured stretch."""
+    """CPU of the server, the generators and the machine over one measured stretch.
+
+    ``server_cpu_s`` is the whole server's: for a cluster the supervisor, every
+    worker and Redis, found afresh at each reading (a restarted worker is counted:
+    the supervisor's figure includes the workers it reaped). A cluster's figures
+    also give the split: ``node_cpu_s`` (supervisor and workers) and
+    ``redis_cpu_s``, ``redis_cpu_share`` (cores, like every ``*_share``),
+    ``redis_fraction`` (Redis's part of ``server_cpu_s``) and ``processes`` (each
+    process's CPU seconds over the span).
+
+    ``server_runqueue_wait_share`` is how long the server's threads were ready to run
+    but waited for a CPU (cores' worth, from schedstat): high when the machine's cores
+    are all busy, which shows as latency rather than as CPU.
+    """
 
     server: BenchServer
     workers: Sequence[Worker]
     started: float = field(init=False)
-    server_cpu: float = field(init=False)
+    server_cpu: dict[str, float] = field(init=False)
+    server_wait: dict[int, float] = field(init=False)
     worker_cpu: float = field(init=False)
     machine: MachineTimes = field(init=False)
-    figures: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.machine = MachineTimes.read()
-        self.server_cpu = self.server.cpu()
+        self.server_cpu = self.server.cpu_by_process()
+        self.server_wait = self._server_wait()
         self.worker_cpu = self._workers_cpu()
         self.started = time.monotonic()
+
+    def _server_wait(self) -> dict[int, float]:
+        return {pid: run_delay_seconds(pid) for pid in self.server.pids()}
 
     def _workers_cpu(self) -> float:
         return sum(cpu_seconds(worker.pid) for worker in self.workers)
 
-    def finish(self) -> dict[str, float]:
+    def finish(self) -> dict[str, Any]:
         wall = time.monotonic() - self.started
-        server = self.server.cpu() - self.server_cpu
+        processes = span_cpu(self.server_cpu, self.server.cpu_by_process())
+        server = sum(processes.values())
+        waited = sum(
+            max(0.0, value - self.server_wait.get(pid, 0.0))
+            for pid, value in self._server_wait().items()
+        )
         generators = self._workers_cpu() - self.worker_cpu
         machine = MachineTimes.read().share_since(self.machine)
         cpus = os.cpu_count() or 1
+
+        def share(seconds: float) -> float:
+            return round(seconds / wall, 3) if wall else 0.0
+
         self.figures = {
             "span_s": round(wall, 3),
             "server_cpu_s": round(server, 3),
-            "server_cpu_share": round(server / wall, 3) if wall else 0.0,
+            "server_cpu_share": share(server),
+            "server_runqueue_wait_share": share(waited),
             "generator_cpu_s": round(generators, 3),
-            "generator_cpu_share": round(generators / wall, 3) if wall else 0.0,
+            "generator_cpu_share": share(generators),
             **machine,
             # Cores' worth of CPU used by everything else on the machine (noise).
             "other_cpu_share": round(
@@ -394,4 +519,31 @@ class Span:
             if wall
             else 0.0,
         }
+        if "redis" in processes:
+            redis = processes["redis"]
+            self.figures.update(
+                {
+                    "node_cpu_s": round(server - redis, 3),
+                    "node_cpu_share": share(server - redis),
+                    "redis_cpu_s": round(redis, 3),
+                    "redis_cpu_share": share(redis),
+                    "redis_fraction": round(redis / server, 3) if server else 0.0,
+                    "processes": {name: round(value, 3) for name, value in processes.items()},
+                }
+            )
         return self.figures
+
+
+def span_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each process's CPU seconds between two :meth:`BenchServer.cpu_by_process` readings.
+
+    A process that appeared meanwhile counts from zero. A worker that exited and was
+    reaped meanwhile is in the supervisor's second reading with its whole life (see
+    :func:`~benchmarks.machine.tree_cpu_seconds`), so what it had used before the
+    span comes off the supervisor's figure: the sum is the tree's CPU over the span.
+    """
+    spans = {name: value - before.get(name, 0.0) for name, value in after.items()}
+    if "supervisor" in spans:
+        reaped = [name for name in before if name.startswith("worker ") and name not in after]
+        spans["supervisor"] -= sum(before[name] for name in reaped)
+    return {name: max(0.0, value) for name, value in spans.items()}

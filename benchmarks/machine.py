@@ -22,10 +22,94 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far (all its threads, also finished ones)."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _stat_fields(pid: int) -> list[str]:
     text = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) is in parentheses and may hold spaces.
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return text.rsplit(")", 1)[1].split()
+
+
+def _children_files(pid: int) -> list[int] | None:
+    """The children of ``pid`` from ``/proc/PID/task/*/children``; None where the kernel
+    has no such files (CONFIG_PROC_CHILDREN) or ``pid`` is gone."""
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.extend(int(child) for child in (task / "children").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from one scan of ``/proc``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat_fields(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (zombies included, until they are reaped):
+    from ``/proc/PID/task/*/children`` where the kernel has it, else by scanning
+    ``/proc`` for processes whose parent is ``pid``."""
+    found = _children_files(pid)
+    if found is None:
+        found = [child for child, parent in _parents().items() if parent == pid]
+    return sorted(set(found))
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time of ``pid`` and of every process below it, per process, as of now.
+
+    Each process counts its own utime + stime and its reaped children's (cutime +
+    cstime): a child that exited and was waited for (a worker the supervisor
+    restarted) is still in the total, in its parent's figure, and a live child is
+    counted once, in its own. The sum of the values is the tree's CPU time so far.
+    The tree is found afresh at each call, so a child started since the last one is
+    in it. Processes that vanish while they are read are left out.
+    """
+    parents: dict[int, int] | None = None
+    found: dict[int, float] = {}
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = _stat_fields(current)
+        except (OSError, IndexError):
+            continue
+        found[current] = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        below = _children_files(current)
+        if below is None:
+            if parents is None:
+                parents = _parents()
+            below = [child for child, parent in parents.items() if parent == current]
+        pending.extend(child for child in below if child not in found)
+    return found
+
+
+def run_delay_seconds(pid: int) -> float:
+    """How long the threads of ``pid`` have been runnable but waiting for a CPU, so far
+    (``/proc/PID/task/*/schedstat``, second field; threads that ended are not counted).
+    0.0 for a process that is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def memory_kib(pid: int) -> dict[str, int]:

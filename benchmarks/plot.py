@@ -64,7 +64,7 @@ def _latency_axes(axes: Any, curves: list[Any], title: str) -> None:
 
 
 def _cpu_axes(axes: Any, records: list[dict[str, Any]]) -> None:
-    shown = [r for r in records if r["scenario"] in ("fanout", "rooms")]
+    shown = [r for r in records if r["scenario"] in ("fanout", "rooms", "cluster-fanout")]
     names = [r["name"] for r in shown]
     values = [lookup(r["results"], "server_cpu_us_per_delivery") or 0.0 for r in shown]
     axes.bar(range(len(shown)), values, color="tab:blue")
@@ -90,7 +90,14 @@ def plot(records: list[dict[str, Any]], output: Path) -> None:
     figure, (first, second, third) = plt.subplots(1, 3, figsize=(18, 5.5))
     _latency_axes(
         first,
-        _curves(records, [("fanout", "latency_ms", "{name}"), ("rooms", "latency_ms", "{name}")]),
+        _curves(
+            records,
+            [
+                ("fanout", "latency_ms", "{name}"),
+                ("rooms", "latency_ms", "{name}"),
+                ("cluster-fanout", "latency_ms", "{name}"),
+            ],
+        ),
         "Delivery latency (send → every receiver)",
     )
     _latency_axes(
@@ -102,6 +109,9 @@ def plot(records: list[dict[str, Any]], output: Path) -> None:
                 ("connect", "login_ms", "{name} login"),
                 ("idle", "ping_rtt_ms", "{name} ping"),
                 ("durable", "ack_latency_ms", "{name} ack"),
+                ("cluster-connect", "handshake_ms", "{name} handshake"),
+                ("cluster-connect", "login_ms", "{name} login"),
+                ("cluster-durable", "ack_latency_ms", "{name} ack"),
             ],
         ),
         "Handshake, login, ping and ack latency",

@@ -1,8 +1,8 @@
 """The command line: ``python -m benchmarks [scenario ...] [--quick]``.
 
 Prints one JSON line per measured result on stdout as it is done, progress
-on stderr, and a table comparing every figure with the targets of issues 5
-and 9 at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
+on stderr, and a table comparing every figure with the targets of issues 5,
+9 and 12 at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
 (``--output``), the tables in Markdown beside it (``latest.md``), and
 appends the lines to ``benchmarks/results/history.jsonl``. Exit code 0
 when every scenario ran (targets may be missed), 1 when one could not run,
@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from . import targets
 from .driver import BenchError
-from .scenarios import FULL, QUICK, SCENARIOS, Bench
+from .scenarios import ALIASES, FULL, GROUPS, QUICK, SCENARIOS, Bench
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,11 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description=(
             "Benchmark a real securechat server on loopback: fanout, rooms, connect, idle,"
-            " durable, freeze (default: all, in that order)."
+            " durable, freeze, and the same on a cluster (--workers N + Redis): cluster-fanout,"
+            " cluster-connect-certs, cluster-durable (default: all, in that order)."
         ),
     )
     parser.add_argument(
-        "scenarios", nargs="*", metavar="SCENARIO", help=f"any of: {', '.join(SCENARIOS)}"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of: {', '.join([*SCENARIOS, *ALIASES, *GROUPS])}",
     )
     parser.add_argument(
         "--quick", action="store_true", help="reduced sizes: checks the tool in well under a minute"
@@ -58,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="generator processes for receiving connections (default: 2)",
     )
     parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=2,
+        help=(
+            "worker processes of the cluster scenarios' server (`securechat server --workers N`);"
+            " the targets are for 2 (default: 2)"
+        ),
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=RESULTS / "latest.jsonl",
@@ -66,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--time-limit",
         type=float,
-        default=900.0,
-        help="stop everything after this many seconds (default: 900)",
+        default=1200.0,
+        help="stop everything after this many seconds (default: 1200)",
     )
     parser.add_argument(
         "--runs",
@@ -134,12 +147,13 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    names: list[str] = list(dict.fromkeys(args.scenarios)) or list(SCENARIOS)
-    unknown = [name for name in names if name not in SCENARIOS]
+    runnable = {**SCENARIOS, **ALIASES}
+    asked = [part for name in args.scenarios for part in GROUPS.get(name, (name,))]
+    names: list[str] = list(dict.fromkeys(asked)) or list(SCENARIOS)
+    unknown = [name for name in names if name not in runnable]
     if unknown:
-        print(
-            f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}", file=sys.stderr
-        )
+        choices = ", ".join([*SCENARIOS, *ALIASES, *GROUPS])
+        print(f"unknown scenario {unknown[0]!r}; choose from {choices}", file=sys.stderr)
         return 2
     if args.server_code is not None:
         args.server_code = args.server_code.resolve()
@@ -148,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    if not 1 <= args.server_workers <= 64:
+        print("--server-workers must be between 1 and 64", file=sys.stderr)
         return 2
     overrides: dict[str, dict[str, Any]] = {}
     for section, key, value in args.set:
@@ -194,10 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides=overrides,
             runs=args.runs or (1 if args.quick else 3),
             server_code=args.server_code,
+            server_workers=args.server_workers,
         )
         for name in names:
             try:
-                SCENARIOS[name](bench)
+                runnable[name](bench)
             except BenchError as exc:
                 failures.append(f"{name}: {exc}")
                 bench.log(f"{name} FAILED: {exc}")

@@ -1,17 +1,26 @@
-"""The scenarios of issue 5 (fanout, rooms, connect, idle, durable) and of issue 9
-(freeze, in :mod:`benchmarks.freeze`).
+"""The scenarios of issue 5 (fanout, rooms, connect, idle, durable), of issue 9
+(freeze, in :mod:`benchmarks.freeze`) and of issue 12 (cluster-fanout,
+cluster-connect, cluster-durable).
 
 Each scenario starts its own server (fresh database, same PKI and users),
 spawns generator processes, sets up connections, synchronises (a marker
 message that every receiver must see, so that login presence floods are
 over), and measures one or more stretches. Every wait is bounded; a
 session stops its server and its generators however it ends.
+
+The cluster scenarios are the same code with ``cluster=True``: the server is
+``securechat server --workers N`` (``--server-workers``, default 2) on a private
+Redis, its CPU is the supervisor's, the workers' and Redis's (with the split),
+the log says which worker took which connection, and each result carries its
+ratios to the one-process result of the same run (``vs_one_process``),
+measuring that first if the run does not have it yet.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import secrets
 import sqlite3
 import sys
@@ -25,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from securechat import certs, passwords
+from securechat.redis_store import PREFIX as REDIS_PREFIX
 
 from . import targets
+from .cluster import RedisError, count_hash_values, logins_by_worker
 from .driver import BenchError, BenchServer, Span, Worker, gather, spawn_context
 from .freeze import freeze
 from .loadgen import ConnSpec, Plan, Setup
@@ -125,9 +136,11 @@ class Bench:
         overrides: dict[str, dict[str, Any]] | None = None,
         runs: int = 1,
         server_code: Path | None = None,
+        server_workers: int = 2,
     ) -> None:
         self.started = time.monotonic()
         self.server_code = server_code
+        self.server_workers = server_workers
         self.runs = max(1, runs)
         self.overrides = overrides or {}
         self.root = root
@@ -155,11 +168,21 @@ class Bench:
         elapsed = time.monotonic() - self.started
         print(f"[bench {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def find(self, name: str) -> dict[str, Any] | None:
+        """The result called ``name`` measured earlier in this run, if any."""
+        return next((record for record in self.records if record["name"] == name), None)
+
     @contextmanager
     def session(
-        self, name: str, *, receivers: int | None = None, senders: int = 1
+        self, name: str, *, receivers: int | None = None, senders: int = 1, cluster: bool = False
     ) -> Iterator[Session]:
-        session = Session(self, name, self.workers if receivers is None else receivers, senders)
+        session = Session(
+            self,
+            name,
+            self.workers if receivers is None else receivers,
+            senders,
+            self.server_workers if cluster else 0,
+        )
         try:
             session.start()
             yield session
@@ -203,7 +226,7 @@ class Delivery:
 
     arrived: list[dict[str, Any]]
     sent: list[dict[str, Any]]
-    cpu: dict[str, float]
+    cpu: dict[str, Any]
     collected: list[dict[str, Any]]
 
     def latencies(self) -> array[int]:
@@ -242,6 +265,7 @@ class Session:
     name: str
     n_receivers: int
     n_senders: int
+    cluster_workers: int = 0  # > 0: --workers N on a private Redis
     receivers: list[Worker] = field(default_factory=list)
     senders: list[Worker] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -254,6 +278,7 @@ class Session:
             self.bench.users,
             overrides=self.bench.overrides,
             code=self.bench.server_code,
+            cluster_workers=self.cluster_workers,
         )
 
     @property
@@ -261,9 +286,17 @@ class Session:
         return [*self.receivers, *self.senders]
 
     def start(self) -> None:
-        self.bench.log(f"{self.name}: starting the server")
+        what = f"{self.cluster_workers} workers and Redis" if self.cluster_workers else "the server"
+        self.bench.log(f"{self.name}: starting {what}")
         self.server.start()
-        self.bench.log(f"{self.name}: server pid {self.server.pid} on port {self.server.port}")
+        if self.server.redis is not None:
+            self.bench.log(
+                f"{self.name}: supervisor pid {self.server.pid}, worker pids"
+                f" {', '.join(map(str, self.server.worker_pids))}, redis pid"
+                f" {self.server.redis.pid} (port {self.server.redis.port}); port {self.server.port}"
+            )
+        else:
+            self.bench.log(f"{self.name}: server pid {self.server.pid} on port {self.server.port}")
         setup = Setup("127.0.0.1", self.server.port, str(self.bench.pki), self.bench.password)
         context = self.bench.context
         for index in range(self.n_receivers):
@@ -353,6 +386,17 @@ class Session:
             worker.send("collect")
         return [reply[1] for reply in gather(workers, "collected", 60)]
 
+    def spread(self, users: Callable[[str], bool]) -> dict[str, Any]:
+        """For a cluster: how the logins of ``users`` so far fell on the workers (from the
+        workers' log tags), and whether every worker has some."""
+        found = logins_by_worker(self.server.log(), users)
+        pids = sorted({*self.server.worker_pids, *found})
+        return {
+            "logins_by_worker": {str(pid): found.get(pid, 0) for pid in pids},
+            "split": " / ".join(str(found.get(pid, 0)) for pid in pids),
+            "every_worker_serves": all(found.get(pid, 0) > 0 for pid in self.server.worker_pids),
+        }
+
 
 def _named(setup: Setup, name: str) -> Setup:
     return Setup(setup.host, setup.port, setup.pki, setup.password, name)
@@ -391,9 +435,22 @@ def delivery_results(delivery: Delivery, receivers: int, messages: int) -> dict[
         "generator_cpu_us_per_delivery": round(cpu["generator_cpu_s"] * 1e6 / received, 2)
         if received
         else None,
+        **cpu_split(cpu, received, 1e6, "us_per_delivery"),
         "cpu": cpu,
         "errors": delivery.errors(),
         "connections_lost": delivery.lost_connections(),
+    }
+
+
+def cpu_split(cpu: dict[str, Any], count: int, scale: float, unit: str) -> dict[str, Any]:
+    """A cluster's server CPU per ``unit`` split into the nodes' (supervisor and workers)
+    and Redis's; nothing for one process."""
+    if "redis_cpu_s" not in cpu or not count:
+        return {}
+    return {
+        f"node_cpu_{unit}": round(cpu["node_cpu_s"] * scale / count, 2),
+        f"redis_cpu_{unit}": round(cpu["redis_cpu_s"] * scale / count, 2),
+        "redis_fraction_of_server_cpu": cpu["redis_fraction"],
     }
 
 
@@ -416,7 +473,8 @@ def measure_runs(
     ordered = sorted(runs, key=lambda run: run.get(median_of) or 0.0)
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     summary = ("deliveries_per_s", "acked_per_s", "acked", "server_cpu_us_per_delivery",
-               "server_cpu_us_per_ack", "lost")  # fmt: skip
+               "server_cpu_us_per_ack", "node_cpu_us_per_delivery", "redis_cpu_us_per_delivery",
+               "node_cpu_us_per_ack", "redis_cpu_us_per_ack", "lost")  # fmt: skip
     chosen["runs"] = [
         {
             **{key: run[key] for key in summary if key in run},
@@ -427,6 +485,8 @@ def measure_runs(
             },
             "server_cpu_share": run["cpu"]["server_cpu_share"],
             "generator_cpu_share": run["cpu"]["generator_cpu_share"],
+            "other_cpu_share": run["cpu"]["other_cpu_share"],
+            "server_runqueue_wait_share": run["cpu"]["server_runqueue_wait_share"],
         }
         for run in runs
     ]
@@ -440,20 +500,32 @@ def measure_runs(
     return chosen
 
 
-def fanout(bench: Bench) -> None:
+def fanout(
+    bench: Bench,
+    *,
+    receivers: Sequence[int] | None = None,
+    variants: Sequence[str] = ("full", "paced"),
+    cluster: bool = False,
+) -> None:
+    """1 sender and N receivers in the lobby, for each N of ``receivers`` (default: the
+    sizes'), at full speed and paced (``variants``); with ``cluster``, on
+    ``--workers N`` + Redis, compared with the one-process results of this run."""
     sizes = bench.sizes
     largest = max(sizes.fanout_receivers)
-    with bench.session("fanout") as session:
-        bench.log("fanout: sender logs in")
+    prefix = "cluster-" if cluster else ""
+    with bench.session(f"{prefix}fanout", cluster=cluster) as session:
+        bench.log(f"{prefix}fanout: sender logs in")
         session.open(session.senders, [ConnSpec(sender(0), sender=True)])
         have = 0
-        for receivers, full_messages in zip(
-            sizes.fanout_receivers, sizes.fanout_messages, strict=True
-        ):
-            bench.log(f"fanout: {receivers - have} more receivers log in ({receivers} in all)")
-            session.open(session.receivers, [ConnSpec(user(i)) for i in range(have, receivers)])
-            have = receivers
-            session.sync(f"fanout{receivers}")
+        for count in receivers or sizes.fanout_receivers:
+            full_messages = dict(zip(sizes.fanout_receivers, sizes.fanout_messages, strict=True))[
+                count
+            ]
+            bench.log(f"{prefix}fanout: {count - have} more receivers log in ({count} in all)")
+            session.open(session.receivers, [ConnSpec(user(i)) for i in range(have, count)])
+            have = count
+            session.sync(f"fanout{count}")
+            spread = session.spread(lambda who: who.startswith("u")) if cluster else None
             paced_messages = round(sizes.fanout_rate * sizes.fanout_paced_seconds)
             plans = {
                 "full": Plan(full_messages, window=sizes.fanout_window, pad=sizes.pad),
@@ -464,17 +536,18 @@ def fanout(bench: Bench) -> None:
                     deadline=sizes.fanout_paced_seconds + 60,
                 ),
             }
-            for variant, plan in plans.items():
+            for variant in variants:
+                plan = plans[variant]
                 results = measure_runs(
                     bench,
                     session,
                     plan,
-                    functools.partial(delivery_results, receivers=receivers, messages=plan.count),
+                    functools.partial(delivery_results, receivers=count, messages=plan.count),
                     median_of="server_cpu_us_per_delivery",
-                    label=f"fanout: {receivers} receivers, {plan.count} messages, {variant}",
+                    label=(f"{prefix}fanout: {count} receivers, {plan.count} messages, {variant}"),
                 )
                 params = {
-                    "receivers": receivers,
+                    "receivers": count,
                     "senders": 1,
                     "messages": plan.count,
                     "mode": variant,
@@ -486,10 +559,66 @@ def fanout(bench: Bench) -> None:
                     "login": "client certificate",
                     "runs": bench.runs,
                 }
-                record = bench.record("fanout", f"fanout-{receivers}-{variant}", params, results)
-                record["target_key"] = f"fanout-1000-{variant}" if receivers == largest else ""
+                name = f"fanout-{count}-{variant}"
+                if cluster:
+                    assert spread is not None
+                    params.update(cluster_params(session))
+                    results["workers"] = {
+                        **spread,
+                        "sender_on": session.spread(lambda who: who.startswith("s"))["split"],
+                    }
+                    results["vs_one_process"] = versus(
+                        bench,
+                        name,
+                        results,
+                        ("deliveries_per_s", "server_cpu_us_per_delivery", "latency_ms.p99"),
+                    )
+                record = bench.record(f"{prefix}fanout", prefix + name, params, results)
+                record["target_key"] = prefix + name if count == largest else ""
+                if cluster and bench.server_workers != 2:
+                    record["target_key"] = ""  # the targets are for 2 workers
                 session.records.append(record)
                 _say_result(bench, record)
+
+
+def cluster_params(session: Session) -> dict[str, Any]:
+    """What a cluster result was measured on."""
+    server = session.server
+    return {
+        "server": f"securechat server --workers {server.cluster_workers} + Redis",
+        "server_workers": server.cluster_workers,
+        "worker_pids": server.worker_pids,
+        "redis": server.settings.get("cluster", {}),
+    }
+
+
+def versus(
+    bench: Bench, peer: str, results: dict[str, Any], figures: Sequence[str]
+) -> dict[str, Any]:
+    """``figures`` of ``results`` divided by the same figures of the one-process result
+    ``peer`` of this run (``latency_ms.p99`` becomes ``latency_ms_p99``)."""
+    found = bench.find(peer)
+    ratios: dict[str, Any] = {"peer": peer if found else None}
+    for figure in figures:
+        mine = targets.lookup(results, figure)
+        theirs = targets.lookup(found["results"], figure) if found else None
+        ratios[figure.replace(".", "_")] = (
+            round(mine / theirs, 3)
+            if isinstance(mine, int | float) and isinstance(theirs, int | float) and theirs
+            else None
+        )
+    return ratios
+
+
+def cluster_fanout(bench: Bench, variants: Sequence[str] = ("full", "paced")) -> None:
+    """fanout to the most receivers (1 000) on ``--workers N`` + Redis; the one-process
+    peers first if this run has not measured them."""
+    receivers = max(bench.sizes.fanout_receivers)
+    missing = [v for v in variants if bench.find(f"fanout-{receivers}-{v}") is None]
+    if missing:
+        bench.log(f"cluster-fanout: the one-process peers first ({', '.join(missing)})")
+        fanout(bench, receivers=(receivers,), variants=missing)
+    fanout(bench, receivers=(receivers,), variants=variants, cluster=True)
 
 
 def rooms(bench: Bench) -> None:
@@ -537,15 +666,23 @@ def rooms(bench: Bench) -> None:
 # --- connect ----------------------------------------------------------------------------
 
 
-def connect(bench: Bench) -> None:
+def connect(
+    bench: Bench, *, variants: Sequence[str] = ("certs", "passwords"), cluster: bool = False
+) -> None:
+    """N clients log in at once, with certificates and with passwords (``variants``); with
+    ``cluster``, on ``--workers N`` + Redis, compared with the one-process results."""
     sizes = bench.sizes
+    prefix = "cluster-" if cluster else ""
     for variant, clients, with_cert in (
         ("certs", sizes.connect_certs, True),
         ("passwords", sizes.connect_passwords, False),
     ):
-        with bench.session(f"connect-{variant}") as session:
+        if variant not in variants:
+            continue
+        name = f"connect-{variant}"
+        with bench.session(prefix + name, cluster=cluster) as session:
             session.quiesce()
-            bench.log(f"connect: {clients} clients log in at once with {variant}")
+            bench.log(f"{prefix}connect: {clients} clients log in at once with {variant}")
             specs = [ConnSpec(user(i), cert=with_cert) for i in range(clients)]
             session.prepare(session.receivers, specs)
             span = Span(session.server, session.workers)
@@ -572,6 +709,7 @@ def connect(bench: Bench) -> None:
                 if done
                 else None,
                 "presence_frames_received": sum(data["presence"] for data in collected),
+                **cpu_split(cpu, len(done), 1e3, "ms_per_login"),
                 "cpu": cpu,
             }
             params = {
@@ -582,9 +720,26 @@ def connect(bench: Bench) -> None:
                 "generator_processes": len(session.receivers),
                 "auth_workers": 2,
             }
-            record = bench.record("connect", f"connect-{variant}", params, results)
+            if cluster:
+                params.update(cluster_params(session))
+                results["workers"] = session.spread(lambda who: who.startswith("u"))
+                results["vs_one_process"] = versus(
+                    bench, name, results, ("logins_per_s", "server_cpu_ms_per_login")
+                )
+            record = bench.record(f"{prefix}connect", prefix + name, params, results)
+            if cluster and bench.server_workers != 2:
+                record["target_key"] = ""  # the targets are for 2 workers
             session.records.append(record)
             _say_result(bench, record)
+
+
+def cluster_connect(bench: Bench) -> None:
+    """connect with certificates on ``--workers N`` + Redis; the one-process peer first if
+    this run has not measured it."""
+    if bench.find("connect-certs") is None:
+        bench.log("cluster-connect: the one-process peer first (connect-certs)")
+        connect(bench, variants=("certs",))
+    connect(bench, variants=("certs",), cluster=True)
 
 
 # --- idle -------------------------------------------------------------------------------
@@ -662,10 +817,15 @@ def idle(bench: Bench) -> None:
 # --- durable ----------------------------------------------------------------------------
 
 
-def durable(bench: Bench) -> None:
+def durable(bench: Bench, *, cluster: bool = False) -> None:
+    """10 senders, each alone in a room, as fast as their windows allow; every ack must be
+    stored after the stop. With ``cluster``, on ``--workers N`` + Redis: after the nodes
+    stop, Redis is SIGKILLed (nothing flushed beyond its fsyncs) and started again from
+    its append-only file to count what it kept."""
     sizes = bench.sizes
     count = sizes.durable_senders
-    with bench.session("durable", receivers=0) as session:
+    prefix = "cluster-" if cluster else ""
+    with bench.session(f"{prefix}durable", receivers=0, cluster=cluster) as session:
         specs = [
             ConnSpec(sender(index), room=f"durable{index}", sender=True) for index in range(count)
         ]
@@ -678,7 +838,9 @@ def durable(bench: Bench) -> None:
             plan,
             durable_results,
             median_of="acked_per_s",
-            label=f"durable: {count} senders x {plan.count} messages, window {plan.window}",
+            label=(
+                f"{prefix}durable: {count} senders x {plan.count} messages, window {plan.window}"
+            ),
         )
         acked_in_all_runs = sum(run["acked"] for run in results["runs"])
         params = {
@@ -689,18 +851,40 @@ def durable(bench: Bench) -> None:
             "database": "SQLite WAL, synchronous=FULL, in the temp dir",
             "runs": bench.runs,
         }
-        record = bench.record("durable", "durable", params, results)
+        server = session.server
+        if cluster:
+            params.update(cluster_params(session))
+            params["database"] = (
+                "Redis, appendonly yes, appendfsync always, in the temp dir; SIGKILLed after"
+                " the nodes stop, then started again from its AOF to count"
+            )
+            results["workers"] = session.spread(lambda who: who.startswith("s"))
+            results["vs_one_process"] = versus(
+                bench, "durable", results, ("acked_per_s", "server_cpu_us_per_ack")
+            )
+            server.crash_redis_at_stop = True
+        record = bench.record(f"{prefix}durable", f"{prefix}durable", params, results)
+        if cluster and bench.server_workers != 2:
+            record["target_key"] = ""  # the targets are for 2 workers
         session.records.append(record)
-        database = session.server.database
 
         def count_stored() -> None:
-            stored = stored_messages(database)
+            stored = stored_in_redis(server) if cluster else stored_messages(server.database)
             results["stored_after_stop"] = stored
             results["acked_in_all_runs"] = acked_in_all_runs
             results["every_ack_stored"] = stored is not None and stored >= acked_in_all_runs
 
         session.after_stop.append(count_stored)
         _say_result(bench, record)
+
+
+def cluster_durable(bench: Bench) -> None:
+    """durable on ``--workers N`` + Redis; the one-process peer first if this run has not
+    measured it."""
+    if bench.find("durable") is None:
+        bench.log("cluster-durable: the one-process peer first (durable)")
+        durable(bench)
+    durable(bench, cluster=True)
 
 
 def durable_results(delivery: Delivery) -> dict[str, Any]:
@@ -715,6 +899,7 @@ def durable_results(delivery: Delivery) -> dict[str, Any]:
         "acked_per_s": per_second(acked, seconds),
         "ack_latency_ms": latency_ms(delivery.ack_latencies()),
         "server_cpu_us_per_ack": round(cpu["server_cpu_s"] * 1e6 / acked, 2) if acked else None,
+        **cpu_split(cpu, acked, 1e6, "us_per_ack"),
         "stored_after_stop": None,
         "cpu": cpu,
         "errors": delivery.errors(),
@@ -731,6 +916,27 @@ def stored_messages(database: Path) -> int | None:
     return int(row[0])
 
 
+def stored_in_redis(server: BenchServer) -> int | None:
+    """Plan messages in a stopped cluster's Redis, started again on its directory (its
+    append-only file): every ack must be there. None if it cannot be read."""
+    redis = server.redis
+    if redis is None:
+        return None
+
+    def planned(body: bytes) -> bool:
+        return str(json.loads(body).get("text", "")).startswith("m")
+
+    try:
+        redis.start()
+        try:
+            return count_hash_values(redis.port, f"{REDIS_PREFIX}msg", planned)
+        finally:
+            redis.stop()
+    except (RedisError, OSError, ValueError) as exc:
+        server.stopped["redis_count_failed"] = str(exc)
+        return None
+
+
 def _say_result(bench: Bench, record: dict[str, Any]) -> None:
     figures = targets.HEADLINES.get(record["scenario"], ())[:4]
     shown = ", ".join(f"{figure}={targets.lookup(record['results'], figure)}" for figure in figures)
@@ -744,4 +950,19 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "idle": idle,
     "durable": durable,
     "freeze": freeze,
+    "cluster-fanout": cluster_fanout,
+    "cluster-connect-certs": cluster_connect,
+    "cluster-durable": cluster_durable,
 }
+"""Everything ``python -m benchmarks`` runs by default, in this order."""
+
+ALIASES: dict[str, Callable[[Bench], None]] = {
+    "cluster-fanout-full": functools.partial(cluster_fanout, variants=("full",)),
+    "cluster-fanout-paced": functools.partial(cluster_fanout, variants=("paced",)),
+}
+"""Parts of a scenario that can be asked for by name (never run by default)."""
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "cluster": ("cluster-fanout", "cluster-connect-certs", "cluster-durable"),
+}
+"""Names that stand for several scenarios."""

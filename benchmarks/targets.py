@@ -1,9 +1,11 @@
-"""The targets of issues 5 and 9, how a result compares with them, and the tables.
+"""The targets of issues 5, 9 and 12, how a result compares with them, and the tables.
 
 A target names a figure of a result (a dotted path into its ``results``),
 a comparison and a bound, with the reference it came from. Each record
 carries a ``target_key`` saying which targets apply (the quick run keeps the
-key of the size it stands in for, and says that it is quick).
+key of the size it stands in for, and says that it is quick). Some of issue
+12's targets are ratios to the one-process result of the same run: the
+cluster scenarios compute them into ``vs_one_process``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ TARGETS = (
     # Issue 9, finding 1: one user pipelining requests must not freeze the others.
     Target("freeze", "ping_rtt_ms.p99", "<", 50, "issue 9 finding 1"),
     Target("freeze", "pings_unanswered", "==", 0),
+    # Issue 12: `securechat server --workers 2` + Redis on this 2-core machine, the
+    # generator sharing the cores; CPU summed over the supervisor, workers and Redis.
+    Target("cluster-fanout-1000-paced", "deliveries_per_s", ">=", 49_500, "keeps up"),
+    Target("cluster-fanout-1000-paced", "latency_ms.p99", "<=", 60, "issue 12"),
+    Target("cluster-fanout-1000-paced", "lost", "==", 0),
+    Target(
+        "cluster-fanout-1000-full",
+        "vs_one_process.server_cpu_us_per_delivery",
+        "<=",
+        1.3,
+        "x one process, workers + Redis",
+    ),
+    Target("cluster-fanout-1000-full", "lost", "==", 0),
+    Target("cluster-connect-certs", "vs_one_process.logins_per_s", ">=", 1.6, "x one process"),
+    Target("cluster-durable", "acked_per_s", ">=", 10_000, "acks after Redis's fsync"),
+    Target("cluster-durable", "every_ack_stored", "==", 1, "after SIGKILL of Redis"),
 )
 
 # The figures the table shows for each scenario, besides those with targets.
@@ -112,6 +130,63 @@ HEADLINES: dict[str, tuple[str, ...]] = {
         "cpu.server_cpu_share",
         "cpu.generator_cpu_share",
         "cpu.other_cpu_share",
+    ),
+    "cluster-fanout": (
+        "deliveries_per_s",
+        "vs_one_process.deliveries_per_s",
+        "latency_ms.p50",
+        "latency_ms.p99",
+        "vs_one_process.latency_ms_p99",
+        "latency_ms.max",
+        "lost",
+        "server_cpu_us_per_delivery",
+        "vs_one_process.server_cpu_us_per_delivery",
+        "node_cpu_us_per_delivery",
+        "redis_cpu_us_per_delivery",
+        "redis_fraction_of_server_cpu",
+        "cpu.server_cpu_share",
+        "cpu.redis_cpu_share",
+        "cpu.server_runqueue_wait_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+        "workers.split",
+    ),
+    "cluster-connect": (
+        "logins_per_s",
+        "vs_one_process.logins_per_s",
+        "handshake_ms.p50",
+        "handshake_ms.p99",
+        "login_ms.p99",
+        "failed",
+        "server_cpu_ms_per_login",
+        "vs_one_process.server_cpu_ms_per_login",
+        "node_cpu_ms_per_login",
+        "redis_cpu_ms_per_login",
+        "redis_fraction_of_server_cpu",
+        "cpu.server_cpu_share",
+        "cpu.redis_cpu_share",
+        "cpu.server_runqueue_wait_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+        "workers.split",
+    ),
+    "cluster-durable": (
+        "acked_per_s",
+        "vs_one_process.acked_per_s",
+        "ack_latency_ms.p50",
+        "ack_latency_ms.p99",
+        "stored_after_stop",
+        "server_cpu_us_per_ack",
+        "vs_one_process.server_cpu_us_per_ack",
+        "node_cpu_us_per_ack",
+        "redis_cpu_us_per_ack",
+        "redis_fraction_of_server_cpu",
+        "cpu.server_cpu_share",
+        "cpu.redis_cpu_share",
+        "cpu.server_runqueue_wait_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+        "workers.split",
     ),
     "freeze": (
         "ping_rtt_ms.p50",
@@ -220,7 +295,8 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
 
 
 def markdown_targets(records: Iterable[dict[str, Any]]) -> str:
-    """One row per target of issues 5 and 9: the figure measured, the bound, met or not."""
+    """One row per target of issues 5, 9 and 12: the figure measured, the bound, met or
+    not."""
     lines = ["| scenario | figure | measured | target | |", "|---|---|---:|---|---|"]
     for record in records:
         for verdict in record.get("targets", []):
