@@ -11,6 +11,7 @@ same time whether or not the user exists.
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
 from collections.abc import Mapping
@@ -26,8 +27,32 @@ from .limits import LoginThrottle
 log = logging.getLogger(__name__)
 
 
+class LoginFailure(enum.StrEnum):
+    """Why a login was refused, as the metrics count it (a bounded set: a label value)."""
+
+    # (Names of reasons, not passwords: S105.)
+    WRONG_PASSWORD = "wrong_password"  # noqa: S105
+    UNKNOWN_USER = "unknown_user"
+    NO_PASSWORD_HASH = "no_password_hash"  # noqa: S105 (a certificate-only user sent a password)
+    NO_PASSWORD = "no_password"  # noqa: S105 (neither a password nor a certificate that suffices)
+    NO_CERTIFICATE = "no_certificate"  # client_certs = "required"
+    CERTIFICATE_MISMATCH = "certificate_mismatch"  # the certificate names another user
+    CERTIFICATE_UNKNOWN_USER = "certificate_unknown_user"
+    THROTTLED = "throttled"  # the login back-off refused the attempt unchecked
+    ACCOUNT_CHANGED = "account_changed"  # a reload changed the account meanwhile
+    # Decided by the session, not here:
+    BAD_HELLO = "bad_hello"  # the first frame was not a valid hello
+    TIMEOUT = "timeout"  # no hello, or no decision, before login_timeout
+    FLOOD_COOLDOWN = "flood_cooldown"  # cut off for flooding a moment ago
+
+
 class AuthFailed(Exception):
-    """Login refused. The reason is for the server log only; clients all see the same message."""
+    """Login refused. The message is for the server log only; clients all see the same
+    message. ``reason`` classifies it (for metrics)."""
+
+    def __init__(self, message: str, reason: LoginFailure) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -123,9 +148,14 @@ class Authenticator:
         account = self.accounts.get(username)
         if cert_user is not None and self.client_certs != "none":
             if cert_user != username:
-                raise AuthFailed(f"certificate is for {cert_user!r}, hello says {username!r}")
+                raise AuthFailed(
+                    f"certificate is for {cert_user!r}, hello says {username!r}",
+                    LoginFailure.CERTIFICATE_MISMATCH,
+                )
             if account is None:
-                raise AuthFailed("certificate user is not configured")
+                raise AuthFailed(
+                    "certificate user is not configured", LoginFailure.CERTIFICATE_UNKNOWN_USER
+                )
             if account.password_hash is None:
                 return account
             if self.client_certs == "optional" and password is None:
@@ -133,19 +163,19 @@ class Authenticator:
             # A password sent along with the certificate is checked too: a
             # wrong credential never logs anyone in.
         elif self.client_certs == "required":
-            raise AuthFailed("no client certificate")
+            raise AuthFailed("no client certificate", LoginFailure.NO_CERTIFICATE)
 
         if password is None:
             # Nothing to check, so nothing to time: the client already knows
             # it sent no password.
-            raise AuthFailed("no password given")
+            raise AuthFailed("no password given", LoginFailure.NO_PASSWORD)
         user_key = f"user:{username}"
         keys = (user_key, f"ip:{source}")
         # Reserved before the hash, so that guesses sent in parallel are
         # counted before any of them is checked.
         while (refusal := self.throttle.reserve(keys, trio.current_time())) is not None:
             if refusal.wait > 0:
-                raise AuthFailed(str(refusal))
+                raise AuthFailed(str(refusal), LoginFailure.THROTTLED)
             # Only the attempts in flight stand in the way (they would block
             # the key if they all failed): wait until one is settled and ask
             # again, as the same attempt sent after them would be answered.
@@ -157,16 +187,21 @@ class Authenticator:
             if account is None or account.password_hash is None:
                 await self._verify(password, self._dummy_hash)
                 right = False
-                raise AuthFailed("unknown user" if account is None else "user has no password")
+                if account is None:
+                    raise AuthFailed("unknown user", LoginFailure.UNKNOWN_USER)
+                raise AuthFailed("user has no password", LoginFailure.NO_PASSWORD_HASH)
             right = await self._verify(password, account.password_hash)
             if not right:
-                raise AuthFailed("wrong password")
+                raise AuthFailed("wrong password", LoginFailure.WRONG_PASSWORD)
             # A config reload during the check may have removed the user or
             # changed their password or admin flag: the old account no longer
             # counts. (Not a guess that failed: the reservation is released.)
             if self.accounts.get(username) != account:
                 right = None
-                raise AuthFailed("account removed or changed during the password check")
+                raise AuthFailed(
+                    "account removed or changed during the password check",
+                    LoginFailure.ACCOUNT_CHANGED,
+                )
         finally:
             # Also when the task was cancelled: a check that started always
             # finishes (its thread cannot be interrupted) and is settled here;

@@ -109,6 +109,16 @@ def _workers(value: str) -> int:
     return count
 
 
+def _worker_number(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a worker number: {value!r}") from None
+    if not 1 <= number <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64: {number}")
+    return number
+
+
 def _leaf_days(value: str) -> int:
     try:
         days = int(value)
@@ -255,7 +265,7 @@ def _build_parser() -> argparse.ArgumentParser:
         " on; needs [cluster]",
     )
     # Internal: a worker of --workers (see securechat/supervisor.py).
-    server.add_argument(supervisor.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    server.add_argument(supervisor.WORKER_FLAG, type=_worker_number, help=argparse.SUPPRESS)
     server.add_argument(
         "--log-file",
         type=Path,
@@ -436,7 +446,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = _with_overrides(config, overrides)
-    supervised = args.workers is not None or args.worker
+    supervised = args.workers is not None or args.worker is not None
     with contextlib.ExitStack() as cleanup:  # undone in reverse order
         log_handler = service.log_handler(args.log_file, tag_pid=supervised)
         cleanup.callback(log_handler.close)
@@ -485,7 +495,9 @@ def _check_process_flags(args: argparse.Namespace, config: Config) -> None:
                 "--console cannot go with --workers: each worker is a process of its own;"
                 " run the operator console on a server without --workers"
             )
-    if args.worker and (args.workers is not None or config.cluster is None or args.console):
+    if args.worker is not None and (
+        args.workers is not None or config.cluster is None or args.console
+    ):
         raise UsageError(
             f"{supervisor.WORKER_FLAG} is for the workers `--workers` starts (with a"
             " [cluster] section; no --console)"
@@ -540,11 +552,12 @@ async def _serve(
             started.config_path.resolve(),
             section.redacted_url(),  # never the password
             section.durability,
-            f", a worker of pid {os.getppid()}" if args.worker else "",
+            f", worker {args.worker} of pid {os.getppid()}" if args.worker is not None else "",
         )
         try:
             async with cluster_store(section) as store:
-                return await _run(ChatServer(config, store=store), started, args, console)
+                server = ChatServer(config, store=store, worker=args.worker)
+                return await _run(server, started, args, console)
         except ClusterError as exc:
             raise RuntimeFailure(str(exc)) from None
     finally:
@@ -567,16 +580,22 @@ async def _run(
     gc.freeze()
     settings = server.config.server
     try:
-        await server.listen(reuse_port=args.worker)
+        await server.listen(reuse_port=args.worker is not None)
     except OSError as exc:
         raise RuntimeFailure(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    try:
+        await server.listen_metrics()
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"[metrics] cannot listen on {server.config.metrics.listen}: {exc.strerror or exc}"
         ) from None
     async with trio.open_nursery() as nursery:
         await nursery.start(_handle_signals, server, started)
         if console is not None:
             nursery.start_soon(_operate, server, console)
-        if args.worker:
+        if args.worker is not None:
             nursery.start_soon(_follow_supervisor, server)
         addresses = await nursery.start(_serve_until_shutdown, server, nursery.cancel_scope)
         listening = ", ".join(
@@ -655,7 +674,7 @@ def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     if args.log_file is not None:
         flags += ["--log-file", str(args.log_file)]
-    return [*flags, supervisor.WORKER_FLAG]
+    return flags  # the supervisor adds --worker N, N for each worker
 
 
 async def _serve_until_shutdown(

@@ -123,6 +123,40 @@ class StorageSection(_Section):
     prune_interval: float = Field(600.0, gt=0, le=86400)  # seconds between prunes
 
 
+class MetricsSection(_Section):
+    """``[metrics]``: the Prometheus endpoint (plain HTTP ``GET /metrics``; off when
+    ``listen`` is unset). See docs/metrics.md."""
+
+    listen: str | None = None  # "HOST:PORT" ("[::1]:9100" for IPv6); port 0: any free one
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` to listen on; None when the endpoint is off."""
+        return None if self.listen is None else split_host_port(self.listen)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9100"`` or ``"[::1]:9100"`` as ``(host, port)``; ValueError naming the form."""
+    form = 'the form is "HOST:PORT", e.g. "127.0.0.1:9100" (or "[::1]:9100")'
+    host, colon, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets; {form}")
+    if not colon or not host or any(c.isspace() for c in host):
+        raise ValueError(form)
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"the port must be a number from 0 to 65535; {form}")
+    return host, int(port_text)
+
+
 class ClientSection(_Section):
     host: str = Field("localhost", min_length=1)
     port: Port = 8000
@@ -252,6 +286,7 @@ class Config(_Section):
     users: dict[Name, UserSection] = {}
     rooms: dict[Name, RoomSection] = {}
     client: ClientSection = ClientSection()
+    metrics: MetricsSection = MetricsSection()
     cluster: ClusterSection | None = None  # None: one process, the SQLite store
 
     @field_validator("users")

@@ -12,7 +12,7 @@ nothing of TLS or WebSocket: a transport is a function that sends bytes.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -74,6 +74,11 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._frames)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued, plus the batch the writer holds (what counts against the limit)."""
+        return self._bytes
 
     def put(self, frame: bytes, *, urgent: bool = True) -> None:
         """Queue ``frame``; a frame that is not ``urgent`` does not wake the writer itself.
@@ -215,6 +220,8 @@ class Peer:
     admin: bool = False
     # Send this error, then close the connection (kick, account removed).
     disconnect: Callable[[Error], None] = field(default=lambda error: None)
+    # Where the ``error`` envelopes sent through :meth:`send` are counted, by code.
+    errors: Counter[str] | None = field(default=None, repr=False)
     # Messages of this connection handed to the store and not yet answered.
     unsettled: int = 0
     _all_settled: trio.Event | None = field(default=None, repr=False)
@@ -228,6 +235,8 @@ class Peer:
         self.outbox.put(frame, urgent=urgent)
 
     def send(self, envelope: ServerEnvelope) -> None:
+        if self.errors is not None and type(envelope) is Error:
+            self.errors[envelope.code] += 1
         self.outbox.put(encode(envelope))
 
     async def wait_for_room(self) -> None:

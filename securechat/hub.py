@@ -19,7 +19,10 @@ delivered or acknowledged before it is on disk.
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import trio
@@ -46,6 +49,7 @@ from .protocol import (
     encode,
 )
 from .rooms import TOPIC_FROM_CONFIG, Room, Rooms, not_member
+from .stats import LATENCY_BUCKETS, Histogram
 from .store import (
     AddMember,
     Appended,
@@ -69,6 +73,24 @@ Committed = Callable[[BaseException | None], None]
 
 # How many "stored for later" flags wait for their ack (see Hub._stored).
 STORED_FLAGS = 4096
+
+
+@dataclass
+class ChatStats:
+    """What the hub counts, for the metrics (:mod:`securechat.stats`): per message and
+    per broadcast, never per recipient."""
+
+    # Messages this server's clients sent, handed to the store ("room", "direct"),
+    # and re-sends recognised (answered with the first one's ack, stored nothing).
+    received: Counter[str] = field(default_factory=Counter)
+    resends: int = 0
+    # Committed messages queued to connections here: each broadcast adds its number of
+    # recipients ("room", "direct": the recipient's and the sender's other connections).
+    deliveries: Counter[str] = field(default_factory=Counter)
+    # History requests answered, by result ("ok", "error": refused or failed), and the
+    # time from the request to its history_end (paced by the client's reading).
+    history: Counter[str] = field(default_factory=Counter)
+    history_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
 
 async def load_state(store: Store) -> Snapshot:
@@ -102,6 +124,7 @@ class Hub:
         self.online = Online(state.online_elsewhere)
         self.ledger = SendLedger(state.recent_sends)
         self.last_applied = state.last_message_id  # the newest message delivered here
+        self.stats = ChatStats()
         # Direct messages kept for an offline recipient, until their ack says so. In
         # a cluster every node sees every message, and only the sender's node acks:
         # the oldest are forgotten (by then long acked).
@@ -338,7 +361,9 @@ class Hub:
         if not self.rooms.is_member(peer.username, room_name):
             raise not_member(room_name)
         if self.ledger.is_resend(peer, client_id):
+            self.stats.resends += 1
             return
+        self.stats.received["room"] += 1
         draft = self.ledger.draft(peer.username, text, client_id, room=room_name, action=action)
 
         def committed(outcome: Appended | StoreError) -> None:
@@ -360,7 +385,9 @@ class Hub:
         if to not in self.rooms.users:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"no user {to!r}")
         if self.ledger.is_resend(peer, client_id):
+            self.stats.resends += 1
             return
+        self.stats.received["direct"] += 1
         draft = self.ledger.draft(peer.username, text, client_id, to=to, action=action)
 
         def committed(outcome: Appended | StoreError) -> None:
@@ -396,16 +423,19 @@ class Hub:
         frame = encode(message)
         if message.to is None:
             assert message.room is not None
+            self.stats.deliveries["room"] += self.online.room_size(message.room)
             self.online.broadcast(message.room, frame)
             return
         sender, to = message.sender, message.to
         if to != sender:  # a note to self is delivered once, below
-            for own in self.online.peers_of(sender):
+            own_peers = self.online.peers_of(sender)
+            self.stats.deliveries["direct"] += len(own_peers)
+            for own in own_peers:
                 own.put(frame)
-        if (
-            not self.mailbox.hand_over(to, message, frame, self.online.peers_of(to))
-            and to not in self.online.elsewhere
-        ):
+        peers = self.online.peers_of(to)
+        if self.mailbox.hand_over(to, message, frame, peers):
+            self.stats.deliveries["direct"] += len(peers)
+        elif to not in self.online.elsewhere:
             self._stored[message.id] = None
             if len(self._stored) > STORED_FLAGS:
                 del self._stored[next(iter(self._stored))]
@@ -495,16 +525,23 @@ class Hub:
         ref: str | None,
     ) -> None:
         """Replay stored messages to ``peer``, then ``history_end`` (see :mod:`.history`)."""
-        await replay(
-            self.store,
-            self.rooms,
-            peer,
-            room=room,
-            with_user=with_user,
-            after=after,
-            limit=limit,
-            ref=ref,
-        )
+        started = time.perf_counter()
+        try:
+            await replay(
+                self.store,
+                self.rooms,
+                peer,
+                room=room,
+                with_user=with_user,
+                after=after,
+                limit=limit,
+                ref=ref,
+            )
+        except ProtocolError:
+            self.stats.history["error"] += 1
+            raise
+        self.stats.history["ok"] += 1
+        self.stats.history_seconds.observe(time.perf_counter() - started)
 
     # --- moderation ---
 

@@ -51,6 +51,8 @@ class FrameReader:
 class LineTransport:
     """A session's transport over a stream of lines (in the server: TLS, handshake done)."""
 
+    kind = "tls"  # the metrics' transport label: the line protocol on its TLS port
+
     def __init__(
         self,
         stream: trio.abc.Stream,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -45,6 +46,7 @@ from .store import (
     Snapshot,
     StoredRoom,
     StoreError,
+    StoreStats,
     Then,
     VisibleScope,
     Watch,
@@ -150,6 +152,7 @@ class MemoryStore:
     shared = False  # one server: nothing to watch or tell
 
     def __init__(self, *, queue_size: int = QUEUE_SIZE) -> None:
+        self.stats = StoreStats()
         self._state = _State()
         self._queue: list[tuple[tuple[Write, ...], Then]] = []
         self._queue_size = queue_size
@@ -172,6 +175,7 @@ class MemoryStore:
         batch, self._queue = self._queue, []
         self._room.unpark_all()
         if batch:
+            started = time.perf_counter()
             error, self._failure = self._failure, None
             if error is None:
                 state = self._state.copy()
@@ -183,6 +187,10 @@ class MemoryStore:
                     error = exc
                 else:
                     self._state = state
+            self.stats.commit_seconds.observe(time.perf_counter() - started)
+            self.stats.batch_units.observe(len(batch))
+            if error is not None:
+                self.stats.failed_commits += 1
             self._uncalled.append(([then for _, then in batch], error))
         if run_callbacks:
             self.run_callbacks()

@@ -44,13 +44,16 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import coredis
 import trio
 from coredis.exceptions import RedisError
+from coredis.patterns.pipeline import Pipeline
 from coredis.tokens import PureToken
 
 from .ledger import RECENT_SECONDS
@@ -83,6 +86,7 @@ from .store import (
     Spent,
     StoredRoom,
     StoreError,
+    StoreStats,
     Then,
     Watch,
     Write,
@@ -110,6 +114,7 @@ NOTICE_QUEUE = 10_000
 
 # A log entry's id: (the last message id, a sequence number; 0 for the message itself).
 EntryId = tuple[int, int]
+T = TypeVar("T")
 
 
 def _entry_id(value: bytes | str) -> EntryId:
@@ -298,9 +303,34 @@ class RedisStore:
         self._unsettled: deque[tuple[EntryId, Any, Any]] = deque()
         self._settled = trio.Event()
         self._redis_down = False
+        self.stats = StoreStats()
 
     def _key(self, name: str) -> str:
         return self._prefix + name
+
+    # Every request to Redis goes through one of these two, which count it (one round
+    # trip) and its failure under ``op``: "write" (the writer's batches), "tail" (reads
+    # of the log), "presence" (presence, kicks and shared limits told; the beat),
+    # "read" (history, stored direct messages), "load", "prune".
+
+    async def _request(self, op: str, request: Awaitable[T]) -> T:
+        self.stats.requests[op] += 1
+        try:
+            return await request
+        except (RedisError, OSError):
+            self.stats.request_errors[op] += 1
+            raise
+
+    @asynccontextmanager
+    async def _pipeline(self, op: str, *, transaction: bool) -> AsyncIterator[Pipeline[bytes]]:
+        """A pipeline (a MULTI/EXEC with ``transaction``), sent at the end of the block."""
+        self.stats.requests[op] += 1
+        try:
+            async with self._client.pipeline(transaction=transaction) as pipe:
+                yield pipe
+        except (RedisError, OSError):
+            self.stats.request_errors[op] += 1
+            raise
 
     # -- start-up and lifetime --
 
@@ -309,19 +339,22 @@ class RedisStore:
         RECENT_SECONDS), so the snapshot lists no recent sends; the feed starts after
         the last message stored now."""
         try:
-            last = int(await self._client.get(self._key("seq")) or 0)
+            client, load = self._client, "load"
+            last = int(await self._request(load, client.get(self._key("seq"))) or 0)
             await self._load_nodes()
-            stored_rooms = await self._client.hgetall(self._key("rooms"))
-            member_rooms = await self._client.smembers(self._key("memberrooms"))
+            stored_rooms = await self._request(load, client.hgetall(self._key("rooms")))
+            member_rooms = await self._request(load, client.smembers(self._key("memberrooms")))
             memberships: dict[str, frozenset[str]] = {}
             for room in member_rooms:
-                users = await self._client.smembers(self._key("members:" + _text(room)))
+                users = await self._request(
+                    load, client.smembers(self._key("members:" + _text(room)))
+                )
                 if users:
                     memberships[_text(room)] = frozenset(_text(user) for user in users)
             waiting = [
                 user
-                for user in await self._client.smembers(self._key("waiting"))
-                if await self._client.zcard(self._key("undelivered:" + _text(user)))
+                for user in await self._request(load, client.smembers(self._key("waiting")))
+                if await self._request(load, client.zcard(self._key("undelivered:" + _text(user))))
             ]
         except (RedisError, OSError) as exc:
             raise StoreError(f"cannot read the chat's state from Redis: {exc}") from exc
@@ -346,11 +379,11 @@ class RedisStore:
 
     async def _load_nodes(self) -> None:
         """The other nodes' users, from their presence hashes (those that expired are gone)."""
-        for node in await self._client.smembers(self._key("nodes")):
+        for node in await self._request("load", self._client.smembers(self._key("nodes"))):
             name = _text(node)
             if name == self.node:
                 continue
-            users = await self._client.hkeys(self._key("node:" + name))
+            users = await self._request("load", self._client.hkeys(self._key("node:" + name)))
             for user in users:
                 self._node_user(name, _text(user), True)
 
@@ -379,7 +412,7 @@ class RedisStore:
     async def _leave(self) -> None:
         """A clean stop: the others see this node's users offline now, not after the ttl."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._pipeline("presence", transaction=True) as pipe:
                 pipe.delete([self._key("node:" + self.node)])
                 pipe.srem(self._key("nodes"), [self.node])
                 pipe.eval(
@@ -467,6 +500,7 @@ class RedisStore:
         appends = [item for item in batch if isinstance(item, _Append)]
         failure: StoreError | None = None
         events: list[EntryId] = []  # each unit's last log entry (its events')
+        started = time.perf_counter()
         try:
             for item in batch:
                 if not isinstance(item, _Append):
@@ -483,7 +517,10 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             self._redis_state(down=True, error=exc)
             failure = StoreError(f"Redis: {_reason(exc)}")
+        self.stats.commit_seconds.observe(time.perf_counter() - started)
+        self.stats.batch_units.observe(len(batch))
         if failure is not None:
+            self.stats.failed_commits += 1
             for item in batch:
                 self._call(item.then if isinstance(item, _Append) else item[1], failure)
             return
@@ -511,7 +548,7 @@ class RedisStore:
         sent the batch over others: so a write of its own goes first, which the
         replication stream carries after everything written before it.
         """
-        async with self._client.pipeline(transaction=False) as pipe:
+        async with self._pipeline("write", transaction=False) as pipe:
             pipe.incr(self._key("replicated"))
             confirmed = pipe.wait(self.wait_replicas, int(REPLICA_TIMEOUT * 1000))
         count = await confirmed
@@ -532,7 +569,9 @@ class RedisStore:
                 draft.to or "",
                 _body(draft),
             ]
-        ids = await self._client.eval(_APPEND, keys=[self._key("seq")], args=args)
+        ids = await self._request(
+            "write", self._client.eval(_APPEND, keys=[self._key("seq")], args=args)
+        )
         assert isinstance(ids, list | tuple)
         return [int(id_) for id_ in ids]
 
@@ -545,10 +584,10 @@ class RedisStore:
             if isinstance(write, DeleteMessages | MarkDelivered)
             for id_ in write.ids
         ]
-        bodies = await self._bodies(ids)
+        bodies = await self._bodies(ids, "write")
         for write in writes:
-            if isinstance(write, AppendMessage) and await self._client.hexists(
-                self._key("msg"), str(write.message.id)
+            if isinstance(write, AppendMessage) and await self._request(
+                "write", self._client.hexists(self._key("msg"), str(write.message.id))
             ):
                 raise StoreError(f"Redis: UNIQUE constraint failed: message {write.message.id}")
         topics: dict[str, str] = {}
@@ -556,10 +595,12 @@ class RedisStore:
             if isinstance(write, SaveRoom) and write.topic is None:
                 # The stored topic stays (a concurrent topic change on another node
                 # between this read and the write is lost: the config's rooms only).
-                stored = await self._client.hget(self._key("rooms"), write.name)
+                stored = await self._request(
+                    "write", self._client.hget(self._key("rooms"), write.name)
+                )
                 topics[write.name] = json.loads(stored).get("topic", "") if stored else ""
         events = []
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._pipeline("write", transaction=True) as pipe:
             for write in writes:
                 self._queue_write(pipe, write, bodies, topics)
                 if (event := _event(write)) is not None:
@@ -573,10 +614,12 @@ class RedisStore:
             args=[LOG_LENGTH, self.node, json.dumps(event, ensure_ascii=False)],
         )
 
-    async def _bodies(self, ids: list[int]) -> dict[int, Message]:
+    async def _bodies(self, ids: list[int], op: str) -> dict[int, Message]:
         if not ids:
             return {}
-        values = await self._client.hmget(self._key("msg"), [str(id_) for id_ in ids])
+        values = await self._request(
+            op, self._client.hmget(self._key("msg"), [str(id_) for id_ in ids])
+        )
         return {id_: _message(id_, value) for id_, value in zip(ids, values, strict=True) if value}
 
     def _queue_write(
@@ -672,10 +715,13 @@ class RedisStore:
         failures = 0
         while True:
             try:
-                found = await self._tail_client.xread(
-                    {self._key("log"): "{}-{}".format(*self._cursor)},
-                    count=TAIL_COUNT,
-                    block=TAIL_BLOCK_MS,
+                found = await self._request(
+                    "tail",
+                    self._tail_client.xread(
+                        {self._key("log"): "{}-{}".format(*self._cursor)},
+                        count=TAIL_COUNT,
+                        block=TAIL_BLOCK_MS,
+                    ),
                 )
             except (RedisError, OSError) as exc:
                 if failures == 0:
@@ -812,7 +858,7 @@ class RedisStore:
 
     async def _tell_all(self, notices: list[Notice]) -> None:
         here = self._key("node:" + self.node)
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._pipeline("presence", transaction=True) as pipe:
             for notice in notices:
                 event: dict[str, Any]
                 if isinstance(notice, LetGo):
@@ -847,12 +893,15 @@ class RedisStore:
     async def _keep_alive(self) -> None:
         here = self._key("node:" + self.node)
         ttl_ms = int(self.presence_ttl * 1000)
-        if not self._presence_lost and (await self._client.pexpire(here, ttl_ms) or not self._here):
-            await self._client.sadd(self._key("nodes"), [self.node])
+        presence = "presence"
+        if not self._presence_lost and (
+            await self._request(presence, self._client.pexpire(here, ttl_ms)) or not self._here
+        ):
+            await self._request(presence, self._client.sadd(self._key("nodes"), [self.node]))
             return
         # Lost, or expired while Redis was away: write it again, and tell the others.
         users = sorted(self._here)
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._pipeline(presence, transaction=True) as pipe:
             pipe.delete([here])
             if users:
                 pipe.hset(here, dict.fromkeys(users, "1"))
@@ -864,17 +913,19 @@ class RedisStore:
         self._presence_lost = False
 
     async def _sweep(self) -> None:
-        listed = {_text(node) for node in await self._client.smembers(self._key("nodes"))}
+        client, presence = self._client, "presence"
+        nodes = await self._request(presence, client.smembers(self._key("nodes")))
+        listed = {_text(node) for node in nodes}
         for node in sorted((listed | set(self._nodes)) - {self.node}):
-            if await self._client.exists([self._key("node:" + node)]):
+            if await self._request(presence, client.exists([self._key("node:" + node)])):
                 if node not in self._nodes:  # started (or came back) unseen
-                    users = await self._client.hkeys(self._key("node:" + node))
+                    users = await self._request(presence, client.hkeys(self._key("node:" + node)))
                     self._node_users(node, {_text(user) for user in users})
                 continue
             if node in self._nodes:
                 log.warning("node %s stopped answering: its users are offline", node)
             self._node_users(node, set())
-            await self._client.srem(self._key("nodes"), [node])
+            await self._request(presence, client.srem(self._key("nodes"), [node]))
 
     def _settle(self) -> None:
         while self._unsettled and self._unsettled[0][0] <= self._cursor:
@@ -893,12 +944,18 @@ class RedisStore:
         top = "+inf" if through is None else str(through)
         try:
             if after is None:
-                found = await self._client.zrange(
-                    key, top, "-inf", sortby=PureToken.BYSCORE, rev=True, offset=0, count=limit
+                found = await self._request(
+                    "read",
+                    self._client.zrange(
+                        key, top, "-inf", sortby=PureToken.BYSCORE, rev=True, offset=0, count=limit
+                    ),
                 )
                 return sorted(int(_text(value)) for value in found)
-            found = await self._client.zrange(
-                key, f"({after}", top, sortby=PureToken.BYSCORE, offset=0, count=limit
+            found = await self._request(
+                "read",
+                self._client.zrange(
+                    key, f"({after}", top, sortby=PureToken.BYSCORE, offset=0, count=limit
+                ),
             )
             return [int(_text(value)) for value in found]
         except (RedisError, OSError) as exc:
@@ -925,7 +982,7 @@ class RedisStore:
             return []
         ordered = sorted(set(ids))
         try:
-            bodies = await self._bodies(ordered)
+            bodies = await self._bodies(ordered, "read")
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis: {_reason(exc)}") from exc
         taken: list[Message] = []
@@ -959,7 +1016,9 @@ class RedisStore:
         try:
             if cutoff is not None:
                 while True:
-                    found = await self._client.zrange(self._key("all"), 0, 255)
+                    found = await self._request(
+                        "prune", self._client.zrange(self._key("all"), 0, 255)
+                    )
                     ids = [int(_text(value)) for value in found]
                     old = [m.id for m in await self.messages(ids) if m.ts < cutoff]
                     if old:
@@ -968,11 +1027,15 @@ class RedisStore:
                     if len(old) < len(ids) or not ids:
                         break
             if retention.per_room:
-                for room in await self._client.smembers(self._key("msgrooms")):
+                rooms = await self._request("prune", self._client.smembers(self._key("msgrooms")))
+                for room in rooms:
                     key = self._key("room:" + _text(room))
-                    excess = await self._client.zcard(key) - retention.per_room
+                    excess = await self._request("prune", self._client.zcard(key))
+                    excess -= retention.per_room
                     if excess > 0:
-                        found = await self._client.zrange(key, 0, excess - 1)
+                        found = await self._request(
+                            "prune", self._client.zrange(key, 0, excess - 1)
+                        )
                         excess_ids = tuple(int(_text(value)) for value in found)
                         await self.commit(DeleteMessages(excess_ids))
                         by_room += len(excess_ids)

@@ -24,7 +24,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -45,6 +45,7 @@ from .limits import (
     address_key,
 )
 from .lines import LineTransport
+from .metrics import MetricsEndpoint
 from .protocol import Error, ErrorCode, encode
 from .redis_store import RedisStore
 from .session import ServerStats, Services, Session, UserRates
@@ -130,11 +131,15 @@ def raise_open_file_limit() -> None:
 class ChatServer:
     """Listens, accepts, and runs every connection until :meth:`request_shutdown`."""
 
-    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+    def __init__(
+        self, config: Config, *, store: Store | None = None, worker: int | None = None
+    ) -> None:
         """``store``: where the chat's state lives; default, the SQLite database of
         ``[storage]`` (a cluster node passes its :class:`~securechat.redis_store.RedisStore`,
-        from :func:`cluster_store`)."""
+        from :func:`cluster_store`). ``worker``: this server's number (from 1) among the
+        workers of ``securechat server --workers`` (its metrics port follows from it)."""
         self.config = config
+        self.worker = worker
         self.limits = config.limits
         interval = config.server.flush_interval_ms / 1000
         delay = config.server.presence_delay_ms / 1000
@@ -170,6 +175,9 @@ class ChatServer:
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
         self.stats = ServerStats()
+        self.handshaking = 0  # connections in their TLS handshake
+        # [metrics]: set up by listen_metrics (None: off).
+        self.metrics: MetricsEndpoint | None = None
         # Lines for events that come in floods: at most one per interval, with a count.
         self._refusals = Occasional(10.0)
         self._busy = Occasional(1.0)
@@ -184,6 +192,11 @@ class ChatServer:
             )
         )
         self._shutdown = trio.Event()
+
+    @property
+    def sessions(self) -> Collection[Session]:
+        """The connections past their handshake (for the metrics; do not change it)."""
+        return self._sessions
 
     @property
     def hub(self) -> Hub:
@@ -235,11 +248,12 @@ class ChatServer:
             or config.limits != self.limits
             or config.storage != self.config.storage
             or config.cluster != self.config.cluster
+            or config.metrics != self.config.metrics
         ):
             # (Also when the server was started with flags that override the file.)
             log.warning(
-                "the file's [server], [limits], [storage] or [cluster] differ from the running"
-                " settings; those sections are read at start only"
+                "the file's [server], [limits], [storage], [metrics] or [cluster] differ from"
+                " the running settings; those sections are read at start only"
             )
         try:
             self.ssl_context = tls.server_context(
@@ -295,6 +309,38 @@ class ChatServer:
         self.addresses = [listener.socket.getsockname()[:2] for listener in self._listeners]
         return self.addresses
 
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``[metrics] listen`` says this server serves its metrics (None: off): the
+        port as written, plus ``worker - 1`` for a worker of ``--workers`` (each worker
+        its own port; port 0: each one any free port). Raises OSError beyond 65535."""
+        address = self.config.metrics.address
+        if address is None:
+            return None
+        host, port = address
+        if port and self.worker is not None:
+            port += self.worker - 1
+            if port > 65535:
+                raise OSError(
+                    errno.EINVAL,
+                    f"[metrics] listen: worker {self.worker}'s port would be {port}, beyond 65535",
+                )
+        return host, port
+
+    async def listen_metrics(self) -> list[tuple[str, int]]:
+        """Bind ``[metrics] listen`` if it is set (see :meth:`metrics_address`); returns
+        the bound addresses (none when off). Raises OSError."""
+        address = self.metrics_address()
+        if address is None or self.metrics is not None:
+            return [] if self.metrics is None else self.metrics.addresses
+        metrics = MetricsEndpoint(self, worker=self.worker)
+        await metrics.listen(*address)
+        self.metrics = metrics
+        log.info(
+            "metrics on %s (plain HTTP, GET /metrics)",
+            ", ".join(f"http://{_format_address(bound)}/metrics" for bound in metrics.addresses),
+        )
+        return metrics.addresses
+
     async def serve(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -303,6 +349,7 @@ class ChatServer:
         await self.load()
         if not self._listeners:
             await self.listen()
+        await self.listen_metrics()
         listeners = self._listeners
         log.info(
             "[SEARCHING] listening on %s (TLS, client_certs=%s, users=%d)",
@@ -317,10 +364,14 @@ class ChatServer:
                     storage.start_soon(self.ticker.run)
                 background = trio.CancelScope()
                 storage.start_soon(self._background, background)
+                scrapes = trio.CancelScope()
+                if self.metrics is not None:
+                    await storage.start(self._serve_metrics, self.metrics, scrapes)
                 try:
                     await self._serve_connections(listeners, task_status)
                 finally:
                     background.cancel()
+                    scrapes.cancel()
                     # The writer commits what is queued, the last callbacks run, then
                     # the store's tasks end.
                     self.store.close()
@@ -340,6 +391,16 @@ class ChatServer:
                     nursery.start_soon(self._prune_periodically)
                 if self._sharing is not None:
                     nursery.start_soon(self._sharing.run)
+
+    @staticmethod
+    async def _serve_metrics(
+        metrics: MetricsEndpoint,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await metrics.serve(task_status=task_status)
 
     async def _prune_periodically(self) -> None:
         """Apply the retention rule now and every ``prune_interval``, until cancelled.
@@ -399,6 +460,9 @@ class ChatServer:
             self.hub.begin_shutdown()
             farewell = encode(Error(code=ErrorCode.SERVER_SHUTDOWN, message="server shutting down"))
             for session in list(self._sessions):
+                if not session.outbox.closed:
+                    self.stats.errors[ErrorCode.SERVER_SHUTDOWN] += 1
+                    self.stats.disconnects["shutdown"] += 1
                 session.finish(farewell)
             connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
 
@@ -464,11 +528,13 @@ class ChatServer:
         # Only a stream that finished its handshake and every write can say goodbye.
         graceful = False
         try:
+            self.handshaking += 1
             try:
                 with trio.fail_after(self.limits.handshake_timeout):
                     await stream.do_handshake()
             except trio.TooSlowError:
                 self.stats.handshake_failed += 1
+                self.stats.handshake_timeouts += 1
                 if count := self._handshake_failures.due(trio.current_time()):
                     log.warning("handshake timeout peer=%s (%d failed handshakes)", peer, count)
                 return
@@ -482,8 +548,11 @@ class ChatServer:
                         count,
                     )
                 return
+            finally:
+                self.handshaking -= 1
             if admission is Admission.BUSY:
                 self.stats.refused_busy += 1
+                self.stats.errors[ErrorCode.SERVER_BUSY] += 1
                 if count := self._busy.due(trio.current_time()):
                     log.warning(
                         "server busy peer=%s connections=%d (%d refused since the last such line)",

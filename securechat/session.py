@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
-from .auth import Authenticator, AuthFailed
+from .auth import Authenticator, AuthFailed, LoginFailure
 from .config import Account, LimitsSection
 from .delivery import FlushTicker, Outbox, Peer, write_loop
 from .hub import Hub
@@ -65,6 +66,7 @@ class Transport(Protocol):
 
     peer: str  # who is at the other end, for log lines ("host:port")
     host: str  # the client's address, for per-address limits
+    kind: str  # what carries the protocol, a label of the metrics: "tls" (lines), "ws"
 
     def certificate_user(self) -> str | None:
         """The user name of the client's verified certificate, if it sent one."""
@@ -92,15 +94,30 @@ class Transport(Protocol):
 
 @dataclass
 class ServerStats:
-    """What happened to connections since the server started (counters only grow)."""
+    """What happened to connections since the server started (counters only grow).
+
+    The metrics endpoint reads them (:mod:`securechat.metrics`); every key of the
+    counters is from a bounded set (never a user or room name).
+    """
 
     accepted: int = 0
     gone_before_served: int = 0  # reset before its address could even be read
     refused_per_address: int = 0  # closed at once: the address had max_connections_per_ip
     refused_busy: int = 0  # told server_busy: the server had max_connections
     handshake_failed: int = 0  # TLS handshake failed or timed out
+    handshake_timeouts: int = 0  # of those, the ones that timed out
     failed: int = 0  # ended by an unexpected error (a bug): logged with its traceback
     frames: int = 0  # frames read from logged-in clients
+    # ``error`` envelopes sent, by code.
+    errors: Counter[str] = field(default_factory=Counter)
+    # Logins decided: (method, "ok" or "failed"); the failures by (method, reason).
+    # Methods: "password", "certificate", "none" (neither was offered).
+    logins: Counter[tuple[str, str]] = field(default_factory=Counter)
+    login_failures: Counter[tuple[str, LoginFailure]] = field(default_factory=Counter)
+    # Sessions the server ended, by reason: "slow_consumer", "unresponsive" (no
+    # answer to a ping), "flood", "protocol_error" (a fatal one), "kicked" (let go:
+    # a kick, an account removed or its password changed), "shutdown".
+    disconnects: Counter[str] = field(default_factory=Counter)
 
 
 class UserRates:
@@ -109,6 +126,7 @@ class UserRates:
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
         self._limited: set[tuple[str, RateKind]] = set()  # rate limiting logged, per episode
+        self.refused: Counter[RateKind] = Counter()  # requests refused rate_limited, by kind
 
     def charge(self, username: str, kind: RateKind, cost: float) -> Verdict:
         """Spend ``cost`` of the user's ``kind`` tokens; raises rate_limited when they lack them."""
@@ -117,6 +135,7 @@ class UserRates:
         if verdict is Verdict.ACCEPT:
             self._limited.discard(key)
         elif verdict is Verdict.REJECT:
+            self.refused[kind] += 1
             if key not in self._limited:
                 self._limited.add(key)
                 log.warning("rate limited user=%s kind=%s", username, kind.value)
@@ -186,6 +205,8 @@ class Session:
         self._scope = trio.CancelScope()
 
     def send(self, envelope: ServerEnvelope) -> None:
+        if type(envelope) is Error:
+            self.services.stats.errors[envelope.code] += 1
         self.outbox.put(encode(envelope))
 
     def finish(self, farewell: bytes) -> None:
@@ -193,7 +214,22 @@ class Session:
         self.outbox.put(farewell)
         self.outbox.close()
 
+    def _let_go(self, error: Error) -> None:
+        """The hub lets this connection go (a kick, a removed account): ``error``, then close."""
+        if not self.outbox.closed:
+            self.services.stats.disconnects["kicked"] += 1
+            self.services.stats.errors[error.code] += 1
+        self.finish(encode(error))
+
+    @property
+    def state(self) -> str:
+        """For the metrics: "login" (no welcome yet), "active", "closing"."""
+        if self.outbox.closed:
+            return "closing"
+        return "login" if self.member is None else "active"
+
     def _overflowed(self) -> None:
+        self.services.stats.disconnects["slow_consumer"] += 1
         log.warning(
             "slow consumer disconnected user=%s peer=%s",
             self.member.username if self.member else "-",
@@ -235,6 +271,7 @@ class Session:
             with trio.move_on_after(self.services.limits.login_timeout) as login_deadline:
                 login = await self._login()
             if login_deadline.cancelled_caught:
+                self._count_failure("none", LoginFailure.TIMEOUT)
                 log.warning("login timeout peer=%s", self.peer)
                 self.send(Error(code=ErrorCode.TIMEOUT, message="no hello before the deadline"))
                 return
@@ -251,10 +288,12 @@ class Session:
                     return
             await self._settle(member)
         except _Unresponsive:
+            self.services.stats.disconnects["unresponsive"] += 1
             user = self.member.username if self.member else "-"
             log.warning("unresponsive peer disconnected user=%s peer=%s", user, self.peer)
             self.send(Error(code=ErrorCode.TIMEOUT, message="no answer to ping"))
         except ProtocolError as exc:  # from the transport: fatal (see Transport.receive_frame)
+            self.services.stats.disconnects["protocol_error"] += 1
             log.warning("protocol error peer=%s code=%s", self.peer, exc.code)
             self.send(exc.to_envelope())
         except trio.BrokenResourceError:
@@ -295,6 +334,7 @@ class Session:
         kept going far past it."""
         if self.services.rates.charge(member.username, kind, cost) is not Verdict.DISCONNECT:
             return True
+        self.services.stats.disconnects["flood"] += 1
         log.warning(
             "flood disconnected user=%s peer=%s kind=%s", member.username, self.peer, kind.value
         )
@@ -337,9 +377,11 @@ class Session:
         try:
             hello = parse_client_frame(frame)
         except ProtocolError as exc:
+            self._count_failure("none", LoginFailure.BAD_HELLO)
             self.send(exc.to_envelope())
             return None
         if not isinstance(hello, Hello):
+            self._count_failure("none", LoginFailure.BAD_HELLO)
             self.send(
                 Error(
                     code=ErrorCode.AUTH_REQUIRED,
@@ -357,18 +399,31 @@ class Session:
             # login that overran its deadline must still fail.
             await trio.lowlevel.checkpoint_if_cancelled()
         except AuthFailed as exc:
-            self._refuse_login(hello, str(exc))
+            self._refuse_login(hello, str(exc), exc.reason)
             return None
         log.info(
             "login user=%s peer=%s method=%s admin=%s",
             hello.username,
             self.peer,
-            "certificate" if cert_user == hello.username and hello.password is None else "password",
+            self._method(hello),
             account.admin,
         )
         return hello, account
 
-    def _refuse_login(self, hello: Hello, reason: str) -> None:
+    def _method(self, hello: Hello) -> str:
+        """How ``hello`` logs in: "password" (with or without a certificate), else
+        "certificate" if the connection has one, else "none"."""
+        if hello.password is not None:
+            return "password"
+        return "none" if self.transport.certificate_user() is None else "certificate"
+
+    def _count_failure(self, method: str, reason: LoginFailure) -> None:
+        stats = self.services.stats
+        stats.logins[method, "failed"] += 1
+        stats.login_failures[method, reason] += 1
+
+    def _refuse_login(self, hello: Hello, reason: str, why: LoginFailure) -> None:
+        self._count_failure(self._method(hello), why)
         # The reason is for the log only: every refusal looks the same to the client.
         log.warning("auth failed user=%s peer=%s reason=%s", hello.username, self.peer, reason)
         self.send(
@@ -383,10 +438,11 @@ class Session:
         """Join the chat as ``hello.username``; None (after an error reply) if the account
         changed since it was checked (a reload while the login was in flight)."""
         if self.services.authenticator.accounts.get(hello.username) is not account:
-            self._refuse_login(hello, "account changed during login")
+            self._refuse_login(hello, "account changed during login", LoginFailure.ACCOUNT_CHANGED)
             return None
         cooldown = self.services.rates.cooldown(hello.username)
         if cooldown:
+            self._count_failure(self._method(hello), LoginFailure.FLOOD_COOLDOWN)
             log.warning(
                 "login refused user=%s peer=%s: cut off for flooding, %.0f s to go",
                 hello.username,
@@ -407,12 +463,18 @@ class Session:
             hello.username,
             self.outbox,
             admin=account.admin,
-            disconnect=lambda error: self.finish(encode(error)),
+            disconnect=self._let_go,
+            errors=self.services.stats.errors,
         )
         hub = self.services.hub
         # From here on a reload sees this connection (login registers it
         # before it awaits anything) and can let it go.
-        rooms = await hub.login(member)
+        try:
+            rooms = await hub.login(member)
+        except ProtocolError:
+            self._count_failure(self._method(hello), LoginFailure.ACCOUNT_CHANGED)
+            raise
+        self.services.stats.logins[self._method(hello), "ok"] += 1
         self.send(
             Welcome(username=hello.username, rooms=rooms, server=self.services.name, ref=hello.id)
         )

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +72,7 @@ from .store import (
     Snapshot,
     StoredRoom,
     StoreError,
+    StoreStats,
     Then,
     Watch,
     Write,
@@ -425,6 +427,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, readers: int = READERS) -> None:
         self.path = path
+        self.stats = StoreStats()
         self._writer_db = _connect(path)
         self._readers = [_connect(path, schema=False) for _ in range(readers)]
         self._idle_readers = list(self._readers)
@@ -506,6 +509,7 @@ class SqliteStore:
                     return
                 batch = self._take_batch([first])
                 error: StoreError | None = None
+                started = time.perf_counter()
                 try:
                     await trio.to_thread.run_sync(
                         self._commit, [write for unit, _ in batch for write in unit]
@@ -513,6 +517,9 @@ class SqliteStore:
                 except sqlite3.Error as exc:
                     log.error("database write failed (%d writes lost): %s", len(batch), exc)
                     error = StoreError(f"{self.path}: {exc}")
+                    self.stats.failed_commits += 1
+                self.stats.commit_seconds.observe(time.perf_counter() - started)
+                self.stats.batch_units.observe(len(batch))
                 for _, then in batch:
                     try:
                         then(error)

@@ -39,6 +39,7 @@ read without blocking the event loop.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ from typing import NamedTuple, Protocol
 import trio
 
 from .protocol import Message, trusted_message, utc_timestamp
+from .stats import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 
 # Units of writes (one commit_then call each) that may wait for the next
 # commit before commit_then waits for room (back-pressure), in every backend.
@@ -362,11 +364,29 @@ HistoryScope = RoomScope | PeerScope | VisibleScope
 # --- the interface -----------------------------------------------------------------------
 
 
+@dataclass
+class StoreStats:
+    """What a store counts of its work, for the metrics (:mod:`securechat.stats`)."""
+
+    # Each group commit: how long it took (from the writer handing it over to the
+    # outcome: SQLite's transaction and fsync in a thread, Redis's round trips), and
+    # how many units (appends, ``commit_then`` calls) it held; those that failed.
+    commit_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_units: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    failed_commits: int = 0
+    # A store on a server of its own (Redis): requests sent, each one round trip (one
+    # command, or one pipeline or transaction), by what they were for; those that
+    # failed (an error reply, a lost connection). Empty for SQLite.
+    requests: Counter[str] = field(default_factory=Counter)
+    request_errors: Counter[str] = field(default_factory=Counter)
+
+
 class Store(Protocol):
     """Durable messages, rooms and memberships (see the module docstring for the guarantees)."""
 
     # Other servers share this store (a cluster): what :meth:`watch` and :meth:`tell` are for.
     shared: bool
+    stats: StoreStats
 
     # -- start-up and lifetime --
 

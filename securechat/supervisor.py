@@ -6,7 +6,8 @@ without Redis each worker would be a chat of its own.
 
 **A worker** is ``securechat server`` itself, started with the same config file and
 flags, the port the supervisor reserved (``--port``), and the internal flag
-``--worker`` (:data:`WORKER_FLAG`, not in ``--help``), which tells it three things:
+``--worker N`` (:data:`WORKER_FLAG`, not in ``--help``; N is the worker's number from 1,
+the same for a worker started again), which tells it four things:
 
 - bind its own listening socket with ``SO_REUSEPORT``, so that the kernel spreads new
   connections over the workers' sockets. Only workers set it: a server started by hand
@@ -14,7 +15,10 @@ flags, the port the supervisor reserved (``--port``), and the internal flag
 - its stdin is a pipe from the supervisor: when that ends (the supervisor is gone, even
   by SIGKILL) the worker shuts down rather than run on unsupervised;
 - tag its log lines with its pid (``securechat.server[1234]: ...``): the workers write
-  to the supervisor's stderr (or the same ``--log-file``).
+  to the supervisor's stderr (or the same ``--log-file``);
+- its metrics (``[metrics] listen``, docs/metrics.md) are on the port written there
+  plus N - 1: each worker serves its own (a registry is a process's), one scrape target
+  each.
 
 Every worker reads the config file itself: no setting, and no password, is on a
 command line (the Redis password is in the file's URL or in
@@ -254,7 +258,7 @@ class Supervisor:
 
     async def _spawn(self, worker: _Worker) -> trio.Process:
         process = await trio.lowlevel.open_process(
-            self._command,
+            [*self._command, WORKER_FLAG, str(worker.number)],
             stdin=subprocess.PIPE,  # its end tells the worker we are gone
             env=self._environ,
             start_new_session=True,  # terminal signals come through us

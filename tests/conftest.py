@@ -100,12 +100,14 @@ ConfigFactory = Callable[..., Config]
 
 @pytest.fixture
 def make_config(pki: Pki, password_hashes: dict[str, str], tmp_path: Path) -> ConfigFactory:
-    """``make_config(client_certs="required", limits={...})``: a validated Config."""
+    """``make_config(client_certs="required", limits={...}, metrics={...})``: a validated
+    Config."""
 
     def factory(
         *,
         limits: dict[str, Any] | None = None,
         rooms: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
         **server: Any,
     ) -> Config:
         data = config_data(pki, password_hashes, **server)
@@ -113,6 +115,8 @@ def make_config(pki: Pki, password_hashes: dict[str, str], tmp_path: Path) -> Co
             data["limits"] = limits
         if rooms:
             data["rooms"] = rooms
+        if metrics:
+            data["metrics"] = metrics
         return parse_config(data, tmp_path / "test.toml")
 
     return factory

@@ -285,7 +285,7 @@ def test_workers_need_a_cluster_section_and_no_console(
     err = capsys.readouterr().err
     assert err.startswith("securechat: error: --console cannot go with --workers")
     assert err.count("\n") == 1
-    assert main(["server", "--config", str(alone), supervisor.WORKER_FLAG]) == 2
+    assert main(["server", "--config", str(alone), supervisor.WORKER_FLAG, "1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["server", "--config", str(clustered), "--workers", "0"]) == 2
     assert "must be between 1 and 64: 0" in capsys.readouterr().err
