@@ -81,8 +81,9 @@ DISCONNECT_REASONS = (
     "shutdown",
 )
 CONNECTION_STATES = ("login", "active", "closing")
-# Transports whose connection gauges are shown even at zero (others appear when used).
-TRANSPORTS = ("tls",)
+# Transports whose connection gauges are shown even at zero (others appear when used):
+# the line protocol over TLS, and the WebSocket (securechat.websocket).
+TRANSPORTS = ("tls", "ws")
 MESSAGE_KINDS = ("room", "direct")
 HISTORY_RESULTS = ("ok", "error")
 REDIS_OPERATIONS = ("write", "tail", "presence", "read", "load", "prune")
