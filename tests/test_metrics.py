@@ -3,6 +3,7 @@ things, then /metrics fetched over HTTP and parsed with prometheus_client's pars
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,8 @@ from .conftest import (
     receive_type,
     write_toml,
 )
+from .redis_server import redis_server as private_redis_server
+from .test_cluster_processes import supervised
 from .test_hardening import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -84,6 +87,10 @@ async def scrape(address: Address) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
+
+
+def total(scrapes: list[Samples], name: str, **labels: str) -> float:
+    return sum(value(samples, name, **labels) for samples in scrapes)
 
 
 def names(samples: Samples) -> set[str]:
@@ -311,3 +318,58 @@ async def test_the_metrics_of_a_closed_connection_go(start_server: StartServer) 
     samples = await scrape(endpoint(server))
     assert value(samples, "securechat_connections", transport="tls", state="active") == 0
     assert value(samples, "securechat_users_online") == 0
+
+
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 are free now (a worker's metrics port is the
+    configured one plus its number minus one)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_each_worker_serves_its_own_metrics_on_the_next_port(
+    tmp_path: Path, pki: Pki, password_hashes: dict[str, str]
+) -> None:
+    async with private_redis_server(tmp_path / "redis") as redis:
+        port = two_free_ports()
+        data = config_data(pki, password_hashes)
+        data["cluster"] = {"redis_url": redis.url}
+        data["metrics"] = {"listen": f"127.0.0.1:{port}"}
+        config = write_toml(tmp_path / "node.toml", data)
+        async with supervised(config, pki) as workers:
+            log = workers.log()
+            served = sorted(
+                int(found) for found in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/", log)
+            )
+            assert served == [port, port + 1]
+            alice = await workers.endpoint.login("alice", cert_user="alice")
+            await alice.send(Say(room="lobby", text="counted once", id="c"))
+            assert (await receive_type(alice, Ack)).ref == "c"
+            each = [await scrape(("127.0.0.1", port + n)) for n in (0, 1)]
+            assert [
+                value(s, "securechat_server_info", version=__version__, worker=str(n + 1))
+                for n, s in enumerate(each)
+            ] == [1, 1]
+            # One worker took the message; both fed it from Redis's log.
+            assert (
+                sum(value(s, "securechat_messages_received_total", kind="room") for s in each) == 1
+            )
+            assert sum(value(s, "securechat_deliveries_total", kind="room") for s in each) == 1
+            for samples in each:
+                assert value(samples, "securechat_redis_requests_total", operation="load") > 0
+                assert value(samples, "securechat_redis_errors_total", operation="write") == 0
+                assert value(samples, "securechat_cluster_users_online") == 1
+            writes = sum(
+                value(s, "securechat_redis_requests_total", operation="write") for s in each
+            )
+            assert writes >= 1
