@@ -12,6 +12,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, TextMessage
+from wsproto.events import Request as WsRequest
 
 from securechat import __version__, metrics
 from securechat.cli import main
@@ -21,11 +24,13 @@ from securechat.protocol import (
     Ack,
     Error,
     ErrorCode,
+    Hello,
     History,
     HistoryEnd,
     Message,
     Say,
     Who,
+    encode,
 )
 
 from .conftest import (
@@ -373,3 +378,34 @@ async def test_each_worker_serves_its_own_metrics_on_the_next_port(
                 value(s, "securechat_redis_requests_total", operation="write") for s in each
             )
             assert writes >= 1
+
+
+async def test_a_websocket_session_counts_under_its_own_transport(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(metrics={"listen": "127.0.0.1:0"})
+    context = server.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    stream = await trio.open_ssl_over_tcp_stream(server.host, server.port, ssl_context=context)
+    socket_ = WSConnection(ConnectionType.CLIENT)
+    origin = f"https://{server.host}:{server.port}"
+    with trio.fail_after(WAIT):
+        upgrade = WsRequest(
+            host=server.host, target="/ws", extra_headers=[(b"Origin", origin.encode())]
+        )
+        await stream.send_all(socket_.send(upgrade))
+        hello = encode(Hello(username="alice", password=SecretStr(PASSWORDS["alice"])))
+        welcomed = False
+        while not welcomed:
+            socket_.receive_data(bytes(await stream.receive_some()))
+            for event in socket_.events():
+                if isinstance(event, AcceptConnection):
+                    text = hello.decode().strip()  # one envelope per message, no newline
+                    await stream.send_all(socket_.send(TextMessage(data=text)))
+                elif isinstance(event, TextMessage):
+                    welcomed = '"welcome"' in event.data
+    samples = await scrape(endpoint(server))
+    assert value(samples, "securechat_connections", transport="ws", state="active") == 1
+    assert value(samples, "securechat_connections", transport="tls", state="active") == 0
+    assert value(samples, "securechat_logins_total", method="password", result="ok") == 1
+    await trio.aclose_forcefully(stream)
