@@ -100,9 +100,20 @@ def test_example_config_documents_every_default(tmp_path: Path) -> None:
             ),
             config.limits,
             config.storage.model_copy(update={"path": config.storage.path.relative_to(root)}),
+            config.metrics,
         )
 
     assert relative(example, base) == relative(empty, tmp_path)
+
+
+def test_the_example_documents_every_metrics_key(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("[metrics]") : text.index("# Cluster mode")]
+    keys = [line[2:] for line in block.splitlines() if re.match(r"# \w+ = ", line)]
+    documented = load_config(write(tmp_path, "[metrics]\n" + "\n".join(keys) + "\n")).metrics
+    assert set(documented.model_fields) == set(documented.model_fields_set)
+    assert documented.address == ("127.0.0.1", 9100)
+    assert load_config(EXAMPLE).metrics.address is None  # off by default
 
 
 # --- defaults and paths -------------------------------------------------------------
