@@ -18,6 +18,7 @@ from securechat.config import (
     ClusterSection,
     Config,
     ConfigError,
+    MetricsSection,
     RedisTarget,
     describe_exposure,
     exposure_warning,
@@ -111,7 +112,7 @@ def test_the_example_documents_every_metrics_key(tmp_path: Path) -> None:
     block = text[text.index("[metrics]") : text.index("# Cluster mode")]
     keys = [line[2:] for line in block.splitlines() if re.match(r"# \w+ = ", line)]
     documented = load_config(write(tmp_path, "[metrics]\n" + "\n".join(keys) + "\n")).metrics
-    assert set(documented.model_fields) == set(documented.model_fields_set)
+    assert set(MetricsSection.model_fields) == set(documented.model_fields_set)
     assert documented.address == ("127.0.0.1", 9100)
     assert load_config(EXAMPLE).metrics.address is None  # off by default
 
