@@ -48,6 +48,7 @@ from .redis_server import redis_server as private_redis_server
 from .test_cluster_processes import supervised
 from .test_hardening import wait_until
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Address = tuple[str, int]
 
@@ -409,3 +410,28 @@ async def test_a_websocket_session_counts_under_its_own_transport(
     assert value(samples, "securechat_connections", transport="tls", state="active") == 0
     assert value(samples, "securechat_logins_total", method="password", result="ok") == 1
     await trio.aclose_forcefully(stream)
+
+
+async def test_docs_and_dashboard_name_exactly_the_metrics_served(
+    start_server: StartServer,
+) -> None:
+    """docs/metrics.md's tables list every securechat_* metric a server serves (cluster
+    nodes add the Redis ones), and the Grafana dashboard asks for none that is not."""
+    server = await start_server(metrics={"listen": "127.0.0.1:0"})
+    _, _, body = await http(endpoint(server), get())
+    # Every family the server declares, with or without samples yet.
+    served = set(re.findall(r"^# TYPE (securechat_\w+) ", body.decode(), re.M))
+    docs = DOCS
+    documented = set(re.findall(r"^\| `(securechat_\w+)`", (docs / "metrics.md").read_text(), re.M))
+    cluster_only = {
+        "securechat_cluster_users_online",
+        "securechat_redis_requests_total",
+        "securechat_redis_errors_total",
+    }
+    assert documented - cluster_only == served
+    dashboard = (docs / "grafana-dashboard.json").read_text()
+    asked = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for name in re.findall(r"securechat_\w+", dashboard)
+    }
+    assert asked - {"securechat_server_info"} <= documented
