@@ -937,6 +937,12 @@ def stored_in_redis(server: BenchServer) -> int | None:
         return None
 
 
+def fanout_largest_full(bench: Bench) -> None:
+    """The largest one-process fan-out at full speed alone (fanout-1000-full; with
+    --quick, fanout-100-full): to compare a setting, e.g. [metrics] on and off."""
+    fanout(bench, receivers=(max(bench.sizes.fanout_receivers),), variants=("full",))
+
+
 def _say_result(bench: Bench, record: dict[str, Any]) -> None:
     figures = targets.HEADLINES.get(record["scenario"], ())[:4]
     shown = ", ".join(f"{figure}={targets.lookup(record['results'], figure)}" for figure in figures)
@@ -959,6 +965,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
 ALIASES: dict[str, Callable[[Bench], None]] = {
     "cluster-fanout-full": functools.partial(cluster_fanout, variants=("full",)),
     "cluster-fanout-paced": functools.partial(cluster_fanout, variants=("paced",)),
+    "fanout-largest-full": fanout_largest_full,
 }
 """Parts of a scenario that can be asked for by name (never run by default)."""
 
