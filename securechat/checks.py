@@ -35,7 +35,14 @@ from cryptography.hazmat.primitives import serialization
 
 from . import tls
 from .certs import CertError, check_key_file
-from .config import Config, ConfigError, ServerSection, exposure_warning, load_config
+from .config import (
+    Config,
+    ConfigError,
+    MetricsSection,
+    ServerSection,
+    exposure_warning,
+    load_config,
+)
 from .service import ServiceError, pidfile_path, running_pid
 
 EXPIRY_WARNING = timedelta(days=30)  # a certificate this close to its end gets a warning
@@ -79,6 +86,8 @@ def check_config(path: Path, now: datetime) -> list[Finding]:
     findings, config = check_reloadable(path, now)
     if config is None:
         return findings
+    if config.metrics.listen is not None:
+        findings.append(_metrics(config.metrics))
     if config.cluster is not None:
         # No database and no pidfile (securechat.cli): whether a node runs is not known here.
         findings.append(
@@ -397,6 +406,27 @@ def _port(settings: ServerSection) -> Finding:
             f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
         )
     return _ok("port", f"free: the server can listen on {', '.join(bound)}")
+
+
+def _metrics(section: MetricsSection) -> Finding:
+    """Where the metrics are served, and a warning when that is reachable from elsewhere
+    (plain HTTP without a login: docs/security.md)."""
+    assert section.address is not None
+    host, port = section.address
+    where = f"http://{section.listen}/metrics (plain HTTP)"
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return _error("metrics", f"cannot resolve [metrics] listen host {host!r}: {exc.strerror}")
+    addresses = {ipaddress.ip_address(str(address[0]).partition("%")[0]) for *_, address in found}
+    if all(address.is_loopback for address in addresses):
+        return _ok("metrics", f"{where}, on loopback")
+    return _warning(
+        "metrics",
+        f"{where} is reachable from other hosts, without a login: anyone there reads the"
+        " chat's activity counts (docs/security.md, Metrics endpoint); prefer 127.0.0.1,"
+        " or firewall it to your monitoring",
+    )
 
 
 def _bind_failure(host: str, port: int, exc: OSError) -> str:

@@ -27,6 +27,7 @@ from securechat.protocol import (
     Hello,
     History,
     HistoryEnd,
+    Kick,
     Message,
     Say,
     Who,
@@ -45,6 +46,7 @@ from .conftest import (
     write_toml,
 )
 from .redis_server import redis_server as private_redis_server
+from .test_checks import check_config, lines
 from .test_cluster_processes import supervised
 from .test_hardening import wait_until
 
@@ -108,7 +110,7 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
 ) -> None:
     server = await start_server(
         metrics={"listen": "127.0.0.1:0"},
-        limits={"message_burst": 3, "messages_per_second": 0.01},
+        limits={"message_burst": 4, "messages_per_second": 0.01},
     )
     address = endpoint(server)
     before = await scrape(address)
@@ -126,6 +128,11 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
         assert (await receive_type(alice, Ack)).ref == f"m{n}"
     for n in range(3):
         assert (await receive_type(bob, Message)).text == f"hello {n}"
+    dave = await server.login("dave")
+    await alice.send(Kick(username="dave", id="k"))  # alice is an admin
+    assert (await receive_type(dave, Error)).code == ErrorCode.KICKED
+    await wait_until(lambda: len(server.server.sessions) == 2)
+    # Three messages and a kick took the four tokens of the burst.
     await alice.send(Say(room="lobby", text="one too many", id="m3"))
     refused = await receive_type(alice, Error)
     assert (refused.code, refused.ref) == (ErrorCode.RATE_LIMITED, "m3")
@@ -135,7 +142,7 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
     assert (await receive_type(bob, HistoryEnd)).ref == "h"
 
     after = await scrape(address)
-    assert value(after, "securechat_logins_total", method="password", result="ok") == 1
+    assert value(after, "securechat_logins_total", method="password", result="ok") == 2
     assert value(after, "securechat_logins_total", method="certificate", result="ok") == 1
     assert value(after, "securechat_logins_total", method="password", result="failed") == 2
     failures = "securechat_login_failures_total"
@@ -144,7 +151,9 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
     assert value(after, "securechat_errors_sent_total", code="auth_failed") == 2
     assert value(after, "securechat_errors_sent_total", code="rate_limited") == 1
     assert value(after, "securechat_errors_sent_total", code="unknown_room") == 1
-    assert value(after, "securechat_errors_sent_total", code="kicked") == 0
+    assert value(after, "securechat_errors_sent_total", code="kicked") == 1
+    assert value(after, "securechat_disconnects_total", reason="kicked") == 1
+    assert value(after, "securechat_disconnects_total", reason="slow_consumer") == 0
     assert value(after, "securechat_rate_limited_total", kind="messages") == 1
     assert value(after, "securechat_rate_limited_total", kind="requests") == 0
     assert value(after, "securechat_messages_received_total", kind="room") == 3
@@ -155,7 +164,7 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
     assert value(after, "securechat_rooms") == 1
     assert value(after, "securechat_history_requests_total", result="ok") == 1
     assert value(after, "securechat_history_duration_seconds_count") == 1
-    assert value(after, "securechat_connections_accepted_total") == 4
+    assert value(after, "securechat_connections_accepted_total") == 5
     commits = value(after, "securechat_store_commit_duration_seconds_count")
     assert commits >= 1
     assert value(after, "securechat_store_commit_duration_seconds_bucket", le="+Inf") == commits
@@ -165,7 +174,7 @@ async def test_metrics_count_logins_messages_errors_and_rate_limits(
     assert "process_resident_memory_bytes" in names(after)
     # No user or room name is a label value anywhere.
     labels = {label for _, pairs in after for _, label in pairs}
-    assert not labels & {"alice", "bob", "dave", "mallory", "lobby", "no-such-room"}
+    assert not labels & {"alice", "bob", "dave", "mallory", "lobby", "no-such-room", "k", "h"}
     # Not a cluster node: no Redis metrics.
     assert "securechat_redis_requests_total" not in names(after)
 
@@ -435,3 +444,28 @@ async def test_docs_and_dashboard_name_exactly_the_metrics_served(
         for name in re.findall(r"securechat_\w+", dashboard)
     }
     assert asked - {"securechat_server_info"} <= documented
+
+
+@pytest.mark.parametrize(
+    ("listen", "status", "fragment"),
+    [
+        ("127.0.0.1:9100", "ok", "http://127.0.0.1:9100/metrics (plain HTTP), on loopback"),
+        ("[::1]:0", "ok", "on loopback"),
+        ("0.0.0.0:9100", "warning", "is reachable from other hosts, without a login"),
+    ],
+)
+def test_check_config_says_where_the_metrics_are_and_warns_off_loopback(
+    tmp_path: Path,
+    pki: Pki,
+    password_hashes: dict[str, str],
+    listen: str,
+    status: str,
+    fragment: str,
+) -> None:
+    data = config_data(pki, password_hashes)
+    data["metrics"] = {"listen": listen}
+    config = write_toml(tmp_path / "server.toml", data)
+    config.chmod(0o600)
+    report = lines(check_config(config))
+    [found] = [line for line in report[status] if line.startswith("metrics ")]
+    assert fragment in found
