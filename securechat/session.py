@@ -471,9 +471,9 @@ class Session:
         # before it awaits anything) and can let it go.
         try:
             rooms = await hub.login(member)
-        except ProtocolError:
-            self._count_failure(self._method(hello), LoginFailure.ACCOUNT_CHANGED)
-            raise
+        except ProtocolError:  # a reload removed the user meanwhile
+            self._refuse_login(hello, "account removed during login", LoginFailure.ACCOUNT_CHANGED)
+            return None
         self.services.stats.logins[self._method(hello), "ok"] += 1
         self.send(
             Welcome(username=hello.username, rooms=rooms, server=self.services.name, ref=hello.id)
