@@ -129,14 +129,17 @@ class ChatCollector:
             (transport, state): 0 for transport in TRANSPORTS for state in CONNECTION_STATES
         }
         queued_bytes = queued_frames = largest = 0
+        # The one loop whose cost grows with the connections: kept to plain reads.
         for session in server.sessions:
             key = (session.transport.kind, session.state)
             states[key] = states.get(key, 0) + 1
             outbox = session.outbox
             size = outbox.queued_bytes
-            queued_bytes += size
-            queued_frames += len(outbox)
-            largest = max(largest, size)
+            if size:
+                queued_bytes += size
+                queued_frames += len(outbox)
+                if size > largest:
+                    largest = size
         connections = GaugeMetricFamily(
             "securechat_connections",
             "Open connections past their TLS handshake, by transport and state (login: no"
