@@ -16,8 +16,8 @@ the Python version; its listener runs in the server's own nursery on trio (not
 ``prometheus_client``'s thread-based server).
 
 A scrape renders in the event loop, from the objects as they are at that moment
-(consistent: nothing changes while the collector reads them); it costs about a
-microsecond per connection (docs/metrics.md). The HTTP side is
+(consistent: nothing changes while the collector reads them); it costs about 2 ms
+plus 1.5 us per connection of CPU (docs/metrics.md, "Cost"). The HTTP side is
 :mod:`securechat.http` (request limits, deadlines): a client that is slow, silent or
 hostile holds only its own task, at most :data:`MAX_CONNECTIONS` of them at once.
 
