@@ -111,6 +111,18 @@ async def test_web_disabled_serves_lines_only(start_server: StartServer) -> None
     await trio.aclose_forcefully(stream)
 
 
+async def test_shutdown_does_not_wait_for_idle_http(start_server: StartServer) -> None:
+    server = await start_server(limits={"shutdown_grace": 3600}, web={"keepalive_timeout": 3600})
+    stream = await open_tls(server)
+    await stream.send_all(get("/", server, close=False))
+    received = b""
+    with trio.fail_after(WAIT):
+        while b"</html>" not in received:
+            received += await stream.receive_some()
+    server.server.request_shutdown()
+    await read_until_closed(stream)  # at once, not after the grace or keep-alive time
+
+
 # --- static files ----------------------------------------------------------------------
 
 
