@@ -354,7 +354,10 @@ class ChatServer:
         else:
             names = [*server_names(settings.cert), settings.host]
             origins = default_origins(names, self.addresses[0][1])
-        log.info("chat page: https://…/ (WebSocket /ws) for origins %s", " ".join(sorted(origins)))
+        log.info(
+            "chat page and WebSocket (/ws) on this port; allowed origins: %s",
+            " ".join(sorted(origins)) or "none",
+        )
         return Site(web, static, origins, max_frame_bytes=settings.max_frame_bytes)
 
     async def _background(self, scope: trio.CancelScope) -> None:

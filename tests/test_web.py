@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -28,6 +29,7 @@ from securechat.protocol import (
 )
 from securechat.protocol import Ping as PingEnvelope
 from securechat.protocol import Pong as PongEnvelope
+from securechat.web import StaticFiles, default_origins
 
 from .conftest import PASSWORDS, WAIT, RunningServer, StartServer, receive_type
 from .web_client import (
@@ -487,3 +489,41 @@ async def test_busy_server_answers_http_with_503(start_server: StartServer) -> N
     assert answer.headers["retry-after"] == "5"
     await held[1].send(PingEnvelope(id="ok"))
     assert (await receive_type(held[1], PongEnvelope)).ref == "ok"
+
+
+# --- pure parts ------------------------------------------------------------------------
+
+
+def test_static_table_holds_plain_files_of_known_types(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<html></html>")
+    (tmp_path / "app.js").write_text("1")
+    (tmp_path / "app.css").write_text("a{}")
+    (tmp_path / ".secret.js").write_text("no")
+    (tmp_path / "notes.md").write_text("no")
+    (tmp_path / "noext").write_text("no")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.js").write_text("no")
+    (tmp_path / "link.js").symlink_to(tmp_path / "sub" / "inner.js")
+    files = StaticFiles.load(tmp_path).files
+    assert set(files) == {"/", "/index.html", "/app.js", "/app.css"}  # no link either
+    assert files["/app.js"].content_type == "text/javascript; charset=utf-8"
+    assert files["/"] is files["/index.html"]
+
+
+def test_the_package_ships_the_page() -> None:
+    files = StaticFiles.load().files
+    assert files["/"].content_type == "text/html; charset=utf-8"
+
+
+def test_default_origins() -> None:
+    names = ["localhost", "127.0.0.1", "::1", "0.0.0.0", "::", "Chat.Example"]  # noqa: S104
+    assert default_origins(names, 8000) == {
+        "https://localhost:8000",
+        "https://127.0.0.1:8000",
+        "https://[::1]:8000",
+        "https://chat.example:8000",
+    }
+    assert default_origins(["chat.example"], 443) == {
+        "https://chat.example:443",
+        "https://chat.example",
+    }
