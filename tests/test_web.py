@@ -13,7 +13,14 @@ import pytest
 import trio
 from pydantic import SecretStr
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
 
 from securechat.client import ChatConnection
 from securechat.protocol import (
@@ -28,6 +35,7 @@ from securechat.protocol import (
     Presence,
     Say,
     Welcome,
+    encode,
 )
 from securechat.protocol import Ping as PingEnvelope
 from securechat.protocol import Pong as PongEnvelope
@@ -235,6 +243,21 @@ async def test_browser_and_line_client_chat(server: RunningServer) -> None:
     assert alice.closed is not None
     assert alice.closed.code == 1000
     await went_offline(bob, "alice")
+
+
+async def test_first_message_in_the_same_write_as_the_upgrade(server: RunningServer) -> None:
+    # What follows the upgrade request in the same read is the WebSocket's first data.
+    stream = await open_tls(server)
+    client = WebSocketClient(stream)
+    request = Request(
+        host=f"{server.host}:{server.port}",
+        target="/ws",
+        extra_headers=[(b"origin", origin(server).encode())],
+    )
+    hello = Hello(username="bob", password=SecretStr(PASSWORDS["bob"]))
+    await stream.send_all(client.ws.send(request) + masked_frame(0x1, encode(hello).strip()))
+    assert isinstance(await client.next_event(), AcceptConnection)
+    assert (await client.receive_type(Welcome)).username == "bob"
 
 
 async def test_websocket_pings_are_answered(server: RunningServer) -> None:
