@@ -190,6 +190,9 @@ class Site:
                     403, "Origin not allowed" if origin else "Origin header required"
                 )
             received = await http.switch_protocols(headers)
+            if received is None:
+                graceful = False
+                return None
             transport = WebSocketTransport(
                 stream,
                 received,
