@@ -163,6 +163,7 @@ class HttpConnection:
         )
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.served = 0  # responses written
+        self.refused: HttpError | None = None  # the limit a request broke, if one did
 
     async def serve(self, handler: Handler) -> bool:
         """Answer requests until the connection is done; returns whether it may be
@@ -172,6 +173,7 @@ class HttpConnection:
             try:
                 request = await self._next_request(first=first)
             except HttpError as exc:
+                self.refused = exc
                 return await self.respond(None, exc.response())
             if request is None:
                 return True

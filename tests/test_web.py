@@ -444,13 +444,17 @@ async def test_client_close_is_answered(server: RunningServer) -> None:
 # --- hostile handshakes and HTTP -------------------------------------------------------
 
 
-async def test_foreign_or_missing_origin_is_refused(server: RunningServer) -> None:
+async def test_foreign_or_missing_origin_is_refused(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     bob = await server.login("bob")
     for header in ("https://evil.example", "null", f"http://{server.host}:{server.port}", None):
         with pytest.raises(Refused) as refused:
             await WebSocketClient.connect(server, origin_header=header)
         assert refused.value.status == 403, header
     assert origin(server) == f"https://127.0.0.1:{server.port}"
+    # One line for the burst (at most one a second), naming the first Origin.
+    assert "403 websocket from Origin 'https://evil.example'" in caplog.text
     await assert_unharmed(bob, server)
 
 
