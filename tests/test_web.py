@@ -36,6 +36,7 @@ from securechat.protocol import (
     Say,
     Welcome,
     encode,
+    parse_server_frame,
 )
 from securechat.protocol import Ping as PingEnvelope
 from securechat.protocol import Pong as PongEnvelope
@@ -113,6 +114,17 @@ async def test_without_alpn_the_first_bytes_decide(server: RunningServer) -> Non
     await ws.send_envelope(Hello(username="alice", password=SecretStr(PASSWORDS["alice"])))
     assert (await ws.receive_type(Welcome)).username == "alice"
     await ws.aclose()
+
+
+async def test_a_silent_client_without_alpn_gets_the_login_timeout(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(limits={"login_timeout": 0.5})
+    stream = await open_tls(server, alpn=None)
+    data = await read_until_closed(stream)
+    assert parse_server_frame(data.rstrip(b"\n")) == Error(
+        code=ErrorCode.TIMEOUT, message="no hello before the deadline"
+    )
 
 
 async def test_web_disabled_serves_lines_only(start_server: StartServer) -> None:
