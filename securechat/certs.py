@@ -290,6 +290,12 @@ def _check_server_names(path: Path, cert: x509.Certificate, sans: Sequence[str])
         )
 
 
+def server_names(path: Path) -> list[str]:
+    """The DNS names and IP addresses the server certificate at ``path`` covers (its
+    subjectAltName); none when it cannot be read."""
+    return _server_names(_read_cert(path))
+
+
 def _server_names(cert: x509.Certificate | None) -> list[str]:
     """The DNS names and IP addresses of a server certificate (none for None)."""
     if cert is None:

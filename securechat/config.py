@@ -13,6 +13,7 @@ Redis URL's password: it shows in no repr and no error message.
 
 from __future__ import annotations
 
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -130,6 +131,38 @@ class ClientSection(_Section):
     user: Name | None = None
     cert: ConfigPath | None = None
     key: ConfigPath | None = None
+
+
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+class WebSection(_Section):
+    """``[web]``: the chat page and its WebSocket, on the chat's own TLS port."""
+
+    enabled: bool = True
+    # None: the server's own origins, https://NAME:PORT for every name of its certificate
+    # (and [server] host); see securechat.web.default_origins.
+    allowed_origins: list[str] | None = None
+    hsts_max_age: int = Field(31536000, ge=0, le=63072000)  # 0: no Strict-Transport-Security
+    max_request_line: int = Field(8190, ge=256, le=65536)
+    max_header_bytes: int = Field(16384, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(64, ge=8, le=1000)
+    request_timeout: Seconds = 10.0
+    keepalive_timeout: Seconds = 15.0
+    max_requests_per_connection: int = Field(100, ge=1, le=100000)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _valid_origins(cls, origins: list[str] | None) -> list[str] | None:
+        if origins is None:
+            return None
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port], as a browser"
+                    " sends it in Origin (e.g. https://chat.example.org:8000), no path"
+                )
+        return [origin.lower() for origin in origins]
 
 
 REDIS_PASSWORD_ENV = "SECURECHAT_REDIS_PASSWORD"  # noqa: S105 (a variable's name)
@@ -252,6 +285,7 @@ class Config(_Section):
     users: dict[Name, UserSection] = {}
     rooms: dict[Name, RoomSection] = {}
     client: ClientSection = ClientSection()
+    web: WebSection = WebSection()
     cluster: ClusterSection | None = None  # None: one process, the SQLite store
 
     @field_validator("users")

@@ -19,6 +19,7 @@ with ``SO_REUSEPORT`` and the kernel spreads new connections over them.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import resource
@@ -32,7 +33,7 @@ import trio
 
 from . import __version__, redis_link, tls
 from .auth import Authenticator
-from .certs import CertError, common_name
+from .certs import CertError, common_name, server_names
 from .config import ClusterSection, Config
 from .delivery import FlushTicker
 from .hub import Hub, load_state
@@ -44,14 +45,16 @@ from .limits import (
     RateLimiter,
     address_key,
 )
-from .lines import LineTransport
-from .protocol import Error, ErrorCode, encode
+from .lines import RECEIVE_BYTES, LineTransport
+from .protocol import ALPN_PROTOCOL, Error, ErrorCode, encode
 from .redis_store import RedisStore
 from .session import ServerStats, Services, Session, UserRates
 from .shared_limits import LimitSharing
 from .sqlite_store import SqliteStore
 from .store import Change, LoginFailures, Retention, Spent, Store, StoreError
 from .transport import LeanSocketStream
+from .web import Site, StaticFiles, default_origins
+from .websocket import WebSocketTransport
 
 log = logging.getLogger("securechat.server")
 
@@ -141,8 +144,11 @@ class ChatServer:
         self.ticker = FlushTicker(interval, delay) if interval else None
         settings = config.server
         self.ssl_context = tls.server_context(
-            settings.cert, settings.key, settings.ca, settings.client_certs
+            settings.cert, settings.key, settings.ca, settings.client_certs, http=config.web.enabled
         )
+        # The chat page's files, read once; the site itself needs the bound port (serve).
+        self._static = StaticFiles.load() if config.web.enabled else None
+        self.site: Site | None = None
         self.authenticator = Authenticator(
             config.accounts(),
             config.server.client_certs,
@@ -235,15 +241,20 @@ class ChatServer:
             or config.limits != self.limits
             or config.storage != self.config.storage
             or config.cluster != self.config.cluster
+            or config.web != self.config.web
         ):
             # (Also when the server was started with flags that override the file.)
             log.warning(
-                "the file's [server], [limits], [storage] or [cluster] differ from the running"
-                " settings; those sections are read at start only"
+                "the file's [server], [limits], [storage], [cluster] or [web] differ from the"
+                " running settings; those sections are read at start only"
             )
         try:
             self.ssl_context = tls.server_context(
-                settings.cert, settings.key, settings.ca, settings.client_certs
+                settings.cert,
+                settings.key,
+                settings.ca,
+                settings.client_certs,
+                http=self.config.web.enabled,
             )
         except CertError as exc:
             log.error("certificates not reloaded, keeping the current ones: %s", exc)
@@ -304,6 +315,8 @@ class ChatServer:
         if not self._listeners:
             await self.listen()
         listeners = self._listeners
+        if self._static is not None:
+            self.site = self._make_site(self._static)
         log.info(
             "[SEARCHING] listening on %s (TLS, client_certs=%s, users=%d)",
             ", ".join(_format_address(address) for address in self.addresses),
@@ -330,6 +343,17 @@ class ChatServer:
             if isinstance(self.store, SqliteStore):
                 self.store.close_database()
         log.info("server stopped")
+
+    def _make_site(self, static: StaticFiles) -> Site:
+        web = self.config.web
+        settings = self.config.server
+        if web.allowed_origins is not None:
+            origins = frozenset(web.allowed_origins)
+        else:
+            names = [*server_names(settings.cert), settings.host]
+            origins = default_origins(names, self.addresses[0][1])
+        log.info("chat page: https://…/ (WebSocket /ws) for origins %s", " ".join(sorted(origins)))
+        return Site(web, static, origins, max_frame_bytes=settings.max_frame_bytes)
 
     async def _background(self, scope: trio.CancelScope) -> None:
         """What runs beside the connections until ``scope`` is cancelled: retention, and
@@ -460,7 +484,6 @@ class ChatServer:
         self, tcp_stream: trio.SocketStream, peer: str, host: str, admission: Admission
     ) -> None:
         stream = trio.SSLStream(LeanSocketStream(tcp_stream), self.ssl_context, server_side=True)
-        session: Session | None = None
         # Only a stream that finished its handshake and every write can say goodbye.
         graceful = False
         try:
@@ -482,6 +505,13 @@ class ChatServer:
                         count,
                     )
                 return
+            certificate = stream.getpeercert()
+            cert_user = common_name(certificate.get("subject")) if certificate else None
+            routed = await self._route(stream, peer)
+            if routed is None:
+                graceful = True
+                return
+            channel, framing = routed
             if admission is Admission.BUSY:
                 self.stats.refused_busy += 1
                 if count := self._busy.due(trio.current_time()):
@@ -491,28 +521,82 @@ class ChatServer:
                         self._counter.total,
                         count,
                     )
+                if framing is _Framing.HTTP:
+                    assert self.site is not None
+                    graceful = await self.site.busy(channel)
+                    return
                 busy = Error(code=ErrorCode.SERVER_BUSY, message="too many connections; try later")
                 with trio.move_on_after(self.limits.handshake_timeout) as scope:
                     await stream.send_all(encode(busy))
                 graceful = not scope.cancelled_caught
                 return
             log.info("[CONNECTION ESTABLISHED] %s", peer)
-            certificate = stream.getpeercert()
+            if framing is _Framing.HTTP:
+                assert self.site is not None
+
+                async def run_session(transport: WebSocketTransport) -> bool:
+                    log.info("websocket peer=%s", peer)
+                    clean = await self._run_session(transport)
+                    if self._shutdown.is_set():
+                        transport.going_away()
+                    return clean
+
+                graceful = await self.site.serve(
+                    channel,
+                    peer=peer,
+                    host=host,
+                    certificate_user=cert_user,
+                    run_session=run_session,
+                )
+                return
             transport = LineTransport(
-                stream,
+                channel,
                 peer=peer,
                 host=host,
                 max_frame_bytes=self.config.server.max_frame_bytes,
-                certificate_user=common_name(certificate.get("subject")) if certificate else None,
+                certificate_user=cert_user,
             )
-            session = Session(self._services(), transport)
-            self._sessions.add(session)
-            await session.run()
-            graceful = session.clean
+            graceful = await self._run_session(transport)
         finally:
-            if session is not None:
-                self._sessions.discard(session)
             await tls.close(stream, graceful=graceful)
+
+    async def _run_session(self, transport: LineTransport | WebSocketTransport) -> bool:
+        """A session over ``transport`` until it ends; returns whether it ended cleanly."""
+        session = Session(self._services(), transport)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+        return session.clean
+
+    async def _route(
+        self, stream: tls.AnyStream, peer: str
+    ) -> tuple[trio.abc.Stream, _Framing] | None:
+        """Which framing a connection speaks, and the stream to read it from: by ALPN, or
+        (a client that offered none) by its first bytes: a request line (an upper-case
+        method name) is HTTP, anything else the line protocol. None when the client left,
+        or sent nothing before the login deadline (told ``timeout``, as a session does)."""
+        if self.site is None:
+            return stream, _Framing.LINES
+        protocol = stream.selected_alpn_protocol()
+        if protocol == ALPN_PROTOCOL:
+            return stream, _Framing.LINES
+        if protocol == tls.HTTP_ALPN:
+            return stream, _Framing.HTTP
+        first = b""
+        with trio.move_on_after(self.limits.login_timeout) as scope:
+            first = bytes(await stream.receive_some(RECEIVE_BYTES))
+        if scope.cancelled_caught:
+            log.warning("login timeout peer=%s", peer)
+            timeout = Error(code=ErrorCode.TIMEOUT, message="no hello before the deadline")
+            with trio.move_on_after(self.limits.handshake_timeout):
+                await stream.send_all(encode(timeout))
+            return None
+        if not first:
+            return None
+        framing = _Framing.HTTP if first[:1].isupper() else _Framing.LINES
+        return ReplayStream(stream, first), framing
 
     def _services(self) -> Services:
         return Services(
@@ -524,6 +608,39 @@ class ChatServer:
             stats=self.stats,
             name=SERVER_NAME,
         )
+
+
+class _Framing(enum.Enum):
+    LINES = "lines"  # the line protocol (ALPN securechat/1)
+    HTTP = "http"  # the chat page and its WebSocket (ALPN http/1.1)
+
+
+class ReplayStream(trio.abc.Stream):
+    """``stream`` with ``first`` (bytes already read from it) put back in front."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self.stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            size = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:size], self._first[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError("TLS streams have no half-close")
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def _format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:

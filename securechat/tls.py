@@ -8,7 +8,8 @@ sessions) and no server-side session cache: nothing of a finished
 connection stays in memory (see :func:`_disable_session_cache`). When
 client certificates are on, OpenSSL also sends the CA certificate from
 ``[server] ca`` after the leaf (it is public). The client trusts only the
-given CA and checks the server's hostname. Both offer ALPN ``securechat/1``.
+given CA and checks the server's hostname. Both offer ALPN ``securechat/1``; the
+server also ``http/1.1`` when it serves the chat page (``[web]``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .protocol import ALPN_PROTOCOL
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 CURVE = "prime256v1"
 CLOSE_TIMEOUT = 1.0
+HTTP_ALPN = "http/1.1"
 
 AnyStream = trio.SSLStream[Any]
 
@@ -49,12 +51,20 @@ _SSL_SESS_CACHE_SERVER = 2
 _SSL_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
 
 
-def server_context(cert: Path, key: Path, ca: Path, client_certs: ClientCertMode) -> ssl.SSLContext:
-    """The server's context; raises :class:`CertError` for unusable files."""
+def server_context(
+    cert: Path, key: Path, ca: Path, client_certs: ClientCertMode, *, http: bool = False
+) -> ssl.SSLContext:
+    """The server's context; raises :class:`CertError` for unusable files.
+
+    ``http``: also offer ALPN ``http/1.1`` (the chat page and its WebSocket on the same
+    port). OpenSSL picks by the server's order among what the client offers, so the
+    line client gets ``securechat/1`` and a browser ``http/1.1``."""
     check_cert_file(cert)
     check_key_file(key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
+    if http:
+        context.set_alpn_protocols([ALPN_PROTOCOL, HTTP_ALPN])
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     # OP_NO_TICKET alone turns TLS 1.3 tickets into stateful ones, each a
     # session (~11 KiB with a client certificate) in the server's cache for
