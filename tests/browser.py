@@ -97,17 +97,28 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
 class WebServer:
     """``securechat server --config CONFIG`` as its own process; :meth:`restart` keeps its port."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *, console: bool = False) -> None:
         self.config = config
+        self.console = console  # the operator's msg> prompt, on a pipe (see announce)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log: Output | None = None
 
     def start(self) -> None:
         port = ["--port", str(self.port)] if self.port else []
+        console = ["--console"] if self.console else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "securechat", "server", "--config", str(self.config), *port],
-            stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "securechat",
+                "server",
+                "--config",
+                str(self.config),
+                *port,
+                *console,
+            ],
+            stdin=subprocess.PIPE if self.console else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -115,11 +126,20 @@ class WebServer:
         self.log = Output(self.process.stderr)
         self.port = int(self.log.wait_for_pattern(LISTENING)[1])
 
+    def operator(self, line: str) -> None:
+        """A line typed at the operator's ``msg>`` prompt (needs ``console=True``)."""
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
     def stop(self) -> int:
         """SIGTERM: the server tells every client ``server_shutdown`` and exits."""
         assert self.process is not None
         assert self.log is not None
         code = _stop(self.process)
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         self.log.join()
         return code
 

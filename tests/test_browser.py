@@ -44,7 +44,7 @@ def server(tmp_path: Path, pki: Pki, password_hashes: dict[str, str]) -> Iterato
     data["storage"] = {"path": str(tmp_path / "chat.db")}
     # Fast enough that bob's 70-message burst in the paging test goes through in one go.
     data["limits"] = {"messages_per_second": 200.0, "message_burst": 200}
-    running = WebServer(write_config(tmp_path / "server.toml", data))
+    running = WebServer(write_config(tmp_path / "server.toml", data), console=True)
     running.start()
     try:
         yield running
@@ -311,3 +311,110 @@ def test_session_survives_a_server_restart(
     assert message_texts(page).count("sent while the server was down") == 1
     assert stored_texts(server, pki, "alice").count("sent while the server was down") == 1
     assert alice.errors == []
+
+
+def test_a_wrong_password_is_refused_with_a_clear_message(server: WebServer, alice: Alice) -> None:
+    page = alice.page
+    page.goto(server.url)
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("not her password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#login-error")).to_have_text(
+        "Login refused: wrong username or password, or no matching certificate."
+    )
+    expect(page.locator("#chat-view")).to_be_hidden()
+    # The form is usable again, and the right password gets in.
+    log_in(page, server.url, "alice", ALICE)
+    assert alice.errors == []
+
+
+def test_operator_announcements_and_a_kick(
+    server: WebServer, alice: Alice, bob_factory: Any
+) -> None:
+    page = alice.page
+    log_in(page, server.url, "alice", ALICE)
+    server.operator("maintenance at noon <b>really</b>")
+    announcement = timeline(page).locator("li.msg.announcement")
+    expect(announcement).to_have_count(1)
+    expect(announcement.locator(".label")).to_have_text("Announcement")
+    expect(announcement.locator(".text")).to_have_text("maintenance at noon <b>really</b>")
+    assert page.locator("#timeline b").count() == 0
+
+    # A kick ends the session: back at the login form with the reason, no reconnect.
+    server.operator("/kick alice testing the page")
+    expect(page.locator("#login-view")).to_be_visible()
+    expect(page.locator("#login-error")).to_have_text(
+        "You were disconnected: kicked by server: testing the page"
+    )
+    bob = bob_factory()
+    bob.type("/who lobby")
+    bob.output.wait_for_pattern(r"\[lobby\] online: bob;")
+    assert alice.errors == []
+
+
+def test_keyboard_alone_on_a_phone_sized_screen(browser: Browser, server: WebServer) -> None:
+    context = browser.new_context(
+        ignore_https_errors=True,  # the test CA, as in the alice fixture
+        viewport={"width": 390, "height": 760},
+        is_mobile=True,
+        has_touch=True,
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url)
+
+        def focused() -> str:
+            described: str = page.evaluate(
+                "() => { const e = document.activeElement;"
+                " return e.id || e.textContent.trim() || e.tagName; }"
+            )
+            return described
+
+        def outline() -> str:
+            style: str = page.evaluate(
+                "() => getComputedStyle(document.activeElement).outlineStyle"
+            )
+            return style
+
+        # The username field has the focus; Tab goes to the password; Enter logs in.
+        assert focused() == "login-username"
+        page.keyboard.type("alice")
+        page.keyboard.press("Tab")
+        assert focused() == "login-password"
+        assert outline() == "solid"  # a visible focus ring
+        page.keyboard.type(ALICE)
+        page.keyboard.press("Enter")
+        expect(page.locator("#status")).to_have_text("connected")
+
+        # The message box has the focus: type, Enter sends.
+        assert focused() == "composer-text"
+        page.keyboard.type("typed on a phone")
+        page.keyboard.press("Enter")
+        expect(page.locator("#timeline li.msg:not(.pending) .text")).to_have_text(
+            ["typed on a phone"]
+        )
+        page.keyboard.press("Tab")
+        assert focused() == "send"
+
+        # The room list is folded away on a narrow screen, behind the Rooms button.
+        expect(page.locator("#sidebar")).to_be_hidden()
+        page.locator("#nav-toggle").focus()
+        assert outline() == "solid"
+        page.keyboard.press("Enter")
+        expect(page.locator("#sidebar")).to_be_visible()
+        expect(page.locator("#nav-toggle")).to_have_attribute("aria-expanded", "true")
+        assert focused() == "#lobby"
+        page.keyboard.press("Tab")
+        assert focused() == "join-room"
+        page.keyboard.type("dev")
+        page.keyboard.press("Enter")
+        expect(page.locator("#conv-title")).to_have_text("#dev")
+        expect(page.locator("#sidebar")).to_be_hidden()
+
+        # Nothing sticks out sideways.
+        assert page.evaluate(
+            "() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+    finally:
+        context.close()
