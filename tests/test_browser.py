@@ -418,3 +418,36 @@ def test_keyboard_alone_on_a_phone_sized_screen(browser: Browser, server: WebSer
         )
     finally:
         context.close()
+
+
+def test_certificate_login_from_the_browser(browser: Browser, server: WebServer, pki: Pki) -> None:
+    # Chromium presents alice's client certificate (as one imported into its store would be),
+    # and she logs in with no password: the server's [server] client_certs = "optional".
+    context = browser.new_context(
+        ignore_https_errors=True,  # the test CA, as in the alice fixture
+        client_certificates=[
+            {
+                "origin": server.url.rstrip("/"),
+                "certPath": pki.cert("alice"),
+                "keyPath": pki.key("alice"),
+            }
+        ],
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url)
+        page.get_by_label("Username").fill("alice")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#status")).to_have_text("connected")
+        expect(page.locator("#me")).to_have_text("alice")
+        # The certificate is alice's: bob, with no password, is refused (its CN must be his
+        # name), and the page says so.
+        page.get_by_role("button", name="Log out").click()
+        page.get_by_label("Username").fill("bob")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#login-error")).to_have_text(
+            "Login refused: wrong username or password, or no matching certificate."
+        )
+    finally:
+        context.close()
