@@ -68,7 +68,6 @@
     online: new Set(), // users known to be online (from presence and who)
     outbox: [], // {envelope, key, node, inFlight, retryTimer}
     waiters: new Map(), // request id -> function(reply) (null: the connection dropped)
-    syncing: false,
   };
 
   const newId = (kind) => `${kind}${state.idPrefix}-${state.nextId++}`;
@@ -146,7 +145,7 @@
       } else if (atBottom) {
         scroller.scrollTop = scroller.scrollHeight;
       }
-    } else if (item.id !== undefined && item.live) {
+    } else if (item.id !== undefined && item.unread) {
       conv.unread += 1;
       renderConversationList();
     }
@@ -233,34 +232,48 @@
     }
   };
 
+  // The lists keep one node per conversation and update it in place, so a keyboard user's focus
+  // on a button stays put when a message arrives elsewhere.
   const renderConversationList = () => {
-    const make = (conv, label) => {
-      const li = el("li");
-      const button = el("button", "conv-button");
-      button.type = "button";
-      button.append(bdi(label));
+    const node = (conv, label) => {
+      if (!conv.listNode) {
+        const li = el("li");
+        const button = el("button", "conv-button");
+        button.type = "button";
+        button.append(bdi(label), el("span", "badge-slot"));
+        button.addEventListener("click", () => openConversation(conv.key));
+        li.append(button);
+        conv.listNode = li;
+      }
+      const button = conv.listNode.firstChild;
+      const slot = button.lastChild;
       if (conv.unread) {
         const badge = el("span", "badge", String(conv.unread));
         badge.setAttribute("aria-label", `${conv.unread} unread`);
-        button.append(" ", badge);
+        slot.replaceChildren(" ", badge);
+      } else {
+        slot.replaceChildren();
       }
       if (conv.key === state.current) button.setAttribute("aria-current", "true");
-      button.addEventListener("click", () => openConversation(conv.key));
-      li.append(button);
-      return li;
+      else button.removeAttribute("aria-current");
+      button.classList.toggle("online", conv.kind === "dm" && state.online.has(conv.name));
+      return conv.listNode;
     };
-    $("room-list").replaceChildren(
-      ...state.rooms.map((name) => make(conversation("room", name), `#${name}`)),
+    const place = (list, nodes) => {
+      const same =
+        list.children.length === nodes.length && nodes.every((n, i) => list.children[i] === n);
+      if (!same) list.replaceChildren(...nodes);
+    };
+    place(
+      $("room-list"),
+      state.rooms.map((name) => node(conversation("room", name), `#${name}`)),
     );
     const dms = [...state.conversations.values()]
       .filter((conv) => conv.kind === "dm")
       .sort((a, b) => a.name.localeCompare(b.name));
-    $("dm-list").replaceChildren(
-      ...dms.map((conv) => {
-        const li = make(conv, conv.name);
-        if (state.online.has(conv.name)) li.firstChild.classList.add("online");
-        return li;
-      }),
+    place(
+      $("dm-list"),
+      dms.map((conv) => node(conv, conv.name)),
     );
   };
 
@@ -597,7 +610,8 @@
       id: message.id,
       message,
       sortKey: [message.id, 0],
-      live: state.syncing ? false : true,
+      // New to the reader (live or caught up), not older history coming in above.
+      unread: message.id > conv.highestId() && message.from !== state.me,
     });
   };
 
@@ -821,7 +835,6 @@
 
   // After a reconnect: everything visible to us since the highest id seen, page by page.
   const sync = (after) => {
-    state.syncing = true;
     const envelope = { type: "history", after, limit: MAX_HISTORY_LIMIT, id: newId("sync") };
     if (!send(envelope)) return;
     state.waiters.set(envelope.id, (reply) => {
@@ -830,11 +843,7 @@
         setTimeout(() => state.loggedIn && sync(after), (reply.retry_after ?? 1) * 1000);
         return;
       }
-      if (reply.type === "history_end" && reply.more) {
-        sync(reply.last);
-        return;
-      }
-      state.syncing = false;
+      if (reply.type === "history_end" && reply.more) sync(reply.last);
     });
   };
 
@@ -1088,7 +1097,6 @@
       online: new Set(),
       outbox: [],
       waiters: new Map(),
-      syncing: false,
     });
     $("timeline").replaceChildren();
     $("room-list").replaceChildren();
@@ -1220,6 +1228,10 @@
       state.stopping = true;
       send({ type: "bye" });
       backToLogin("");
+    });
+    // Messages still waiting to be sent are lost with the page: ask before leaving it.
+    window.addEventListener("beforeunload", (event) => {
+      if (state.outbox.length) event.preventDefault();
     });
     $("nav-toggle").addEventListener("click", () => {
       const open = $("sidebar").classList.toggle("open");
