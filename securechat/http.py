@@ -20,7 +20,7 @@ client closes, the keep-alive deadline passes, or ``max_requests`` were
 served. A handler that takes the connection over (a WebSocket) calls
 :meth:`HttpConnection.switch_protocols` and returns ``None``; ``serve`` then
 returns at once. Whatever breaks the limits is answered by ``serve`` itself
-with a specific status (400, 405, 408, 413, 414, 431) and the connection is
+with a specific status (400, 405, 408, 413, 414, 431, 505) and the connection is
 closed. ``serve`` returns whether the stream may be closed gracefully (False
 when a write was cut off by its deadline); it never closes the stream: the
 caller does. Transport errors (``trio.BrokenResourceError``) propagate.
@@ -74,6 +74,7 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -297,6 +298,8 @@ class HttpConnection:
             raise HttpError(431, f"more than {limits.max_headers} header fields")
         if line + sum(len(name) + len(value) + 4 for name, value in raw) > limits.max_header_bytes:
             raise HttpError(431, "request head too large")
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise HttpError(505, "HTTP/1.1 only")
         method = event.method.decode("ascii", "replace")
         try:
             target = event.target.decode("ascii")

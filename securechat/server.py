@@ -172,6 +172,8 @@ class ChatServer:
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._sessions: set[Session] = set()
+        # HTTP connections between requests (not WebSockets): shutdown cancels them.
+        self._http_scopes: set[trio.CancelScope] = set()
         self._counter = ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
@@ -352,7 +354,10 @@ class ChatServer:
         else:
             names = [*server_names(settings.cert), settings.host]
             origins = default_origins(names, self.addresses[0][1])
-        log.info("chat page: https://…/ (WebSocket /ws) for origins %s", " ".join(sorted(origins)))
+        log.info(
+            "chat page and WebSocket (/ws) on this port; allowed origins: %s",
+            " ".join(sorted(origins)) or "none",
+        )
         return Site(web, static, origins, max_frame_bytes=settings.max_frame_bytes)
 
     async def _background(self, scope: trio.CancelScope) -> None:
@@ -424,6 +429,8 @@ class ChatServer:
             farewell = encode(Error(code=ErrorCode.SERVER_SHUTDOWN, message="server shutting down"))
             for session in list(self._sessions):
                 session.finish(farewell)
+            for scope in list(self._http_scopes):
+                scope.cancel()
             connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -533,21 +540,31 @@ class ChatServer:
             log.info("[CONNECTION ESTABLISHED] %s", peer)
             if framing is _Framing.HTTP:
                 assert self.site is not None
+                http_scope = trio.CancelScope()
 
                 async def run_session(transport: WebSocketTransport) -> bool:
+                    # A session says goodbye itself at shutdown: not cancelled with HTTP.
+                    self._http_scopes.discard(http_scope)
                     log.info("websocket peer=%s", peer)
                     clean = await self._run_session(transport)
                     if self._shutdown.is_set():
                         transport.going_away()
                     return clean
 
-                graceful = await self.site.serve(
-                    channel,
-                    peer=peer,
-                    host=host,
-                    certificate_user=cert_user,
-                    run_session=run_session,
-                )
+                if self._shutdown.is_set():
+                    return
+                self._http_scopes.add(http_scope)
+                try:
+                    with http_scope:
+                        graceful = await self.site.serve(
+                            channel,
+                            peer=peer,
+                            host=host,
+                            certificate_user=cert_user,
+                            run_session=run_session,
+                        )
+                finally:
+                    self._http_scopes.discard(http_scope)
                 return
             transport = LineTransport(
                 channel,

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 
 import trio
 
@@ -62,9 +63,9 @@ class StaticFile:
 
 
 class StaticFiles:
-    """The page's files by URL path, read once: every regular file directly in the
-    directory whose name is a plain ``name.ext`` with a known type (``/`` is
-    ``index.html``). Nothing else is served, whatever the path."""
+    """The page's files by URL path, read once: every regular file (not a symlink)
+    directly in the directory whose name is a plain ``name.ext`` with a known type
+    (``/`` is ``index.html``). Nothing else is served, whatever the path."""
 
     def __init__(self, files: dict[str, StaticFile]) -> None:
         self.files = files
@@ -80,6 +81,7 @@ class StaticFiles:
                 suffix = "." + entry.name.rpartition(".")[2]
                 if (
                     not entry.is_file()
+                    or (isinstance(entry, Path) and entry.is_symlink())
                     or not _FILE_NAME.fullmatch(entry.name)
                     or suffix not in CONTENT_TYPES
                 ):
