@@ -26,6 +26,7 @@
   const MAX_HISTORY_LIMIT = 500;
   const KEEPALIVE_INTERVAL = 30000;
   const KEEPALIVE_TIMEOUT = 15000;
+  const CONNECT_TIMEOUT = 10000;
   const LOGIN_TIMEOUT = 15000;
   const BACKOFF_FIRST = 500;
   const BACKOFF_CAP = 30000;
@@ -347,8 +348,19 @@
     state.ws = ws;
     state.loggedIn = false;
     setStatus(state.everLoggedIn ? "reconnecting…" : "connecting…");
+    // A connection attempt that neither opens nor fails (a network coming back, a server
+    // that accepted and hangs) is given up, like a silent connection.
+    clearTimeout(state.loginTimer);
+    state.loginTimer = setTimeout(() => {
+      if (state.ws === ws && ws.readyState === WebSocket.CONNECTING) {
+        state.ws = null;
+        ws.close();
+        connectionLost(null, "the server did not answer");
+      }
+    }, CONNECT_TIMEOUT);
     ws.addEventListener("open", () => {
       if (state.ws !== ws) return;
+      clearTimeout(state.loginTimer);
       const hello = { type: "hello", username: state.credentials.username, id: "login" };
       if (state.credentials.password) hello.password = state.credentials.password;
       ws.send(JSON.stringify(hello));
@@ -427,6 +439,7 @@
   };
 
   const reconnectNow = () => {
+    if (state.ws) return; // connecting or connected already
     clearTimeout(state.reconnectTimer);
     clearInterval(state.reconnectCountdown);
     connect();
@@ -1084,6 +1097,7 @@
     for (const entry of state.outbox) clearTimeout(entry.retryTimer);
     Object.assign(state, {
       ws: null,
+      reconnectTimer: null,
       credentials: null,
       me: null,
       loggedIn: false,
@@ -1228,6 +1242,10 @@
       state.stopping = true;
       send({ type: "bye" });
       backToLogin("");
+    });
+    // The network is back: no need to wait for the back-off.
+    window.addEventListener("online", () => {
+      if (state.reconnectTimer !== null && !state.stopping) reconnectNow();
     });
     // Messages still waiting to be sent are lost with the page: ask before leaving it.
     window.addEventListener("beforeunload", (event) => {
