@@ -110,7 +110,7 @@ def timeline(page: Page) -> Any:
 
 
 def open_conversation(page: Page, label: str) -> None:
-    page.locator("#sidebar").get_by_role("button", name=label).click()
+    page.locator("#sidebar").get_by_role("button", name=label, exact=True).click()
     expect(page.locator("#conv-title")).to_have_text(label)
 
 
@@ -450,3 +450,37 @@ def test_certificate_login_from_the_browser(browser: Browser, server: WebServer,
         )
     finally:
         context.close()
+
+
+def test_rooms_browse_join_switch_and_leave(server: WebServer, alice: Alice) -> None:
+    page = alice.page
+    log_in(page, server.url, "alice", ALICE)
+    rooms = page.locator("#room-list .conv-button bdi")
+    expect(rooms).to_have_text(["#lobby"])
+    page.get_by_label("Join or create a room").fill("dev")
+    page.get_by_label("Join or create a room").press("Enter")
+    expect(page.locator("#conv-title")).to_have_text("#dev")
+    expect(rooms).to_have_text(["#dev", "#lobby"])
+    send(page, "in dev")
+    expect(page.locator("#timeline li.msg:not(.pending) .text")).to_have_text(["in dev"])
+
+    # Browse: every room the server has, with its member count; a click joins it.
+    page.get_by_role("button", name="Browse all rooms").click()
+    browse = page.locator("#browse-list .conv-button")
+    expect(browse).to_have_count(2)
+    expect(browse.first).to_contain_text("#dev (1 member)")
+    open_conversation(page, "#lobby")
+    expect(page.locator("#timeline li.msg")).to_have_count(0)
+    browse.first.click()
+    expect(page.locator("#conv-title")).to_have_text("#dev")
+    expect(page.locator("#timeline li.msg:not(.pending) .text")).to_have_text(["in dev"])
+
+    # A bad name is refused on the page, before it goes anywhere.
+    page.get_by_label("Join or create a room").fill("Release Week!")
+    page.get_by_label("Join or create a room").press("Enter")
+    expect(page.locator("#alert-text")).to_contain_text("'Release Week!' is not a valid room name")
+
+    page.get_by_role("button", name="Leave room").click()
+    expect(page.locator("#conv-title")).to_have_text("#lobby")
+    expect(rooms).to_have_text(["#lobby"])
+    assert alice.errors == []
