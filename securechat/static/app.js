@@ -221,6 +221,7 @@
     }
     $("history-start").hidden = !conv.complete;
     $("load-older").hidden = conv.complete;
+    $("load-older").disabled = conv.loading;
     const scroller = $("timeline-scroll");
     scroller.scrollTop = scroller.scrollHeight;
   };
@@ -753,9 +754,13 @@
     if (conv.loading || !state.loggedIn) return;
     if (conv.kind === "room" && !state.rooms.includes(conv.name)) return;
     conv.loading = true;
-    request({ type: "history", ...scope(conv), limit: HISTORY_PAGE }, (reply) => {
+    const sent = request({ type: "history", ...scope(conv), limit: HISTORY_PAGE }, (reply) => {
       conv.loading = false;
       if (!reply) return;
+      if (reply.type === "error" && reply.code === "rate_limited") {
+        setTimeout(() => loadOpening(conv), (reply.retry_after ?? 1) * 1000);
+        return;
+      }
       if (reply.type !== "history_end") {
         notice(conv, [`history: ${reply.message} (${reply.code})`], "error");
         return;
@@ -771,6 +776,7 @@
         $("load-older").hidden = conv.complete;
       }
     });
+    if (!sent) conv.loading = false;
   };
 
   // Older messages, on a scroll up. The protocol pages forward only (`after`), and ids are
@@ -785,31 +791,33 @@
       markComplete(conv);
       return;
     }
+    const oldTop = top;
+    let span = conv.span || 200;
+    const done = () => {
+      conv.loading = false;
+      if (state.current === conv.key) $("load-older").disabled = false;
+    };
     conv.loading = true;
     $("load-older").disabled = true;
-    let span = conv.span || 200;
-    let found = 0;
     const step = () => {
       const low = Math.max(0, top - span);
       page(low);
       function page(after) {
-        request(
+        const sent = request(
           { type: "history", ...scope(conv), after, limit: MAX_HISTORY_LIMIT },
           (reply) => {
             if (!reply) {
-              conv.loading = false;
-              $("load-older").disabled = false;
+              done();
               return;
             }
             if (reply.type !== "history_end") {
-              conv.loading = false;
-              $("load-older").disabled = false;
+              done();
               notice(conv, [`history: ${reply.message} (${reply.code})`], "error");
               return;
             }
-            // Count what this range brought below the old top.
-            found = conv.items.filter(
-              (item) => item.id !== undefined && item.id > low && item.id < top,
+            // How many older messages this scroll brought so far.
+            const found = conv.items.filter(
+              (item) => item.id !== undefined && item.id > low && item.id < oldTop,
             ).length;
             if (reply.more && reply.last < top) {
               page(reply.last); // the range holds more than a page: go on to its end
@@ -817,7 +825,7 @@
             }
             conv.coveredFrom = low;
             if (low === 0) {
-              conv.loading = false;
+              done();
               markComplete(conv);
               return;
             }
@@ -828,10 +836,10 @@
               step();
               return;
             }
-            conv.loading = false;
-            $("load-older").disabled = false;
+            done();
           },
         );
+        if (!sent) done();
       }
     };
     step();
