@@ -163,7 +163,7 @@ class HttpConnection:
         )
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.served = 0  # responses written
-        self._switched = False
+        self.refused: HttpError | None = None  # the limit a request broke, if one did
 
     async def serve(self, handler: Handler) -> bool:
         """Answer requests until the connection is done; returns whether it may be
@@ -173,6 +173,7 @@ class HttpConnection:
             try:
                 request = await self._next_request(first=first)
             except HttpError as exc:
+                self.refused = exc
                 return await self.respond(None, exc.response())
             if request is None:
                 return True
@@ -195,7 +196,8 @@ class HttpConnection:
         headers: list[tuple[str, str]] = [*SECURITY_HEADERS, *self._hsts]
         if response.content_type is not None:
             headers.append(("Content-Type", response.content_type))
-        headers.append(("Content-Length", str(len(response.body))))
+        if response.status != 304:  # a 304's length would have to be the 200's (RFC 9110)
+            headers.append(("Content-Length", str(len(response.body))))
         headers.append(("Cache-Control", response.cache))
         headers.extend(response.headers)
         if response.close:
@@ -221,19 +223,22 @@ class HttpConnection:
             await self.stream.send_all(data)
         return not scope.cancelled_caught
 
-    async def switch_protocols(self, headers: list[tuple[str, str]]) -> bytes:
+    async def switch_protocols(self, headers: list[tuple[str, str]]) -> bytes | None:
         """Answer the current request (an upgrade) with ``101 Switching Protocols`` and
         ``headers``; returns the bytes that came after the request (the new protocol's
-        first bytes). The connection is then the caller's, and HTTP is done with it."""
-        self._switched = True
+        first bytes), or None when the 101 could not be written within the request
+        deadline (the stream cannot say goodbye then). The connection is then the
+        caller's, and HTTP is done with it."""
         data = self._h11.send(
             h11.InformationalResponse(
                 status_code=101, headers=headers, reason=REASONS[101].encode()
             )
         )
         self.served += 1
-        with trio.fail_after(self.limits.request_timeout):
+        with trio.move_on_after(self.limits.request_timeout) as scope:
             await self.stream.send_all(data or b"")
+        if scope.cancelled_caught:
+            return None
         trailing, _ = self._h11.trailing_data
         return bytes(trailing)
 

@@ -3,8 +3,12 @@
 This is the I/O layer around :class:`~securechat.session.Session`. It owns
 the listening sockets, the guard around every connection (nothing one
 connection does can stop the server or another connection), the
-connection caps, the TLS handshake under its deadline, and then hands the
-connection to a session over a :class:`~securechat.lines.LineTransport`.
+connection caps, the TLS handshake under its deadline, and then routes the
+connection: ALPN ``securechat/1`` to a session over a
+:class:`~securechat.lines.LineTransport`, ALPN ``http/1.1`` to the chat page's
+:class:`~securechat.web.Site` (whose WebSocket runs a session over a
+:class:`~securechat.websocket.WebSocketTransport`), and a client that offered
+neither by its first bytes (:class:`ReplayStream` puts them back).
 It also applies a reloaded config and runs the storage and shutdown, and
 builds a cluster node's store (:func:`cluster_store`: Redis, checked for
 durability). Rooms and fan-out live in :mod:`securechat.hub`, delivery in

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import trio
 
 from .config import WebSection
 from .http import HttpConnection, HttpError, HttpLimits, Request, Response, error_response
+from .limits import Occasional
 from .websocket import WebSocketTransport, accept_headers
 
 WEBSOCKET_PATH = "/ws"
@@ -50,6 +52,8 @@ CONTENT_TYPES = {
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9]+)+")
 # Where a static file says how it may be cached: kept, but asked about each time.
 STATIC_CACHE = "no-cache"
+
+log = logging.getLogger("securechat.server")
 
 RunSession = Callable[[WebSocketTransport], Awaitable[bool]]
 """Runs a session over the transport until it ends; returns whether it ended cleanly."""
@@ -161,6 +165,7 @@ class Site:
         self.origins = origins
         self.limits = http_limits(section)
         self.max_frame_bytes = max_frame_bytes
+        self._refusals = Occasional(1.0)  # log lines for refusals: at most one a second
 
     async def serve(
         self,
@@ -186,10 +191,15 @@ class Site:
                 return exc.response()
             origin = (request.header("origin") or "").strip().lower()
             if origin not in self.origins:
+                # repr, cut: the header is the client's, and must not forge log lines.
+                self._refused(peer, f"403 websocket from Origin {origin[:100]!r}")
                 return error_response(
                     403, "Origin not allowed" if origin else "Origin header required"
                 )
             received = await http.switch_protocols(headers)
+            if received is None:
+                graceful = False
+                return None
             transport = WebSocketTransport(
                 stream,
                 received,
@@ -203,7 +213,18 @@ class Site:
             return None
 
         served = await http.serve(handle)
+        if http.refused is not None:
+            self._refused(peer, f"{http.refused.status} {http.refused.message}")
         return served and graceful
+
+    def _refused(self, peer: str, what: str) -> None:
+        if count := self._refusals.due(trio.current_time()):
+            log.warning(
+                "http refused peer=%s: %s (%d refusals since the last such line)",
+                peer,
+                what,
+                count,
+            )
 
     async def busy(self, stream: trio.abc.Stream) -> bool:
         """Answer the first request with 503 (the server has ``max_connections``)."""

@@ -12,11 +12,20 @@ from pathlib import Path
 import pytest
 import trio
 from pydantic import SecretStr
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
 
 from securechat.client import ChatConnection
 from securechat.protocol import (
     ALPN_PROTOCOL,
+    Ack,
     Bye,
     Dm,
     Error,
@@ -26,10 +35,12 @@ from securechat.protocol import (
     Presence,
     Say,
     Welcome,
+    encode,
 )
 from securechat.protocol import Ping as PingEnvelope
 from securechat.protocol import Pong as PongEnvelope
 from securechat.web import StaticFiles, default_origins
+from securechat.websocket import text_frame
 
 from .conftest import PASSWORDS, WAIT, RunningServer, StartServer, receive_type
 from .web_client import (
@@ -41,6 +52,7 @@ from .web_client import (
     origin,
     parse_answers,
     read_until_closed,
+    web_context,
 )
 
 
@@ -151,6 +163,7 @@ async def test_page_has_security_and_cache_headers(server: RunningServer) -> Non
     second, third = await http_exchange(server, first + again)
     assert (second.status, third.status) == (200, 304)
     assert third.body == b""
+    assert "content-length" not in third.headers
     assert third.headers["etag"] == etag
 
 
@@ -233,6 +246,21 @@ async def test_browser_and_line_client_chat(server: RunningServer) -> None:
     await went_offline(bob, "alice")
 
 
+async def test_first_message_in_the_same_write_as_the_upgrade(server: RunningServer) -> None:
+    # What follows the upgrade request in the same read is the WebSocket's first data.
+    stream = await open_tls(server)
+    client = WebSocketClient(stream)
+    request = Request(
+        host=f"{server.host}:{server.port}",
+        target="/ws",
+        extra_headers=[(b"origin", origin(server).encode())],
+    )
+    hello = Hello(username="bob", password=SecretStr(PASSWORDS["bob"]))
+    await stream.send_all(client.ws.send(request) + masked_frame(0x1, encode(hello).strip()))
+    assert isinstance(await client.next_event(), AcceptConnection)
+    assert (await client.receive_type(Welcome)).username == "bob"
+
+
 async def test_websocket_pings_are_answered(server: RunningServer) -> None:
     alice = await ws_login(server)
     await alice.send_event(Ping(payload=b"are you there"))
@@ -256,6 +284,44 @@ async def test_shutdown_closes_websockets_with_going_away(start_server: StartSer
     assert [e.code for e in received if isinstance(e, Error)] == [ErrorCode.SERVER_SHUTDOWN]
     assert alice.closed is not None
     assert alice.closed.code == 1001
+
+
+async def test_certificate_login_over_websocket(server: RunningServer) -> None:
+    # A browser that presents carol's certificate (from its certificate store): no password.
+    context = web_context(server)
+    context.load_cert_chain(server.pki.cert("carol"), server.pki.key("carol"))
+    client = await WebSocketClient.connect(server, context=context)
+    await client.send_envelope(Hello(username="carol"))
+    assert (await client.receive_type(Welcome)).username == "carol"
+
+
+async def test_websocket_flooder_is_cut_like_a_line_flooder(start_server: StartServer) -> None:
+    server = await start_server(limits={"messages_per_second": 5, "message_burst": 10})
+    bob = await server.login("bob")
+    flooder = await ws_login(server, "alice")
+    for n in range(200):
+        try:
+            await flooder.send_envelope(Say(room="lobby", text=f"flood {n}", id=f"f{n}"))
+        except trio.BrokenResourceError:
+            break
+    received = await flooder.receive_closed()
+    limited = [e for e in received if isinstance(e, Error) and e.code == ErrorCode.RATE_LIMITED]
+    assert len([e for e in received if isinstance(e, Ack)]) == 10
+    assert limited[-1].message == "flooding: disconnected"
+    assert flooder.closed is not None
+    assert flooder.closed.code == 1000
+    await assert_unharmed(bob, server)
+
+
+async def test_a_ping_flood_gets_one_pong_per_read(server: RunningServer) -> None:
+    bob = await server.login("bob")
+    alice = await ws_login(server)
+    # 1000 pings in one TLS record: the server reads them at once and answers the last.
+    await alice.stream.send_all(b"".join(masked_frame(0x9, b"%d" % n) for n in range(1000)))
+    await alice.send_envelope(PingEnvelope(id="after"))
+    assert (await alice.receive_type(PongEnvelope)).ref == "after"
+    assert alice.pongs == [b"999"]
+    await assert_unharmed(bob, server)
 
 
 # --- hostile WebSocket input -----------------------------------------------------------
@@ -378,13 +444,17 @@ async def test_client_close_is_answered(server: RunningServer) -> None:
 # --- hostile handshakes and HTTP -------------------------------------------------------
 
 
-async def test_foreign_or_missing_origin_is_refused(server: RunningServer) -> None:
+async def test_foreign_or_missing_origin_is_refused(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
     bob = await server.login("bob")
     for header in ("https://evil.example", "null", f"http://{server.host}:{server.port}", None):
         with pytest.raises(Refused) as refused:
             await WebSocketClient.connect(server, origin_header=header)
         assert refused.value.status == 403, header
     assert origin(server) == f"https://127.0.0.1:{server.port}"
+    # One line for the burst (at most one a second), naming the first Origin.
+    assert "403 websocket from Origin 'https://evil.example'" in caplog.text
     await assert_unharmed(bob, server)
 
 
@@ -527,3 +597,14 @@ def test_default_origins() -> None:
         "https://chat.example:443",
         "https://chat.example",
     }
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_is_what_a_client_reads(size: int) -> None:
+    client = Connection(ConnectionType.CLIENT)
+    payload = ("é" * (size // 2) + "a" * (size % 2)).encode()
+    client.receive_data(text_frame(payload))
+    (event,) = client.events()
+    assert isinstance(event, TextMessage)
+    assert event.message_finished
+    assert event.data.encode() == payload

@@ -31,10 +31,10 @@ from securechat.protocol import ClientEnvelope, ServerEnvelope, encode, parse_se
 
 from .conftest import WAIT, Endpoint
 
+BROWSER_ALPN = ("h2", "http/1.1")
 
-def web_context(
-    server: Endpoint, alpn: Sequence[str] | None = ("h2", "http/1.1")
-) -> ssl.SSLContext:
+
+def web_context(server: Endpoint, alpn: Sequence[str] | None = BROWSER_ALPN) -> ssl.SSLContext:
     """A browser-like client context: trusts the test CA, offers ``alpn``."""
     context = ssl.create_default_context(cafile=str(server.pki.ca))
     if alpn:
@@ -43,11 +43,16 @@ def web_context(
 
 
 async def open_tls(
-    server: Endpoint, alpn: Sequence[str] | None = ("h2", "http/1.1")
+    server: Endpoint,
+    alpn: Sequence[str] | None = BROWSER_ALPN,
+    *,
+    context: ssl.SSLContext | None = None,
 ) -> trio.SSLStream[trio.SocketStream]:
     """A TLS connection to ``server``, closed with the test's other clients at teardown."""
     tcp = await trio.open_tcp_stream(server.host, server.port)
-    stream = trio.SSLStream(tcp, web_context(server, alpn), server_hostname=server.host)
+    if context is None:
+        context = web_context(server, alpn)
+    stream = trio.SSLStream(tcp, context, server_hostname=server.host)
     server.connections.append(ChatConnection(stream))
     with trio.fail_after(WAIT):
         await stream.do_handshake()
@@ -100,7 +105,7 @@ def parse_answers(data: bytes, *, head_only: bool = False) -> list[Answer]:
 
 
 async def http_exchange(
-    server: Endpoint, sent: bytes, alpn: Sequence[str] | None = ("h2", "http/1.1")
+    server: Endpoint, sent: bytes, alpn: Sequence[str] | None = BROWSER_ALPN
 ) -> list[Answer]:
     """Send raw ``sent`` and collect every response until the server closes."""
     stream = await open_tls(server, alpn)
@@ -136,10 +141,11 @@ class WebSocketClient:
         server: Endpoint,
         *,
         origin_header: str | None = "",
-        alpn: Sequence[str] | None = ("h2", "http/1.1"),
+        alpn: Sequence[str] | None = BROWSER_ALPN,
+        context: ssl.SSLContext | None = None,
     ) -> WebSocketClient:
         """Open ``/ws``; ``origin_header`` "" means the server's own origin, None none."""
-        client = cls(await open_tls(server, alpn))
+        client = cls(await open_tls(server, alpn, context=context))
         headers: list[tuple[bytes, bytes]] = []
         if origin_header is not None:
             headers.append((b"origin", (origin_header or origin(server)).encode()))
