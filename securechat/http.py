@@ -28,11 +28,13 @@ caller does. Transport errors (``trio.BrokenResourceError``) propagate.
 Every response carries :data:`SECURITY_HEADERS` (a strict Content-Security-
 Policy: only this origin's scripts, styles, images and connections, no
 framing; ``nosniff``; no referrer) and a ``Cache-Control``; with
-``hsts_max_age`` > 0 also ``Strict-Transport-Security``.
+``hsts_max_age`` > 0 also ``Strict-Transport-Security``, except to a request for
+``localhost`` or an IP address (:func:`sends_hsts`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -152,6 +154,27 @@ def error_response(
 Handler = Callable[[Request], Awaitable[Response | None]]
 
 
+def sends_hsts(host: str | None) -> bool:
+    """Whether a response to a request for ``host`` (its ``Host`` header) carries
+    Strict-Transport-Security. Not for an IP address (browsers ignore it there, RFC 6797
+    §8.1) nor for ``localhost``: there it would make the browser use https for every
+    local port for a year, other development servers' included."""
+    if not host:
+        return False
+    name = host.strip().lower()
+    if name.startswith("["):  # an IPv6 literal, with or without a port
+        return False
+    name = name.rpartition(":")[0] if ":" in name else name
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return True
+    return False
+
+
 class HttpConnection:
     """One HTTP/1.1 connection on the server side (see the module docstring)."""
 
@@ -193,7 +216,9 @@ class HttpConnection:
     async def respond(self, request: Request | None, response: Response) -> bool:
         """Write ``response`` (without its body for ``HEAD``) under the request deadline;
         False if the deadline cut it off (the stream cannot say goodbye then)."""
-        headers: list[tuple[str, str]] = [*SECURITY_HEADERS, *self._hsts]
+        headers: list[tuple[str, str]] = [*SECURITY_HEADERS]
+        if request is not None and sends_hsts(request.header("host")):
+            headers.extend(self._hsts)
         if response.content_type is not None:
             headers.append(("Content-Type", response.content_type))
         if response.status != 304:  # a 304's length would have to be the 200's (RFC 9110)
