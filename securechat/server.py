@@ -362,7 +362,13 @@ class ChatServer:
             "chat page and WebSocket (/ws) on this port; allowed origins: %s",
             " ".join(sorted(origins)) or "none",
         )
-        return Site(web, static, origins, max_frame_bytes=settings.max_frame_bytes)
+        return Site(
+            web,
+            static,
+            origins,
+            max_frame_bytes=settings.max_frame_bytes,
+            ping_interval=self.limits.idle_timeout / 2,
+        )
 
     async def _background(self, scope: trio.CancelScope) -> None:
         """What runs beside the connections until ``scope`` is cancelled: retention, and

@@ -159,12 +159,14 @@ class Site:
         origins: frozenset[str],
         *,
         max_frame_bytes: int,
+        ping_interval: float,
     ) -> None:
         self.section = section
         self.static = static
         self.origins = origins
         self.limits = http_limits(section)
         self.max_frame_bytes = max_frame_bytes
+        self.ping_interval = ping_interval  # WebSocket pings after this long without data
         self._refusals = Occasional(1.0)  # log lines for refusals: at most one a second
 
     async def serve(
@@ -207,6 +209,7 @@ class Site:
                 host=host,
                 max_frame_bytes=self.max_frame_bytes,
                 certificate_user=certificate_user,
+                ping_interval=self.ping_interval,
             )
             clean = await run_session(transport)
             graceful = clean and await transport.close()

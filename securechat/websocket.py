@@ -18,8 +18,13 @@ envelope where one can still be sent:
   frames, bad opcodes, oversized control frames): close 1002.
 
 WebSocket pings are answered with pongs (only the latest, as RFC 6455 §5.5.3
-allows); the liveness check is the session's (a ``ping`` envelope after a
-silence). No extension is accepted (no compression: compressed secrets beside
+allows), and the server sends its own after every ``ping_interval`` without
+data from the client (the server gives half the session's ``idle_timeout``):
+browsers answer them by themselves, which keeps proxies from dropping a quiet
+connection and shows a dead one at the next write. The liveness rule stays the
+session's (a ``ping`` envelope after a silence, answered by the page).
+
+No extension is accepted (no compression: compressed secrets beside
 attacker-chosen text leak through sizes) and no subprotocol is chosen.
 
 wsproto does no I/O: this class reads the stream, feeds the parser, and writes
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import struct
 from collections import deque
 
@@ -117,6 +123,7 @@ class WebSocketTransport:
         host: str,
         max_frame_bytes: int,
         certificate_user: str | None = None,
+        ping_interval: float = math.inf,
     ) -> None:
         """``received``: what the client sent after its upgrade request, already read."""
         self.stream = stream
@@ -132,6 +139,8 @@ class WebSocketTransport:
         self._size = 0
         self._fragments = 0
         self._pong: Pong | None = None
+        self.ping_interval = ping_interval
+        self._pings = 0  # WebSocket pings sent
         self._their_close: CloseConnection | None = None
         self._ended = False  # the stream ended without a Close
         self._lock = trio.Lock()
@@ -155,7 +164,7 @@ class WebSocketTransport:
                 raise self._fatal
             if self._their_close is not None or self._ended:
                 return None
-            data = self._unread or bytes(await self.stream.receive_some(RECEIVE_BYTES))
+            data = self._unread or await self._receive_data()
             self._unread = b""
             if not data:
                 self._ended = True
@@ -166,6 +175,16 @@ class WebSocketTransport:
                 pong, self._pong = self._pong, None
                 await self._write_events([pong])
         return self._frames.popleft()
+
+    async def _receive_data(self) -> bytes:
+        """The next bytes from the client; a WebSocket Ping after each ``ping_interval``
+        of silence."""
+        while True:
+            with trio.move_on_after(self.ping_interval):
+                return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+            if self._ws.state is ConnectionState.OPEN:
+                self._pings += 1
+                await self._write_events([Ping(payload=b"%d" % self._pings)])
 
     def _take_events(self) -> None:
         """Turn what the parser has into frames, a pong to send, the client's Close or a

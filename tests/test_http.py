@@ -73,8 +73,8 @@ async def test_get_with_security_headers() -> None:
 
 
 def test_hsts_is_sent_for_names_but_not_for_localhost_or_addresses() -> None:
-    for host in ("chat.example.org", "chat.example.org:8000", "Chat.Example.Org.", "a"):
-        assert sends_hsts(host), host
+    for name in ("chat.example.org", "chat.example.org:8000", "Chat.Example.Org.", "a"):
+        assert sends_hsts(name), name
     for host in (
         None,
         "",

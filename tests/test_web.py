@@ -284,6 +284,15 @@ async def test_websocket_pings_are_answered(server: RunningServer) -> None:
     assert alice.pongs == [b"are you there"]
 
 
+async def test_the_server_pings_a_quiet_websocket(start_server: StartServer) -> None:
+    # WebSocket pings at half the idle timeout: the browser answers them by itself. They
+    # do not replace the session's liveness rule: its ping envelope still comes.
+    server = await start_server(limits={"idle_timeout": 0.4, "ping_timeout": 5.0})
+    alice = await ws_login(server)
+    assert (await alice.receive_type(PingEnvelope)).id == "srv1"
+    assert alice.pings[:1] == [b"1"]
+
+
 async def test_wrong_password_over_websocket(server: RunningServer) -> None:
     client = await WebSocketClient.connect(server)
     await client.send_envelope(Hello(username="bob", password=SecretStr("not-the-password")))

@@ -134,6 +134,7 @@ class WebSocketClient:
         self._text: list[str] = []
         self.closed: CloseConnection | None = None
         self.pongs: list[bytes] = []
+        self.pings: list[bytes] = []  # the server's WebSocket pings (answered)
 
     @classmethod
     async def connect(
@@ -200,6 +201,7 @@ class WebSocketClient:
             elif isinstance(event, Pong):
                 self.pongs.append(bytes(event.payload))
             elif isinstance(event, Ping):
+                self.pings.append(bytes(event.payload))
                 await self.send_event(event.response())
             elif isinstance(event, BytesMessage | Message):
                 raise AssertionError(f"unexpected {event!r}")
