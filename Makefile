@@ -30,6 +30,8 @@ test: $(STAMP)
 		apt-get install -y -qq tmux || { apt-get update -qq && apt-get install -y -qq tmux; }; }
 	@command -v redis-server >/dev/null || { echo "installing Debian's redis-server for the cluster tests (they start private instances, never its service)"; \
 		apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for tests/test_browser.py (Playwright drives it; it downloads no browser)"; \
+		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; }
 	$(BIN)/pytest
 
 certs: certs/server.crt

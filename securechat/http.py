@@ -20,7 +20,7 @@ client closes, the keep-alive deadline passes, or ``max_requests`` were
 served. A handler that takes the connection over (a WebSocket) calls
 :meth:`HttpConnection.switch_protocols` and returns ``None``; ``serve`` then
 returns at once. Whatever breaks the limits is answered by ``serve`` itself
-with a specific status (400, 405, 408, 413, 414, 431) and the connection is
+with a specific status (400, 405, 408, 413, 414, 431, 505) and the connection is
 closed. ``serve`` returns whether the stream may be closed gracefully (False
 when a write was cut off by its deadline); it never closes the stream: the
 caller does. Transport errors (``trio.BrokenResourceError``) propagate.
@@ -28,11 +28,13 @@ caller does. Transport errors (``trio.BrokenResourceError``) propagate.
 Every response carries :data:`SECURITY_HEADERS` (a strict Content-Security-
 Policy: only this origin's scripts, styles, images and connections, no
 framing; ``nosniff``; no referrer) and a ``Cache-Control``; with
-``hsts_max_age`` > 0 also ``Strict-Transport-Security``.
+``hsts_max_age`` > 0 also ``Strict-Transport-Security``, except to a request for
+``localhost`` or an IP address (:func:`sends_hsts`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -74,6 +76,7 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -151,6 +154,27 @@ def error_response(
 Handler = Callable[[Request], Awaitable[Response | None]]
 
 
+def sends_hsts(host: str | None) -> bool:
+    """Whether a response to a request for ``host`` (its ``Host`` header) carries
+    Strict-Transport-Security. Not for an IP address (browsers ignore it there, RFC 6797
+    §8.1) nor for ``localhost``: there it would make the browser use https for every
+    local port for a year, other development servers' included."""
+    if not host:
+        return False
+    name = host.strip().lower()
+    if name.startswith("["):  # an IPv6 literal, with or without a port
+        return False
+    name = name.rpartition(":")[0] if ":" in name else name
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return True
+    return False
+
+
 class HttpConnection:
     """One HTTP/1.1 connection on the server side (see the module docstring)."""
 
@@ -162,7 +186,7 @@ class HttpConnection:
         )
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.served = 0  # responses written
-        self._switched = False
+        self.refused: HttpError | None = None  # the limit a request broke, if one did
 
     async def serve(self, handler: Handler) -> bool:
         """Answer requests until the connection is done; returns whether it may be
@@ -172,6 +196,7 @@ class HttpConnection:
             try:
                 request = await self._next_request(first=first)
             except HttpError as exc:
+                self.refused = exc
                 return await self.respond(None, exc.response())
             if request is None:
                 return True
@@ -191,10 +216,13 @@ class HttpConnection:
     async def respond(self, request: Request | None, response: Response) -> bool:
         """Write ``response`` (without its body for ``HEAD``) under the request deadline;
         False if the deadline cut it off (the stream cannot say goodbye then)."""
-        headers: list[tuple[str, str]] = [*SECURITY_HEADERS, *self._hsts]
+        headers: list[tuple[str, str]] = [*SECURITY_HEADERS]
+        if request is not None and sends_hsts(request.header("host")):
+            headers.extend(self._hsts)
         if response.content_type is not None:
             headers.append(("Content-Type", response.content_type))
-        headers.append(("Content-Length", str(len(response.body))))
+        if response.status != 304:  # a 304's length would have to be the 200's (RFC 9110)
+            headers.append(("Content-Length", str(len(response.body))))
         headers.append(("Cache-Control", response.cache))
         headers.extend(response.headers)
         if response.close:
@@ -220,19 +248,22 @@ class HttpConnection:
             await self.stream.send_all(data)
         return not scope.cancelled_caught
 
-    async def switch_protocols(self, headers: list[tuple[str, str]]) -> bytes:
+    async def switch_protocols(self, headers: list[tuple[str, str]]) -> bytes | None:
         """Answer the current request (an upgrade) with ``101 Switching Protocols`` and
         ``headers``; returns the bytes that came after the request (the new protocol's
-        first bytes). The connection is then the caller's, and HTTP is done with it."""
-        self._switched = True
+        first bytes), or None when the 101 could not be written within the request
+        deadline (the stream cannot say goodbye then). The connection is then the
+        caller's, and HTTP is done with it."""
         data = self._h11.send(
             h11.InformationalResponse(
                 status_code=101, headers=headers, reason=REASONS[101].encode()
             )
         )
         self.served += 1
-        with trio.fail_after(self.limits.request_timeout):
+        with trio.move_on_after(self.limits.request_timeout) as scope:
             await self.stream.send_all(data or b"")
+        if scope.cancelled_caught:
+            return None
         trailing, _ = self._h11.trailing_data
         return bytes(trailing)
 
@@ -297,6 +328,8 @@ class HttpConnection:
             raise HttpError(431, f"more than {limits.max_headers} header fields")
         if line + sum(len(name) + len(value) + 4 for name, value in raw) > limits.max_header_bytes:
             raise HttpError(431, "request head too large")
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise HttpError(505, "HTTP/1.1 only")
         method = event.method.decode("ascii", "replace")
         try:
             target = event.target.decode("ascii")

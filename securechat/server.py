@@ -3,8 +3,12 @@
 This is the I/O layer around :class:`~securechat.session.Session`. It owns
 the listening sockets, the guard around every connection (nothing one
 connection does can stop the server or another connection), the
-connection caps, the TLS handshake under its deadline, and then hands the
-connection to a session over a :class:`~securechat.lines.LineTransport`.
+connection caps, the TLS handshake under its deadline, and then routes the
+connection: ALPN ``securechat/1`` to a session over a
+:class:`~securechat.lines.LineTransport`, ALPN ``http/1.1`` to the chat page's
+:class:`~securechat.web.Site` (whose WebSocket runs a session over a
+:class:`~securechat.websocket.WebSocketTransport`), and a client that offered
+neither by its first bytes (:class:`ReplayStream` puts them back).
 It also applies a reloaded config and runs the storage and shutdown, and
 builds a cluster node's store (:func:`cluster_store`: Redis, checked for
 durability). Rooms and fan-out live in :mod:`securechat.hub`, delivery in
@@ -177,6 +181,8 @@ class ChatServer:
         self.addresses: list[tuple[str, int]] = []
         self._listeners: list[trio.SocketListener] = []
         self._sessions: set[Session] = set()
+        # HTTP connections between requests (not WebSockets): shutdown cancels them.
+        self._http_scopes: set[trio.CancelScope] = set()
         self._counter = ConnectionCounter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
@@ -403,8 +409,17 @@ class ChatServer:
         else:
             names = [*server_names(settings.cert), settings.host]
             origins = default_origins(names, self.addresses[0][1])
-        log.info("chat page: https://…/ (WebSocket /ws) for origins %s", " ".join(sorted(origins)))
-        return Site(web, static, origins, max_frame_bytes=settings.max_frame_bytes)
+        log.info(
+            "chat page and WebSocket (/ws) on this port; allowed origins: %s",
+            " ".join(sorted(origins)) or "none",
+        )
+        return Site(
+            web,
+            static,
+            origins,
+            max_frame_bytes=settings.max_frame_bytes,
+            ping_interval=self.limits.idle_timeout / 2,
+        )
 
     async def _background(self, scope: trio.CancelScope) -> None:
         """What runs beside the connections until ``scope`` is cancelled: retention, and
@@ -488,6 +503,8 @@ class ChatServer:
                     self.stats.errors[ErrorCode.SERVER_SHUTDOWN] += 1
                     self.stats.disconnects["shutdown"] += 1
                 session.finish(farewell)
+            for scope in list(self._http_scopes):
+                scope.cancel()
             connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -602,21 +619,31 @@ class ChatServer:
             log.info("[CONNECTION ESTABLISHED] %s", peer)
             if framing is _Framing.HTTP:
                 assert self.site is not None
+                http_scope = trio.CancelScope()
 
                 async def run_session(transport: WebSocketTransport) -> bool:
+                    # A session says goodbye itself at shutdown: not cancelled with HTTP.
+                    self._http_scopes.discard(http_scope)
                     log.info("websocket peer=%s", peer)
                     clean = await self._run_session(transport)
                     if self._shutdown.is_set():
                         transport.going_away()
                     return clean
 
-                graceful = await self.site.serve(
-                    channel,
-                    peer=peer,
-                    host=host,
-                    certificate_user=cert_user,
-                    run_session=run_session,
-                )
+                if self._shutdown.is_set():
+                    return
+                self._http_scopes.add(http_scope)
+                try:
+                    with http_scope:
+                        graceful = await self.site.serve(
+                            channel,
+                            peer=peer,
+                            host=host,
+                            certificate_user=cert_user,
+                            run_session=run_session,
+                        )
+                finally:
+                    self._http_scopes.discard(http_scope)
                 return
             transport = LineTransport(
                 channel,

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 
 import trio
 
 from .config import WebSection
 from .http import HttpConnection, HttpError, HttpLimits, Request, Response, error_response
+from .limits import Occasional
 from .websocket import WebSocketTransport, accept_headers
 
 WEBSOCKET_PATH = "/ws"
@@ -50,6 +53,8 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9]+)+")
 # Where a static file says how it may be cached: kept, but asked about each time.
 STATIC_CACHE = "no-cache"
 
+log = logging.getLogger("securechat.server")
+
 RunSession = Callable[[WebSocketTransport], Awaitable[bool]]
 """Runs a session over the transport until it ends; returns whether it ended cleanly."""
 
@@ -62,9 +67,9 @@ class StaticFile:
 
 
 class StaticFiles:
-    """The page's files by URL path, read once: every regular file directly in the
-    directory whose name is a plain ``name.ext`` with a known type (``/`` is
-    ``index.html``). Nothing else is served, whatever the path."""
+    """The page's files by URL path, read once: every regular file (not a symlink)
+    directly in the directory whose name is a plain ``name.ext`` with a known type
+    (``/`` is ``index.html``). Nothing else is served, whatever the path."""
 
     def __init__(self, files: dict[str, StaticFile]) -> None:
         self.files = files
@@ -80,6 +85,7 @@ class StaticFiles:
                 suffix = "." + entry.name.rpartition(".")[2]
                 if (
                     not entry.is_file()
+                    or (isinstance(entry, Path) and entry.is_symlink())
                     or not _FILE_NAME.fullmatch(entry.name)
                     or suffix not in CONTENT_TYPES
                 ):
@@ -153,12 +159,15 @@ class Site:
         origins: frozenset[str],
         *,
         max_frame_bytes: int,
+        ping_interval: float,
     ) -> None:
         self.section = section
         self.static = static
         self.origins = origins
         self.limits = http_limits(section)
         self.max_frame_bytes = max_frame_bytes
+        self.ping_interval = ping_interval  # WebSocket pings after this long without data
+        self._refusals = Occasional(1.0)  # log lines for refusals: at most one a second
 
     async def serve(
         self,
@@ -184,10 +193,15 @@ class Site:
                 return exc.response()
             origin = (request.header("origin") or "").strip().lower()
             if origin not in self.origins:
+                # repr, cut: the header is the client's, and must not forge log lines.
+                self._refused(peer, f"403 websocket from Origin {origin[:100]!r}")
                 return error_response(
                     403, "Origin not allowed" if origin else "Origin header required"
                 )
             received = await http.switch_protocols(headers)
+            if received is None:
+                graceful = False
+                return None
             transport = WebSocketTransport(
                 stream,
                 received,
@@ -195,13 +209,25 @@ class Site:
                 host=host,
                 max_frame_bytes=self.max_frame_bytes,
                 certificate_user=certificate_user,
+                ping_interval=self.ping_interval,
             )
             clean = await run_session(transport)
             graceful = clean and await transport.close()
             return None
 
         served = await http.serve(handle)
+        if http.refused is not None:
+            self._refused(peer, f"{http.refused.status} {http.refused.message}")
         return served and graceful
+
+    def _refused(self, peer: str, what: str) -> None:
+        if count := self._refusals.due(trio.current_time()):
+            log.warning(
+                "http refused peer=%s: %s (%d refusals since the last such line)",
+                peer,
+                what,
+                count,
+            )
 
     async def busy(self, stream: trio.abc.Stream) -> bool:
         """Answer the first request with 503 (the server has ``max_connections``)."""

@@ -100,19 +100,22 @@ ConfigFactory = Callable[..., Config]
 
 @pytest.fixture
 def make_config(pki: Pki, password_hashes: dict[str, str], tmp_path: Path) -> ConfigFactory:
-    """``make_config(client_certs="required", limits={...}, metrics={...})``: a validated
-    Config."""
+    """``make_config(client_certs="required", limits={...}, web={...}, metrics={...})``: a
+    validated Config."""
 
     def factory(
         *,
         limits: dict[str, Any] | None = None,
         rooms: dict[str, Any] | None = None,
+        web: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         **server: Any,
     ) -> Config:
         data = config_data(pki, password_hashes, **server)
         if limits:
             data["limits"] = limits
+        if web:
+            data["web"] = web
         if rooms:
             data["rooms"] = rooms
         if metrics:

@@ -101,6 +101,7 @@ def test_example_config_documents_every_default(tmp_path: Path) -> None:
             ),
             config.limits,
             config.storage.model_copy(update={"path": config.storage.path.relative_to(root)}),
+            config.web,
             config.metrics,
         )
 
@@ -539,3 +540,21 @@ def test_importing_the_config_loads_no_event_loop_and_no_database() -> None:
         "securechat.passwords",
         "securechat.protocol",
     }
+
+
+# --- [web] ----------------------------------------------------------------------------
+
+
+def test_web_origins_are_checked_and_lowered(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[web]\nallowed_origins = ["https://Chat.Example.org", "https://[::1]:8000"]\n',
+        )
+    )
+    assert config.web.allowed_origins == ["https://chat.example.org", "https://[::1]:8000"]
+    for bad in ("chat.example.org", "https://chat.example.org/", "https://a/path", "*", "null"):
+        with pytest.raises(ConfigError, match=r"web\.allowed_origins: .* is not an origin"):
+            load_config(write(tmp_path, f'[web]\nallowed_origins = ["{bad}"]\n'))
+    with pytest.raises(ConfigError, match=r"web\.max_headers"):
+        load_config(write(tmp_path, "[web]\nmax_headers = 2\n"))

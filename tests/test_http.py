@@ -13,6 +13,7 @@ from securechat.http import (
     HttpLimits,
     Request,
     Response,
+    sends_hsts,
 )
 
 LIMITS = HttpLimits(
@@ -69,6 +70,30 @@ async def test_get_with_security_headers() -> None:
         "cache-control: no-cache",
     ):
         assert expected in lines
+
+
+def test_hsts_is_sent_for_names_but_not_for_localhost_or_addresses() -> None:
+    for name in ("chat.example.org", "chat.example.org:8000", "Chat.Example.Org.", "a"):
+        assert sends_hsts(name), name
+    for host in (
+        None,
+        "",
+        "localhost",
+        "localhost:8000",
+        "LOCALHOST.",
+        "app.localhost:3000",
+        "127.0.0.1:8000",
+        "10.1.2.3",
+        "[::1]:8000",
+        "[2001:db8::1]",
+    ):
+        assert not sends_hsts(host), host
+
+
+async def test_no_hsts_for_localhost() -> None:
+    answer, _ = await exchange(b"GET / HTTP/1.1\r\nHost: localhost:8000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"strict-transport-security" not in answer.lower()
 
 
 async def test_head_has_no_body() -> None:

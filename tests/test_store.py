@@ -890,6 +890,35 @@ async def test_redis_answers_a_resent_client_id_with_the_original_id_and_stores_
     assert events.index(("fed", 2)) < events.index(("c", 2))
 
 
+async def test_a_resend_on_another_node_is_fed_there_as_first_stored_not_as_resent(
+    redis_server: RedisServer,
+) -> None:
+    """A re-send on another node gets the first one's id, and every node is fed the message
+    as first stored (its text and time), not as re-sent."""
+    later = "2026-02-03T04:05:06.000Z"
+    async with (
+        redis_store(redis_server, node="a") as first,
+        redis_store(redis_server, node="b") as second,
+        running(first) as a,
+        running(second) as b,
+    ):
+        await snapshot(a)
+        await snapshot(b)
+        fed_a, fed_b = Fed(a), Fed(b)
+        await a.append(draft("as first sent", client_id="c1"), fed_a.then("sent"))
+        await a.commit(MarkDelivered(()))
+        # The client re-sends on node b (whose tail may not have read the first yet).
+        await b.append(draft("as re-sent", client_id="c1", ts=later), fed_b.then("resent"))
+        await b.commit(MarkDelivered(()))  # its answer came after b's tail fed id 1
+        stored = await room_history(a, "lobby", None, 10)
+    assert len(stored) == 1
+    assert ("resent", Appended(1)) in fed_b.events
+    for fed in (fed_a, fed_b):
+        first_fed = next(value for kind, value in fed.events if kind == "fed")
+        assert first_fed == stored[0]
+        assert (first_fed.text, first_fed.ts) == ("as first sent", TS)
+
+
 async def test_message_ids_from_appends_continue_after_a_restart(db_path: Path) -> None:
     async with running(SqliteStore(db_path)) as store:
         await snapshot(store)
