@@ -49,7 +49,7 @@ from . import __version__
 from .auth import LoginFailure
 from .http import HttpConnection, HttpLimits, Request, Response, error_response
 from .hub import Hub
-from .limits import RateKind
+from .limits import Occasional, RateKind
 from .protocol import ErrorCode
 from .session import ServerStats, Session, UserRates
 from .stats import Histogram
@@ -363,6 +363,7 @@ class MetricsEndpoint:
         self._listeners: list[trio.SocketListener] = []
         self.connections = 0  # metrics connections open now
         self.refused = 0  # connections closed at once: MAX_CONNECTIONS were open
+        self._accept_failures = Occasional(10.0)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry's metrics now, and their content type: Prometheus's text format,
@@ -392,7 +393,8 @@ class MetricsEndpoint:
             try:
                 stream = await listener.accept()
             except OSError as exc:  # out of descriptors for now: the chat comes first
-                log.warning("metrics: accept failed: %s", exc.strerror or exc)
+                if count := self._accept_failures.due(trio.current_time()):
+                    log.warning("metrics: accept failed (%d times): %s", count, exc.strerror or exc)
                 await trio.sleep(0.1)
                 continue
             if self.connections >= MAX_CONNECTIONS:
