@@ -70,10 +70,6 @@ class Online:
         """How many connections here are in ``room``."""
         return len(self._rooms.get(room, ()))
 
-    def connections(self) -> int:
-        """How many logged-in connections there are here."""
-        return sum(len(peers) for peers in self._users.values())
-
     def enter(self, room: str, peer: Peer) -> None:
         self._rooms.setdefault(room, {})[peer] = None
 
