@@ -29,7 +29,7 @@ operations), so the number of series is bounded whatever the clients do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol
 
 import trio
@@ -159,24 +159,23 @@ class ChatCollector:
             "TCP connections accepted.",
             value=stats.accepted,
         )
-        refused = CounterMetricFamily(
+        yield _counters(
             "securechat_connections_refused_total",
             "Connections refused by a cap (per_address: max_connections_per_ip, closed at"
             " once; busy: max_connections, told server_busy).",
-            labels=["reason"],
+            "reason",
+            [("per_address", stats.refused_per_address), ("busy", stats.refused_busy)],
         )
-        refused.add_metric(["per_address"], stats.refused_per_address)
-        refused.add_metric(["busy"], stats.refused_busy)
-        yield refused
-        handshakes = CounterMetricFamily(
+        yield _counters(
             "securechat_tls_handshake_failures_total",
             "TLS handshakes that failed (error: refused or broken; timeout: not done within"
             " handshake_timeout).",
-            labels=["reason"],
+            "reason",
+            [
+                ("error", stats.handshake_failed - stats.handshake_timeouts),
+                ("timeout", stats.handshake_timeouts),
+            ],
         )
-        handshakes.add_metric(["error"], stats.handshake_failed - stats.handshake_timeouts)
-        handshakes.add_metric(["timeout"], stats.handshake_timeouts)
-        yield handshakes
         yield CounterMetricFamily(
             "securechat_connection_crashes_total",
             "Connections ended by an unexpected error (a bug; logged with its traceback).",
@@ -187,20 +186,16 @@ class ChatCollector:
             "Frames read from logged-in clients (requests, valid or not).",
             value=stats.frames,
         )
-        disconnects = CounterMetricFamily(
+        reasons = (*DISCONNECT_REASONS, *sorted(set(stats.disconnects) - {*DISCONNECT_REASONS}))
+        yield _counters(
             "securechat_disconnects_total",
             "Sessions the server ended, by reason (slow_consumer: its outbound queue"
             " overflowed; unresponsive: no answer to a ping; flood: far over its rate limit;"
             " protocol_error: a fatal one, e.g. a frame over the size cap; kicked: let go"
             " by a kick, a removed account or a changed password; shutdown).",
-            labels=["reason"],
+            "reason",
+            [(reason, stats.disconnects[reason]) for reason in reasons],
         )
-        for reason in (
-            *DISCONNECT_REASONS,
-            *sorted(set(stats.disconnects) - {*DISCONNECT_REASONS}),
-        ):
-            disconnects.add_metric([reason], stats.disconnects[reason])
-        yield disconnects
         yield GaugeMetricFamily(
             "securechat_outbound_queued_bytes",
             "Bytes queued to connections and not yet written (with the batch each writer holds).",
@@ -236,14 +231,12 @@ class ChatCollector:
         for (method, reason), count in sorted(stats.login_failures.items()):
             failures.add_metric([method, LoginFailure(reason).value], count)
         yield failures
-        errors = CounterMetricFamily(
+        yield _counters(
             "securechat_errors_sent_total",
             "Error envelopes sent to clients, by code.",
-            labels=["code"],
+            "code",
+            [(code.value, stats.errors[code]) for code in ErrorCode],
         )
-        for code in ErrorCode:
-            errors.add_metric([code.value], stats.errors[code])
-        yield errors
 
     def _chat(self, hub: Hub, rates: UserRates, stats: ServerStats) -> Iterator[Metric]:
         online = hub.online
@@ -260,47 +253,39 @@ class ChatCollector:
             )
         yield GaugeMetricFamily("securechat_rooms", "Rooms that exist.", value=hub.room_count())
         chat = hub.stats
-        received = CounterMetricFamily(
+        yield _counters(
             "securechat_messages_received_total",
             "Messages this server's clients sent that were handed to the store, by kind"
             " (room, direct); re-sends not included.",
-            labels=["kind"],
+            "kind",
+            [(kind, chat.received[kind]) for kind in MESSAGE_KINDS],
         )
-        for kind in MESSAGE_KINDS:
-            received.add_metric([kind], chat.received[kind])
-        yield received
         yield CounterMetricFamily(
             "securechat_message_resends_total",
             "Re-sent messages recognised by their client id (answered, not stored again).",
             value=chat.resends,
         )
-        deliveries = CounterMetricFamily(
+        yield _counters(
             "securechat_deliveries_total",
             "Committed messages queued to connections on this server, one per recipient"
             " connection, by kind (room, direct).",
-            labels=["kind"],
+            "kind",
+            [(kind, chat.deliveries[kind]) for kind in MESSAGE_KINDS],
         )
-        for kind in MESSAGE_KINDS:
-            deliveries.add_metric([kind], chat.deliveries[kind])
-        yield deliveries
-        limited = CounterMetricFamily(
+        yield _counters(
             "securechat_rate_limited_total",
             "Requests refused with rate_limited, by the bucket they drew on (messages:"
             " say, dm, join, leave, kick, topic changes; requests: the others).",
-            labels=["kind"],
+            "kind",
+            [(rate.value, rates.refused[rate]) for rate in RateKind],
         )
-        for rate in RateKind:
-            limited.add_metric([rate.value], rates.refused[rate])
-        yield limited
-        history = CounterMetricFamily(
+        yield _counters(
             "securechat_history_requests_total",
             "History requests, by result (ok: replayed to its history_end; error: refused"
             " or the store failed).",
-            labels=["result"],
+            "result",
+            [(result, chat.history[result]) for result in HISTORY_RESULTS],
         )
-        for result in HISTORY_RESULTS:
-            history.add_metric([result], chat.history[result])
-        yield history
         yield _histogram(
             "securechat_history_duration_seconds",
             "Time from a history request to its history_end being queued (paced by how"
@@ -327,22 +312,29 @@ class ChatCollector:
             value=stats.failed_commits,
         )
         if store.shared:
-            requests = CounterMetricFamily(
+            yield _counters(
                 "securechat_redis_requests_total",
                 "Requests to Redis (each one round trip: a command or a pipeline), by operation.",
-                labels=["operation"],
+                "operation",
+                [(operation, stats.requests[operation]) for operation in REDIS_OPERATIONS],
             )
-            errors = CounterMetricFamily(
+            yield _counters(
                 "securechat_redis_errors_total",
                 "Requests to Redis that failed (an error reply or a lost connection), by"
                 " operation.",
-                labels=["operation"],
+                "operation",
+                [(operation, stats.request_errors[operation]) for operation in REDIS_OPERATIONS],
             )
-            for operation in REDIS_OPERATIONS:
-                requests.add_metric([operation], stats.requests[operation])
-                errors.add_metric([operation], stats.request_errors[operation])
-            yield requests
-            yield errors
+
+
+def _counters(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    """A counter family with one label: a sample for each (label value, count)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
 
 
 def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
