@@ -13,8 +13,13 @@ a second adapter of the same shape.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
 import trio
 
+from . import fast_tls
 from .protocol import FrameDecoder
 
 # What one read asks of the stream: a TLS record holds at most 16 KiB, so
@@ -61,8 +66,15 @@ class LineTransport:
         host: str,
         max_frame_bytes: int,
         certificate_user: str | None = None,
+        tls_stream: trio.SSLStream[Any] | None = None,
     ) -> None:
+        """``tls_stream``: the TLS stream whose ``send_all`` ``stream.send_all`` is, to
+        write by :func:`securechat.fast_tls.send_all` (``[server] tls_fast_path``); None
+        writes by ``stream.send_all``."""
         self.stream = stream
+        self._send_all: Callable[[bytes | memoryview], Awaitable[None]] = stream.send_all
+        if tls_stream is not None:
+            self._send_all = partial(fast_tls.send_all, tls_stream)
         self.peer = peer
         self.host = host
         self._certificate_user = certificate_user
@@ -79,8 +91,8 @@ class LineTransport:
 
     async def send(self, data: bytes) -> None:
         if len(data) <= WRITE_BYTES:
-            await self.stream.send_all(data)
+            await self._send_all(data)
             return
         view = memoryview(data)
         for start in range(0, len(view), WRITE_BYTES):
-            await self.stream.send_all(view[start : start + WRITE_BYTES])
+            await self._send_all(view[start : start + WRITE_BYTES])
