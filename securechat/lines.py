@@ -14,12 +14,9 @@ a second adapter of the same shape.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import Any
 
 import trio
 
-from . import fast_tls
 from .protocol import FrameDecoder
 
 # What one read asks of the stream: a TLS record holds at most 16 KiB, so
@@ -66,15 +63,13 @@ class LineTransport:
         host: str,
         max_frame_bytes: int,
         certificate_user: str | None = None,
-        tls_stream: trio.SSLStream[Any] | None = None,
+        send_all: Callable[[bytes | memoryview], Awaitable[None]] | None = None,
     ) -> None:
-        """``tls_stream``: the TLS stream whose ``send_all`` ``stream.send_all`` is, to
-        write by :func:`securechat.fast_tls.send_all` (``[server] tls_fast_path``); None
-        writes by ``stream.send_all``."""
+        """``send_all``: what writes to ``stream`` (the server's ``[server] tls_fast_path``
+        passes :func:`securechat.fast_tls.send_all` over its TLS stream); by default
+        ``stream.send_all``."""
         self.stream = stream
-        self._send_all: Callable[[bytes | memoryview], Awaitable[None]] = stream.send_all
-        if tls_stream is not None:
-            self._send_all = partial(fast_tls.send_all, tls_stream)
+        self._send_all = stream.send_all if send_all is None else send_all
         self.peer = peer
         self.host = host
         self._certificate_user = certificate_user

@@ -662,7 +662,7 @@ class ChatServer:
                 max_frame_bytes=self.config.server.max_frame_bytes,
                 certificate_user=cert_user,
                 # channel is the stream itself or a ReplayStream whose writes are its.
-                tls_stream=stream if self._tls_fast_path else None,
+                send_all=partial(fast_tls.send_all, stream) if self._tls_fast_path else None,
             )
             graceful = await self._run_session(transport)
         finally:

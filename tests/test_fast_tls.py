@@ -27,9 +27,11 @@ import trio.lowlevel
 import trio.testing
 
 from securechat import fast_tls, tls
+from securechat.lines import LineTransport
+from securechat.protocol import Message, Say
 from securechat.transport import LeanSocketStream
 
-from .conftest import WAIT, Pki
+from .conftest import WAIT, Pki, StartServer, receive_type
 
 HEADER = 5  # TLS record header: type, version (2), length (2)
 
@@ -147,8 +149,8 @@ Connect = Callable[..., Awaitable[tuple[trio.SSLStream[LeanSocketStream], Peer]]
 
 @pytest.fixture
 async def connect(pki: Pki) -> AsyncIterator[Connect]:
-    """``await connect(sndbuf=..., rcvbuf=..., tickets=...)``: a handshaken (server
-    SSLStream, Peer)."""
+    """``await connect(sndbuf=..., rcvbuf=..., tickets=..., handshake=...)``: a (server
+    SSLStream, Peer), handshaken unless ``handshake=False``."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     server_ctx = tls.server_context(pki.cert("server"), pki.key("server"), pki.ca, "none")
@@ -159,7 +161,10 @@ async def connect(pki: Pki) -> AsyncIterator[Connect]:
     opened: list[trio.abc.AsyncResource] = []
 
     async def open_one(
-        sndbuf: int | None = None, rcvbuf: int | None = None, tickets: bool = False
+        sndbuf: int | None = None,
+        rcvbuf: int | None = None,
+        tickets: bool = False,
+        handshake: bool = True,
     ) -> tuple[trio.SSLStream[LeanSocketStream], Peer]:
         with trio.fail_after(WAIT):
             client_sock = trio.socket.socket()
@@ -174,6 +179,8 @@ async def connect(pki: Pki) -> AsyncIterator[Connect]:
             server = trio.SSLStream(LeanSocketStream(accepted), context, server_side=True)
             peer = Peer(client, client_ctx)
             opened.extend([server, client])
+            if not handshake:
+                return server, peer
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.do_handshake)
                 await peer.handshake()
@@ -246,6 +253,17 @@ async def test_same_records_and_plaintext_as_the_stock_path(
     # Multi-record writes (and the tickets) included.
     records = sum(-(-size // 16384) for size in SIZES)
     assert len(fast_peer.records) == records + (2 if tickets else 0)
+
+
+async def test_before_the_handshake_the_stock_path_does_it(connect: Connect) -> None:
+    server, peer = await connect(handshake=False)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fast_tls.send_all, server, b"early")
+            await peer.handshake()
+    await peer.read_until(lambda p: p.plaintext == b"early")
+    assert await runs_without_yielding(partial(fast_tls.send_all, server, b"later"))
+    await peer.read_until(lambda p: p.plaintext == b"earlylater")
 
 
 async def test_partial_write_completes_in_order(connect: Connect) -> None:
@@ -449,3 +467,27 @@ async def test_other_transports_take_the_stock_path(pki: Pki) -> None:
         while len(received) < len(b"ticketsstock"):
             received += await client.receive_some()
         assert received == b"ticketsstock"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_server_sessions_write_by_the_configured_path(
+    start_server: StartServer, enabled: bool
+) -> None:
+    running = await start_server(tls_fast_path=enabled)
+    alice = await running.login("alice")
+    bob = await running.login("bob")
+    texts = [f"line {index}" for index in range(20)]  # within the message burst
+    for index, text in enumerate(texts):
+        await alice.send(Say(room="lobby", text=text, id=f"c{index}"))
+    received = [(await receive_type(bob, Message)).text for _ in texts]
+    assert received == texts
+    sessions = list(running.server._sessions)
+    assert len(sessions) == 2
+    for session in sessions:
+        assert isinstance(session.transport, LineTransport)
+        send_all = session.transport._send_all
+        if enabled:
+            assert isinstance(send_all, partial)
+            assert send_all.func is fast_tls.send_all
+        else:
+            assert send_all == session.transport.stream.send_all
