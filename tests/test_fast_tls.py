@@ -225,7 +225,8 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 def test_available_with_the_pinned_trio() -> None:
     assert fast_tls.AVAILABLE, fast_tls.UNAVAILABLE
-    assert trio.__version__ == fast_tls.TESTED_TRIO
+    # pyproject.toml pins trio to the minor version these tests were written against.
+    assert trio.__version__.rsplit(".", 1)[0] == fast_tls.TESTED_TRIO.rsplit(".", 1)[0]
 
 
 SIZES = [1, 180, 181, 4000, 16384, 16385, 40000, 180, 0, 7]
