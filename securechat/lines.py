@@ -13,6 +13,8 @@ a second adapter of the same shape.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 
 from .protocol import FrameDecoder
@@ -61,8 +63,13 @@ class LineTransport:
         host: str,
         max_frame_bytes: int,
         certificate_user: str | None = None,
+        send_all: Callable[[bytes | memoryview], Awaitable[None]] | None = None,
     ) -> None:
+        """``send_all``: what writes to ``stream`` (the server's ``[server] tls_fast_path``
+        passes :func:`securechat.fast_tls.send_all` over its TLS stream); by default
+        ``stream.send_all``."""
         self.stream = stream
+        self._send_all = stream.send_all if send_all is None else send_all
         self.peer = peer
         self.host = host
         self._certificate_user = certificate_user
@@ -79,8 +86,8 @@ class LineTransport:
 
     async def send(self, data: bytes) -> None:
         if len(data) <= WRITE_BYTES:
-            await self.stream.send_all(data)
+            await self._send_all(data)
             return
         view = memoryview(data)
         for start in range(0, len(view), WRITE_BYTES):
-            await self.stream.send_all(view[start : start + WRITE_BYTES])
+            await self._send_all(view[start : start + WRITE_BYTES])

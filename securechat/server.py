@@ -35,7 +35,7 @@ from functools import partial
 
 import trio
 
-from . import __version__, redis_link, tls
+from . import __version__, fast_tls, redis_link, tls
 from .auth import Authenticator, LoginFailure
 from .certs import CertError, common_name, server_names
 from .config import ClusterSection, Config
@@ -152,6 +152,16 @@ class ChatServer:
         delay = config.server.presence_delay_ms / 1000
         self.ticker = FlushTicker(interval, delay) if interval else None
         settings = config.server
+        # [server] tls_fast_path, when this trio has what it reads (else one log line).
+        self._tls_fast_path = settings.tls_fast_path and fast_tls.AVAILABLE
+        if settings.tls_fast_path and not fast_tls.AVAILABLE:
+            log.warning(
+                "tls_fast_path is on but unavailable with trio %s (tested: %s): %s;"
+                " writing with SSLStream.send_all",
+                trio.__version__,
+                fast_tls.TESTED_TRIO,
+                fast_tls.UNAVAILABLE,
+            )
         self.ssl_context = tls.server_context(
             settings.cert, settings.key, settings.ca, settings.client_certs, http=config.web.enabled
         )
@@ -651,6 +661,8 @@ class ChatServer:
                 host=host,
                 max_frame_bytes=self.config.server.max_frame_bytes,
                 certificate_user=cert_user,
+                # channel is the stream itself or a ReplayStream whose writes are its.
+                send_all=partial(fast_tls.send_all, stream) if self._tls_fast_path else None,
             )
             graceful = await self._run_session(transport)
         finally:

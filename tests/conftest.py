@@ -75,6 +75,24 @@ def password_hashes() -> dict[str, str]:
     return {name: passwords.hash_password(password) for name, password in PASSWORDS.items()}
 
 
+# `pytest --tls-fast-path` (or this variable set to 1): every test server writes with
+# [server] tls_fast_path = true unless the test sets it, to run the suites both ways.
+FAST_PATH_VARIABLE = "SECURECHAT_TEST_TLS_FAST_PATH"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--tls-fast-path",
+        action="store_true",
+        help="test servers use [server] tls_fast_path = true (securechat/fast_tls.py)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--tls-fast-path", default=False):
+        os.environ[FAST_PATH_VARIABLE] = "1"
+
+
 def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dict[str, Any]:
     users: dict[str, dict[str, Any]] = {
         name: {"password_hash": phc} for name, phc in password_hashes.items()
@@ -88,6 +106,7 @@ def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dic
             "cert": str(pki.cert("server")),
             "key": str(pki.key("server")),
             "ca": str(pki.ca),
+            **({"tls_fast_path": True} if os.environ.get(FAST_PATH_VARIABLE) == "1" else {}),
             **server,
         },
         "users": users,

@@ -131,6 +131,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert config.server.cert == tmp_path / "certs/server.crt"
     assert config.server.key == tmp_path / "certs/server.key"
     assert config.server.ca == tmp_path / "certs/ca.crt"
+    assert config.server.tls_fast_path is False
     assert config.limits.handshake_timeout == 10.0
     assert config.limits.login_timeout == 10.0
     assert config.limits.max_outbound_queue == 1000
@@ -227,6 +228,7 @@ def test_unknown_keys_are_errors(tmp_path: Path, text: str, key: str) -> None:
         pytest.param("[limits]\nlogin_timeout = 0\n", "limits.login_timeout", id="timeout-0"),
         pytest.param('[limits]\nauth_workers = "2"\n', "limits.auth_workers", id="workers-str"),
         pytest.param("[server]\ncert = 1\n", "server.cert", id="path-int"),
+        pytest.param('[server]\ntls_fast_path = "yes"\n', "server.tls_fast_path", id="fast-str"),
         pytest.param("server = 1\n", "server", id="section-not-table"),
         pytest.param('[users.bob]\nadmin = "yes"\n', "users.bob.admin", id="admin-string"),
         pytest.param("[storage]\nretention_days = -1\n", "storage.retention_days", id="days"),
