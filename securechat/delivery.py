@@ -5,9 +5,13 @@ Everything between "the hub decided this connection gets this frame" and
 queue per connection, never blocking the hub), the :class:`Peer` through
 which the hub sees a connection, the :class:`FlushTicker` that paces writers
 so that a busy connection's frames coalesce into few writes, the
-:class:`DeferredWakeups` for frames that are not urgent (presence), and
-:func:`write_loop`, the policy of one connection's writer task. It knows
-nothing of TLS or WebSocket: a transport is a function that sends bytes.
+:class:`DeferredWakeups` for frames that are not urgent (presence),
+:func:`write_loop`, the policy of one connection's writer task, and the
+:class:`Flusher`, one task that writes for every connection whose transport
+can write without waiting (:class:`DirectWrite`), so that a message to a
+thousand idle connections is one task's loop instead of a thousand writer
+wake-ups. It knows nothing of TLS or WebSocket: a transport is a function
+that sends bytes, and maybe a :class:`DirectWrite`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -31,6 +36,28 @@ READ_ROWS = 16
 READ_CHARS = 16 * 1024
 
 
+# The Flusher lets other tasks run after writing for this many connections.
+FLUSH_STEP = 256
+
+
+class DirectWrite(Protocol):
+    """A transport's write that never waits (securechat.fast_tls.DirectWriter)."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`write` may be called now (nothing else is writing)."""
+        ...
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` now: True when all of it went; False when it could not all go
+        (the rest waits, in order, or the connection broke): then :meth:`finish`, in the
+        connection's writer task, completes it or raises what a send would."""
+        ...
+
+    async def finish(self) -> None:
+        """Complete the last :meth:`write` that returned False."""
+        ...
+
+
 class Outbox:
     """A bounded queue of encoded frames for one connection.
 
@@ -43,6 +70,11 @@ class Outbox:
     once. A taken batch still counts against ``max_bytes`` until the writer
     comes back for the next one, having sent it: what is queued plus what the
     writer holds never exceeds ``max_bytes``.
+
+    With a ``flusher`` and a ``direct`` write, frames put while the writer task
+    waits are written by the :class:`Flusher` instead of waking the writer; the
+    writer runs only when a direct write cannot be done or completed at once,
+    and to send the last frames when the outbox is closed.
     """
 
     def __init__(
@@ -54,6 +86,8 @@ class Outbox:
         drain_timeout: float = 30.0,
         later: DeferredWakeups | None = None,
         batch_bytes: int = BATCH_BYTES,
+        flusher: Flusher | None = None,
+        direct: DirectWrite | None = None,
     ) -> None:
         self._frames: deque[bytes] = deque()
         self._later = later
@@ -71,6 +105,13 @@ class Outbox:
         # and a put to every member of a room wakes every member's writer.
         self._writer: trio.lowlevel.Task | None = None
         self.closed = False
+        self._flusher = flusher if direct is not None else None
+        self.direct = direct if flusher is not None else None
+        self._flush_due = False  # in the flusher's list
+        # A direct write left something for the writer task to complete (DirectWrite.finish).
+        self.unfinished = False
+        # The flush tick of the last write that emptied the queue (FlushTicker.count).
+        self.flushed_in = -1
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -107,10 +148,38 @@ class Outbox:
         self._wake_writer()
 
     def _wake_writer(self) -> None:
+        if self._writer is None:
+            return
+        if self._flusher is not None:
+            if not self._flush_due:
+                self._flush_due = True
+                self._flusher.add(self)
+            return
+        self._wake_task()
+
+    def _wake_task(self) -> None:
         writer = self._writer
         if writer is not None:
             self._writer = None
             trio.lowlevel.reschedule(writer)
+
+    def write_direct(self, tick: int) -> None:
+        """Write what is queued through the direct write (the :class:`Flusher` calls this),
+        or wake the writer task to do it when that cannot be done now."""
+        self._flush_due = False
+        direct = self.direct
+        if self._writer is None or self.closed or direct is None:
+            return  # the writer task is running, or finishing: it takes the frames itself
+        if not direct.ready():
+            self._wake_task()
+            return
+        while (batch := self.take()) is not None:
+            if not direct.write(batch):
+                self.unfinished = True  # the batch is released once the writer completes it
+                self._wake_task()
+                return
+            self._release()
+        self.flushed_in = tick
 
     def _overflow(self) -> None:
         self._frames.clear()
@@ -121,7 +190,7 @@ class Outbox:
     def close(self) -> None:
         """No more frames will be accepted; the writer sends what is left, then stops."""
         self.closed = True
-        self._wake_writer()
+        self._wake_task()
         self._room.unpark_all()
 
     async def wait_for_room(self) -> None:
@@ -142,10 +211,11 @@ class Outbox:
         """Return when there is something to take, or the outbox is closed (one writer only).
 
         The writer calls this when it has sent its last batch: that batch
-        stops counting against the limit.
+        stops counting against the limit. It also returns when a direct write
+        left something :attr:`unfinished` for the writer.
         """
         self._release()
-        while not self._frames and not self.closed:
+        while not self._frames and not self.closed and not self.unfinished:
             if self._writer is not None:
                 raise RuntimeError("another task is already waiting on this outbox")
             self._writer = trio.lowlevel.current_task()
@@ -267,7 +337,9 @@ class FlushTicker:
     tick wakes at once (one timer in all instead of one per connection).
 
     Every ``presence_delay`` (rounded to ticks) it also wakes the writers that
-    hold only frames that were not urgent (:class:`DeferredWakeups`).
+    hold only frames that were not urgent (:class:`DeferredWakeups`). A
+    :class:`Flusher` built on it gets the connections it held back for the
+    next tick at every tick.
     """
 
     def __init__(self, interval: float, presence_delay: float) -> None:
@@ -277,6 +349,7 @@ class FlushTicker:
         self._later_every = max(1, round(presence_delay / interval))
         self._waiting = trio.lowlevel.ParkingLot()
         self._stopped = False
+        self.flusher: Flusher | None = None
 
     async def run(self) -> None:
         while not self._stopped:
@@ -284,6 +357,8 @@ class FlushTicker:
             self.count += 1
             if self._waiting:
                 self._waiting.unpark_all()
+            if self.flusher is not None:
+                self.flusher.tick()
             if self.later is not None and self.count % self._later_every == 0:
                 self.later.wake_all()
 
@@ -298,6 +373,75 @@ class FlushTicker:
             await self._waiting.park()
 
 
+class Flusher:
+    """One task that writes for the connections whose writers are idle.
+
+    An :class:`Outbox` with a direct write hands itself here instead of waking
+    its writer task. The flusher writes each one's frames with
+    :meth:`DirectWrite.write`, in the order they became due, and wakes a
+    writer task only for what cannot be written at once (a full socket
+    buffer, a stream that is busy or broken). The flush tick holds as for
+    writers: a connection written to in the current tick waits for the next
+    one, so that under load its frames coalesce into one write.
+    """
+
+    def __init__(self, ticker: FlushTicker | None) -> None:
+        self._ticker = ticker
+        if ticker is not None:
+            ticker.flusher = self
+        self._due: list[Outbox] = []
+        self._next_tick: list[Outbox] = []
+        self._task: trio.lowlevel.Task | None = None  # while it waits for work
+        self._stopped = False
+
+    def add(self, outbox: Outbox) -> None:
+        ticker = self._ticker
+        if ticker is not None and outbox.flushed_in == ticker.count:
+            self._next_tick.append(outbox)
+            return
+        self._due.append(outbox)
+        self._wake()
+
+    def tick(self) -> None:
+        """The ticker's call: what waited for this tick is due."""
+        if self._next_tick:
+            self._due.extend(self._next_tick)
+            self._next_tick = []
+            self._wake()
+
+    def _wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    def stop(self) -> None:
+        """Write what is due (the connections' writers do the rest), then end :meth:`run`."""
+        self._stopped = True
+        self.tick()
+        self._wake()
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def run(self) -> None:
+        while True:
+            if not self._due:
+                if self._stopped:
+                    return
+                self._task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+                continue
+            due, self._due = self._due, []
+            tick = self._ticker.count if self._ticker is not None else -1
+            for index, outbox in enumerate(due, 1):
+                outbox.write_direct(tick)
+                if index % FLUSH_STEP == 0:
+                    await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+
+
 async def write_loop(
     outbox: Outbox, send: Callable[[bytes], Awaitable[None]], ticker: FlushTicker | None
 ) -> None:
@@ -309,12 +453,19 @@ async def write_loop(
     the first write after a quiet spell goes out at once. Ticks are global,
     so waiting writers wake together. A batch is at most the outbox's
     ``batch_bytes`` (or one larger frame); when a batch was cut there, the
-    rest follows at once, not a tick later. Transport errors propagate.
+    rest follows at once, not a tick later. What a direct write left
+    :attr:`~Outbox.unfinished` is completed first. Transport errors propagate.
     """
-    flushed_in = -1
     while True:
         await outbox.wait_for_frames()
-        if ticker is not None and ticker.count == flushed_in:
+        if outbox.unfinished:
+            assert outbox.direct is not None
+            outbox.unfinished = False
+            await outbox.direct.finish()
+            if ticker is not None:
+                outbox.flushed_in = ticker.count
+            continue
+        if ticker is not None and ticker.count == outbox.flushed_in:
             await ticker.next_tick()
         batch = outbox.take()
         if batch is None:
@@ -322,4 +473,4 @@ async def write_loop(
         cut = len(outbox) > 0
         await send(batch)
         if ticker is not None:
-            flushed_in = -1 if cut else ticker.count
+            outbox.flushed_in = -1 if cut else ticker.count

@@ -19,10 +19,17 @@ would have done:
   standard-library socket could be found.
 
 Everything else goes to ``stream.send_all``. When the kernel takes only part
-of the bytes, this task takes the inner send lock before it yields and sends
-the rest through the transport under it, as ``SSLStream`` does, so records
-from a concurrent reader (a KeyUpdate answer) or a later write queue behind
-it in order. Reads, the handshake, KeyUpdate and ``aclose`` stay trio's.
+of the bytes, the rest goes back to the stream's (empty) outgoing buffer,
+where trio's own code would have left it; :func:`flush` then takes the inner
+send lock and sends it through the transport, as ``SSLStream`` does, so
+records from a concurrent reader (a KeyUpdate answer) or a later write queue
+behind it in order. Reads, the handshake, KeyUpdate and ``aclose`` stay
+trio's.
+
+:func:`write_now` is the synchronous core, for a caller that writes for
+many connections in one task (:class:`DirectWriter`, used by
+:class:`securechat.delivery.Flusher`); :func:`send_all` is the awaitable
+form.
 
 The fast path is not a scheduling point (it is a cancellation point): a
 caller that loops on it must yield elsewhere, as the write loop does when it
@@ -30,7 +37,8 @@ waits for frames.
 
 It reads trio internals (``SSLStream._state``, ``_handshook``,
 ``_inner_send_lock``, ``_outgoing``, ``_delayed_outgoing``,
-``_outer_send_conflict_detector._held``, ``_ssl_object``, ``trio._ssl._State``
+``_outer_send_conflict_detector._held``, ``_ssl_object``, ``_check_status``,
+``trio._ssl._State``
 and the trio socket's ``_sock``), as written in trio 0.35.0. pyproject.toml
 pins trio to the tested range; :data:`UNAVAILABLE` says (once, at import)
 when the installed trio lacks one of them, and then every write takes the
@@ -72,6 +80,7 @@ def _probe() -> tuple[Any, Any, str | None]:
             "_delayed_outgoing": stream._delayed_outgoing is None,
             "_outer_send_conflict_detector": stream._outer_send_conflict_detector._held is False,
             "_ssl_object": isinstance(stream._ssl_object, ssl.SSLObject),
+            "_check_status": callable(stream._check_status),
         }
     except AttributeError as exc:
         return ok, broken, f"trio.SSLStream: {exc}"
@@ -93,56 +102,140 @@ _OK, _BROKEN, UNAVAILABLE = _probe_safely()
 AVAILABLE = UNAVAILABLE is None
 
 
-async def send_all(stream: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
-    """``stream.send_all(data)``, by the short path when that is safe (module docstring)."""
+def ready(stream: trio.SSLStream[Any]) -> bool:
+    """Whether a write to ``stream`` may take the short path now (module docstring)."""
     transport = stream.transport_stream
     s: Any = stream  # trio internals below: checked by _probe at import
-    if (
-        not AVAILABLE
-        or type(transport) is not LeanSocketStream
-        or transport.raw_socket is None
-        or not data
-        or s._state is not _OK
-        or not s._handshook.done
-        or s._inner_send_lock.locked()
-        or s._outgoing.pending
-        or s._delayed_outgoing is not None
-        or s._outer_send_conflict_detector._held
-    ):
-        await stream.send_all(data)
-        return
-    # SSLStream's retry loop starts with the same check: a cancelled caller leaves
-    # the stream untouched.
-    await trio.lowlevel.checkpoint_if_cancelled()
+    return (
+        AVAILABLE
+        and type(transport) is LeanSocketStream
+        and transport.raw_socket is not None
+        and s._state is _OK
+        and s._handshook.done
+        and not s._inner_send_lock.locked()
+        and not s._outgoing.pending
+        and s._delayed_outgoing is None
+        and not s._outer_send_conflict_detector._held
+    )
+
+
+class WantRead(Exception):
+    """OpenSSL wants to read before it can write (not seen with TLS 1.3): the same data
+    must be written again by the stock path, which does that read."""
+
+
+def write_now(stream: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> bool:
+    """Encrypt ``data`` and hand the records to the kernel, without waiting; only when
+    :func:`ready` says so. True when the kernel took everything; False when it took only
+    part: the rest waits, in order, in the stream's own outgoing buffer, where the next
+    operation on the stream (or :func:`flush`) sends it under trio's inner send lock.
+
+    Raises :class:`WantRead` (nothing written; send ``data`` by the stock path), and
+    ``trio.BrokenResourceError`` or ``trio.ClosedResourceError`` (the stream is broken
+    from then on, as SSLStream does).
+    """
+    s: Any = stream
     try:
         s._ssl_object.write(data)
     except ssl.SSLWantReadError:
-        # Not seen with TLS 1.3; SSLStream retries the same write after a read, and
-        # sends what this attempt queued in the BIO first.
-        await stream.send_all(data)
-        return
+        raise WantRead from None
     except (ssl.SSLError, ssl.CertificateError) as exc:
         s._state = _BROKEN
         raise trio.BrokenResourceError from exc
     records: bytes = s._outgoing.read()
+    transport: LeanSocketStream = stream.transport_stream
     try:
         sent = transport.send_nowait(records)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         s._state = _BROKEN
         raise
     if sent == len(records):
-        return
-    # The kernel took only part. Take the inner send lock before yielding (it is
-    # free: nothing since the check above could yield), so anything encrypted
-    # after this (a later write, a KeyUpdate answer) queues behind the rest.
+        return True
+    # The outgoing buffer was empty (ready()), and nothing has run since it was read:
+    # the rest goes back as its head, ahead of anything encrypted later.
+    s._outgoing.write(memoryview(records)[sent:])
+    return False
+
+
+async def flush(stream: trio.SSLStream[Any]) -> None:
+    """Send what :func:`write_now` left in the stream's outgoing buffer, under trio's
+    inner send lock as SSLStream sends its records (so a KeyUpdate answer that a read
+    encrypts meanwhile queues behind it). Raises what ``send_all`` would on a broken or
+    closed stream; cancelled while bytes are half sent, the stream is broken, as with
+    SSLStream (python-trio/trio#198)."""
+    s: Any = stream
     with s._outer_send_conflict_detector:
+        s._check_status()
         lock: trio.StrictFIFOLock = s._inner_send_lock
-        lock.acquire_nowait()
+        if lock.locked():
+            await lock.acquire()
+        else:
+            # Taken at once, so nothing that is encrypted after this call started can
+            # reach the socket before the rest.
+            lock.acquire_nowait()
         try:
-            await transport.send_all(memoryview(records)[sent:])
-        except BaseException:
-            # Cancelled or broken halfway through a record: as SSLStream does.
-            s._state = _BROKEN
-            raise
+            records: bytes = s._outgoing.read()
+            if records:
+                try:
+                    await stream.transport_stream.send_all(records)
+                except BaseException:
+                    s._state = _BROKEN
+                    raise
         finally:
             lock.release()
+
+
+async def send_all(stream: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
+    """``stream.send_all(data)``, by the short path when that is safe (module docstring)."""
+    if not data or not ready(stream):
+        await stream.send_all(data)
+        return
+    # SSLStream's retry loop starts with the same check: a cancelled caller leaves
+    # the stream untouched.
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        if write_now(stream, data):
+            return
+    except WantRead:
+        await stream.send_all(data)
+        return
+    await flush(stream)
+
+
+class DirectWriter:
+    """Writes to one connection's ``SSLStream`` without waiting, for the server's
+    :class:`~securechat.delivery.Flusher` (it implements
+    :class:`~securechat.delivery.DirectWrite`); :meth:`finish` completes, in the
+    connection's writer task, a write that could not be done at once."""
+
+    def __init__(self, stream: trio.SSLStream[Any]) -> None:
+        self._stream = stream
+        # What finish() must do: None, flush the stream's buffer; else write these again.
+        self._again: bytes | None = None
+        self._broke: trio.BrokenResourceError | trio.ClosedResourceError | None = None
+
+    def ready(self) -> bool:
+        return ready(self._stream)
+
+    def write(self, data: bytes) -> bool:
+        try:
+            if write_now(self._stream, data):
+                return True
+        except WantRead:
+            self._again = data
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broke = exc  # for finish() to raise in the writer task
+        self._again = None
+        return False
+
+    async def finish(self) -> None:
+        again, self._again = self._again, None
+        broke, self._broke = self._broke, None
+        if broke is not None:
+            await trio.lowlevel.checkpoint()
+            raise broke
+        if again is None:
+            await flush(self._stream)
+        else:
+            await send_all(self._stream, again)

@@ -39,7 +39,7 @@ from . import __version__, fast_tls, redis_link, tls
 from .auth import Authenticator, LoginFailure
 from .certs import CertError, common_name, server_names
 from .config import ClusterSection, Config
-from .delivery import FlushTicker
+from .delivery import Flusher, FlushTicker
 from .hub import Hub, load_state
 from .limits import (
     Admission,
@@ -162,6 +162,8 @@ class ChatServer:
                 fast_tls.TESTED_TRIO,
                 fast_tls.UNAVAILABLE,
             )
+        # With the fast path, one task writes for every idle line connection.
+        self.flusher = Flusher(self.ticker) if self._tls_fast_path else None
         self.ssl_context = tls.server_context(
             settings.cert, settings.key, settings.ca, settings.client_certs, http=config.web.enabled
         )
@@ -391,6 +393,8 @@ class ChatServer:
                 await storage.start(self.store.run)
                 if self.ticker is not None:
                     storage.start_soon(self.ticker.run)
+                if self.flusher is not None:
+                    storage.start_soon(self.flusher.run)
                 background = trio.CancelScope()
                 storage.start_soon(self._background, background)
                 scrapes = trio.CancelScope()
@@ -406,6 +410,8 @@ class ChatServer:
                     self.store.close()
                     if self.ticker is not None:
                         self.ticker.stop()
+                    if self.flusher is not None:
+                        self.flusher.stop()
         finally:
             if isinstance(self.store, SqliteStore):
                 self.store.close_database()
@@ -664,13 +670,18 @@ class ChatServer:
                 # channel is the stream itself or a ReplayStream whose writes are its.
                 send_all=partial(fast_tls.send_all, stream) if self._tls_fast_path else None,
             )
-            graceful = await self._run_session(transport)
+            direct = fast_tls.DirectWriter(stream) if self._tls_fast_path else None
+            graceful = await self._run_session(transport, direct)
         finally:
             await tls.close(stream, graceful=graceful)
 
-    async def _run_session(self, transport: LineTransport | WebSocketTransport) -> bool:
+    async def _run_session(
+        self,
+        transport: LineTransport | WebSocketTransport,
+        direct: fast_tls.DirectWriter | None = None,
+    ) -> bool:
         """A session over ``transport`` until it ends; returns whether it ended cleanly."""
-        session = Session(self._services(), transport)
+        session = Session(self._services(), transport, direct=direct)
         self._sessions.add(session)
         try:
             await session.run()
@@ -717,6 +728,7 @@ class ChatServer:
             rates=self.rates,
             limits=self.limits,
             ticker=self.ticker,
+            flusher=self.flusher,
             stats=self.stats,
             name=SERVER_NAME,
         )

@@ -22,7 +22,7 @@ import trio
 
 from .auth import Authenticator, AuthFailed, LoginFailure
 from .config import Account, LimitsSection
-from .delivery import FlushTicker, Outbox, Peer, write_loop
+from .delivery import DirectWrite, Flusher, FlushTicker, Outbox, Peer, write_loop
 from .hub import Hub
 from .limits import RateKind, RateLimiter, Verdict, address_key
 from .protocol import (
@@ -175,6 +175,7 @@ class Services:
     rates: UserRates
     limits: LimitsSection
     ticker: FlushTicker | None
+    flusher: Flusher | None  # writes for idle connections whose transport has a direct write
     stats: ServerStats
     name: str  # the server's name and version, for welcome
 
@@ -187,7 +188,11 @@ class Session:
     goodbye (close_notify) or must be dropped.
     """
 
-    def __init__(self, services: Services, transport: Transport) -> None:
+    def __init__(
+        self, services: Services, transport: Transport, *, direct: DirectWrite | None = None
+    ) -> None:
+        """``direct``: a write to the transport's stream that never waits, for the
+        server's :class:`~securechat.delivery.Flusher` (the TLS fast path)."""
         self.services = services
         self.transport = transport
         self.peer = transport.peer
@@ -199,6 +204,8 @@ class Session:
             self._overflowed,
             drain_timeout=limits.ping_timeout,
             later=services.ticker.later if services.ticker is not None else None,
+            flusher=services.flusher,
+            direct=direct,
         )
         self.member: Peer | None = None
         self.clean = True  # False when the stream may be mid-write and cannot say goodbye

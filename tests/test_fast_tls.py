@@ -27,6 +27,7 @@ import trio.lowlevel
 import trio.testing
 
 from securechat import fast_tls, tls
+from securechat.delivery import Flusher, FlushTicker, Outbox, write_loop
 from securechat.lines import LineTransport
 from securechat.protocol import Message, Say
 from securechat.transport import LeanSocketStream
@@ -492,3 +493,173 @@ async def test_server_sessions_write_by_the_configured_path(
             assert send_all.func is fast_tls.send_all
         else:
             assert send_all == session.transport.stream.send_all
+
+
+# --- the Flusher: one task writes for idle connections (securechat.delivery) -------------
+
+
+class _WriterSteps(trio.abc.Instrument):
+    """Counts the steps of the sessions' writer tasks (each wake-up is at least one)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Session._write_loop"):
+            self.count += 1
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_a_message_to_idle_connections_wakes_no_writer_task(
+    start_server: StartServer, enabled: bool
+) -> None:
+    running = await start_server(tls_fast_path=enabled, presence_delay_ms=0)
+    alice = await running.login("alice")
+    receivers = [await running.login(name) for name in ("bob", "dave")]
+    receivers.append(await running.login("carol", cert_user="carol"))
+    receivers.append(await running.login("bob"))  # a second connection of bob's
+    await trio.testing.wait_all_tasks_blocked()  # the logins' frames are written
+    steps = _WriterSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for index in range(3):
+            await alice.send(Say(room="lobby", text=f"hello {index}", id=f"c{index}"))
+            for connection in receivers:
+                assert (await receive_type(connection, Message)).text == f"hello {index}"
+            await receive_type(alice, Message)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    if enabled:
+        assert steps.count == 0  # the flusher wrote every message, ack and echo
+    else:
+        assert steps.count >= 3 * len(receivers)  # a writer wake-up per delivery
+
+
+Direct = tuple[Outbox, fast_tls.DirectWriter]
+
+
+def _direct_outbox(
+    server: trio.SSLStream[LeanSocketStream], flusher: Flusher, overflowed: list[bool]
+) -> Direct:
+    direct = fast_tls.DirectWriter(server)
+    outbox = Outbox(
+        1000, 10_000_000, lambda: overflowed.append(True), flusher=flusher, direct=direct
+    )
+    return outbox, direct
+
+
+async def test_a_partial_direct_write_is_completed_by_the_writer_in_order(
+    connect: Connect,
+) -> None:
+    server, peer = await connect(sndbuf=4096, rcvbuf=4096)
+    await server.send_all(b"tickets")
+    flusher = Flusher(None)
+    overflowed: list[bool] = []
+    outbox, _ = _direct_outbox(server, flusher, overflowed)
+    lock: trio.StrictFIFOLock = server._inner_send_lock
+    chunks = [bytes([index]) * 16000 for index in range(1, 41)]  # more than both buffers
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        nursery.start_soon(write_loop, outbox, partial(fast_tls.send_all, server), None)
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.put(b"first")
+        await peer.read_until(lambda p: p.plaintext == b"ticketsfirst")
+        for chunk in chunks:
+            outbox.put(chunk)
+            await trio.lowlevel.checkpoint()
+        # The peer does not read: a direct write was left unfinished, and the writer
+        # task waits to send the rest under trio's inner send lock.
+        await wait_until(lock.locked)
+        assert outbox.unfinished is False  # the writer took it over
+        expected = b"ticketsfirst" + b"".join(chunks)
+        await peer.read_until(lambda p: len(p.plaintext) >= len(expected))
+        assert peer.plaintext == expected
+        await wait_until(lambda: outbox.queued_bytes == 0)
+        # Idle again: the next frame is the flusher's, and the writer stays asleep.
+        await trio.testing.wait_all_tasks_blocked()
+        steps = _Steps(_find_task("write_loop"))
+        trio.lowlevel.add_instrument(steps)
+        outbox.put(b"after")
+        await peer.read_until(lambda p: p.plaintext.endswith(b"after"))
+        trio.lowlevel.remove_instrument(steps)
+        assert steps.count == 0
+        outbox.close()
+        flusher.stop()
+    assert not overflowed
+
+
+def _find_task(name: str) -> trio.lowlevel.Task:
+    """The one task whose name ends with ``name``."""
+    found: list[trio.lowlevel.Task] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(name):
+            found.append(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_the_flush_tick_holds_a_second_write_for_the_next_tick(connect: Connect) -> None:
+    server, peer = await connect()
+    await server.send_all(b"tickets")
+    ticker = FlushTicker(0.02, 0)  # not running: the test moves it
+    flusher = Flusher(ticker)
+    overflowed: list[bool] = []
+    outbox, _ = _direct_outbox(server, flusher, overflowed)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        nursery.start_soon(write_loop, outbox, partial(fast_tls.send_all, server), ticker)
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.put(b"a")  # the first write after a quiet spell goes at once
+        await peer.read_until(lambda p: p.plaintext == b"ticketsa")
+        outbox.put(b"b")
+        outbox.put(b"c")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(outbox) == 2  # held for the next tick, to be written as one
+        ticker.count += 1
+        flusher.tick()
+        await peer.read_until(lambda p: p.plaintext == b"ticketsabc")
+        assert len(outbox) == 0
+        assert peer.records[-1][1] == len(b"bc") + 17  # one record: 2 bytes, type, tag
+        outbox.close()
+        ticker.stop()
+        flusher.stop()
+
+
+async def test_a_reset_peer_ends_the_writer_with_broken_resource(connect: Connect) -> None:
+    server, peer = await connect()
+    await server.send_all(b"tickets")
+    await peer.read_until(lambda p: p.plaintext == b"tickets")
+    flusher = Flusher(None)
+    overflowed: list[bool] = []
+    outbox, _ = _direct_outbox(server, flusher, overflowed)
+    peer.sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.sock.socket.close()  # RST
+    with trio.fail_after(WAIT):
+        await trio.lowlevel.wait_readable(server.transport_stream.socket_stream.socket)
+    raised: list[BaseException] = []
+
+    async def writer() -> None:
+        try:
+            await write_loop(outbox, partial(fast_tls.send_all, server), None)
+        except trio.BrokenResourceError as exc:
+            raised.append(exc)
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flusher.run)
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.put(b"into the void")  # the flusher's write breaks; the writer raises
+            await wait_until(lambda: bool(raised))
+            flusher.stop()
+    assert isinstance(raised[0].__cause__, ConnectionResetError | BrokenPipeError)
+    with pytest.raises(trio.BrokenResourceError):
+        await fast_tls.send_all(server, b"again")

@@ -147,6 +147,7 @@ async def chat(nursery: trio.Nursery) -> Any:
             ),
             limits=settings,
             ticker=None,
+            flusher=None,
             stats=ServerStats(),
             name="securechat/test",
         )
