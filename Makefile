@@ -17,6 +17,10 @@ PORT   ?=
 # warning on every install; it is about nothing this project does.
 PIP_INSTALL := $(BIN)/python -W 'ignore:Editable installation:UserWarning' -m pip install --quiet
 
+# The suites `make test` runs a second time with servers on trio's SSLStream.send_all.
+STOCK_PATH_SUITES := tests/test_transport.py tests/test_hostile.py tests/test_attack_reset.py \
+	tests/test_attack_memory.py tests/test_attack_freeze.py tests/test_server.py
+
 .PHONY: run test lint typecheck certs clean
 
 run: $(RUNTIME_STAMP) certs/server.crt
@@ -33,6 +37,8 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for tests/test_browser.py (Playwright drives it; it downloads no browser)"; \
 		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; }
 	$(BIN)/pytest
+	@echo "the transport and hostile suites again on trio's own write path ([server] tls_fast_path = false)"
+	$(BIN)/pytest --tls-stock-path -q -p no:cacheprovider $(STOCK_PATH_SUITES)
 
 certs: certs/server.crt
 

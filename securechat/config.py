@@ -81,7 +81,7 @@ class ServerSection(_Section):
     flush_interval_ms: float = Field(20.0, ge=0, le=1000)
     presence_delay_ms: float = Field(200.0, ge=0, le=5000)
     max_rooms: int = Field(1000, ge=1)
-    tls_fast_path: bool = False
+    tls_fast_path: bool = True
 
 
 class LimitsSection(_Section):

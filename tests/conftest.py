@@ -75,22 +75,23 @@ def password_hashes() -> dict[str, str]:
     return {name: passwords.hash_password(password) for name, password in PASSWORDS.items()}
 
 
-# `pytest --tls-fast-path` (or this variable set to 1): every test server writes with
-# [server] tls_fast_path = true unless the test sets it, to run the suites both ways.
-FAST_PATH_VARIABLE = "SECURECHAT_TEST_TLS_FAST_PATH"
+# `pytest --tls-stock-path` (or this variable set to 1): every test server writes with
+# [server] tls_fast_path = false unless the test sets it, to run the suites both ways
+# (`make test` runs the transport and hostile suites again so).
+STOCK_PATH_VARIABLE = "SECURECHAT_TEST_TLS_STOCK_PATH"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--tls-fast-path",
+        "--tls-stock-path",
         action="store_true",
-        help="test servers use [server] tls_fast_path = true (securechat/fast_tls.py)",
+        help="test servers use [server] tls_fast_path = false (trio's SSLStream.send_all)",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("--tls-fast-path", default=False):
-        os.environ[FAST_PATH_VARIABLE] = "1"
+    if config.getoption("--tls-stock-path", default=False):
+        os.environ[STOCK_PATH_VARIABLE] = "1"
 
 
 def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def config_data(pki: Pki, password_hashes: dict[str, str], **server: Any) -> dic
             "cert": str(pki.cert("server")),
             "key": str(pki.key("server")),
             "ca": str(pki.ca),
-            **({"tls_fast_path": True} if os.environ.get(FAST_PATH_VARIABLE) == "1" else {}),
+            **({"tls_fast_path": False} if os.environ.get(STOCK_PATH_VARIABLE) == "1" else {}),
             **server,
         },
         "users": users,

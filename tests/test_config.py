@@ -131,7 +131,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert config.server.cert == tmp_path / "certs/server.crt"
     assert config.server.key == tmp_path / "certs/server.key"
     assert config.server.ca == tmp_path / "certs/ca.crt"
-    assert config.server.tls_fast_path is False
+    assert config.server.tls_fast_path is True
     assert config.limits.handshake_timeout == 10.0
     assert config.limits.login_timeout == 10.0
     assert config.limits.max_outbound_queue == 1000
