@@ -16,6 +16,7 @@ that sends bytes, and maybe a :class:`DirectWrite`.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -332,35 +333,73 @@ class Peer:
             await self._all_settled.wait()
 
 
+# The adaptive tick: the share of the last ticks the event loop's thread was busy
+# (smoothed), above which the tick grows; at full load it is the longest one.
+BUSY_LOW = 0.5
+BUSY_SMOOTHING = 0.25  # weight of the newest tick
+
+
 class FlushTicker:
     """The flush tick's clock: one task sleeps, and every writer waiting for the next
     tick wakes at once (one timer in all instead of one per connection).
 
-    Every ``presence_delay`` (rounded to ticks) it also wakes the writers that
-    hold only frames that were not urgent (:class:`DeferredWakeups`). A
-    :class:`Flusher` built on it gets the connections it held back for the
-    next tick at every tick.
+    Every ``presence_delay`` it also wakes the writers that hold only frames
+    that were not urgent (:class:`DeferredWakeups`). A :class:`Flusher` built
+    on it gets the connections it held back for the next tick at every tick.
+
+    The tick adapts to load between ``interval`` and ``max_interval``: while
+    the event loop's thread is busy less than half the time, it is
+    ``interval``; above that it grows in proportion, to ``max_interval`` when
+    the thread never rests. A busy server then writes several messages to a
+    connection in one write, which is what frees it (a write costs about the
+    same for one message as for several); an idle one stays quick.
+    ``cpu_clock`` is the thread's CPU time (a test passes its own).
     """
 
-    def __init__(self, interval: float, presence_delay: float) -> None:
+    def __init__(
+        self,
+        interval: float,
+        presence_delay: float,
+        max_interval: float | None = None,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
         self.interval = interval
+        self.max_interval = interval if max_interval is None else max(interval, max_interval)
+        self.current = interval  # the length of the tick now under way
+        self.busy = 0.0  # smoothed share of the event loop's thread that was busy
         self.count = 0
         self.later: DeferredWakeups | None = DeferredWakeups() if presence_delay else None
-        self._later_every = max(1, round(presence_delay / interval))
+        self._presence_delay = presence_delay
+        self._cpu_clock = cpu_clock
         self._waiting = trio.lowlevel.ParkingLot()
         self._stopped = False
         self.flusher: Flusher | None = None
 
+    def _next_interval(self, cpu: float, wall: float) -> float:
+        if wall > 0:
+            share = min(1.0, cpu / wall)
+            self.busy += BUSY_SMOOTHING * (share - self.busy)
+        over = max(0.0, self.busy - BUSY_LOW) / (1 - BUSY_LOW)
+        return self.interval + (self.max_interval - self.interval) * over
+
     async def run(self) -> None:
+        presence_due = trio.current_time() + self._presence_delay
+        cpu = self._cpu_clock()
+        now = trio.current_time()
         while not self._stopped:
-            await trio.sleep(self.interval)
+            await trio.sleep(self.current)
             self.count += 1
             if self._waiting:
                 self._waiting.unpark_all()
             if self.flusher is not None:
                 self.flusher.tick()
-            if self.later is not None and self.count % self._later_every == 0:
+            then, now = now, trio.current_time()
+            if self.later is not None and now >= presence_due:
+                presence_due = now + self._presence_delay
                 self.later.wake_all()
+            if self.max_interval > self.interval:
+                used, cpu = cpu, self._cpu_clock()
+                self.current = self._next_interval(cpu - used, now - then)
 
     def stop(self) -> None:
         self._stopped = True

@@ -150,7 +150,8 @@ class ChatServer:
         self.limits = config.limits
         interval = config.server.flush_interval_ms / 1000
         delay = config.server.presence_delay_ms / 1000
-        self.ticker = FlushTicker(interval, delay) if interval else None
+        longest = config.server.flush_interval_max_ms / 1000
+        self.ticker = FlushTicker(interval, delay, longest) if interval else None
         settings = config.server
         # [server] tls_fast_path, when this trio has what it reads (else one log line).
         self._tls_fast_path = settings.tls_fast_path and fast_tls.AVAILABLE
