@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -72,7 +73,7 @@ import trio
 
 from securechat import certs, fast_tls, tls
 from securechat.config import ClientCertMode
-from securechat.delivery import Outbox
+from securechat.delivery import Flusher, Outbox, write_loop
 from securechat.protocol import Message, encode
 from securechat.transport import LeanSocketStream
 
@@ -284,11 +285,31 @@ async def _fast_tls(conn: _Conn, outbox: Outbox, progress: _Progress) -> None:
         progress.advance()
 
 
+class _CountedDirect(fast_tls.DirectWriter):
+    """The server's direct write, counting each write as a writer counts its frames."""
+
+    def __init__(self, stream: trio.SSLStream[Any], progress: _Progress) -> None:
+        super().__init__(stream)
+        self._progress = progress
+
+    def write(self, data: bytes) -> bool:
+        done = super().write(data)
+        self._progress.advance()
+        return done
+
+
+async def _flushed(conn: _Conn, outbox: Outbox, progress: _Progress) -> None:
+    """The server's writer task beside the Flusher: it wakes only for what the flusher
+    could not write at once."""
+    await write_loop(outbox, functools.partial(fast_tls.send_all, conn.stream), None)
+
+
 @dataclass(frozen=True)
 class _Mode:
     name: str  # the JSON line's "micro"
     label: str  # the table's
     writer: Writer
+    flusher: bool = False  # the outboxes are written by one delivery.Flusher
 
 
 LEAN_MODES = (
@@ -299,6 +320,7 @@ LEAN_MODES = (
     # After send_all: the first write of a TLS 1.3 stream (held-back tickets) is SSLStream's.
     _Mode("fanout-encrypt+send", "encrypt+send (+ socket.send)", _encrypt_send),
     _Mode("fanout-fast_tls", "fast_tls.send_all (LeanSocketStream)", _fast_tls),
+    _Mode("fanout-flusher", "Flusher + fast_tls.DirectWriter (no wake-up)", _flushed, True),
 )
 SOCKET_MODES = (
     _Mode("fanout-send_all-socketstream", "SSLStream.send_all (trio.SocketStream)", _send_all),
@@ -348,8 +370,12 @@ async def _rounds(
     progress = _Progress()
     async with trio.open_nursery() as nursery:
         outboxes = []
+        flusher = Flusher(None) if mode.flusher else None
+        if flusher is not None:
+            nursery.start_soon(flusher.run)
         for conn in conns:
-            outbox = Outbox(1_000_000, 1 << 30, _overflowed)
+            direct = _CountedDirect(conn.stream, progress) if flusher is not None else None
+            outbox = Outbox(1_000_000, 1 << 30, _overflowed, flusher=flusher, direct=direct)
             outboxes.append(outbox)
             nursery.start_soon(mode.writer, conn, outbox, progress)
         await trio.sleep(0.05)  # every writer parked
@@ -669,6 +695,7 @@ def _table(records: dict[str, dict[str, Any]], count: int, rounds: int) -> list[
         ("fanout-send-saving", "= socket.send saves (e+w − e+send)"),
         ("fanout-fast_tls-checks", "= fast_tls's checks (fast_tls − e+send)"),
         ("fanout-fast_tls-saving", "= fast_tls saves (send_all Lean − fast_tls)"),
+        ("fanout-flusher-saving", "= the Flusher saves (fast_tls − Flusher)"),
     ):
         if name in records:
             lines.append(f"   {label:44} {'':>9} {records[name]['cpu_us_per_op']:>10.2f}")
@@ -858,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         derive("fanout-send-saving", "fanout-encrypt+write", "fanout-encrypt+send")
         derive("fanout-fast_tls-checks", "fanout-fast_tls", "fanout-encrypt+send")
         derive("fanout-fast_tls-saving", "fanout-send_all-lean", "fanout-fast_tls")
+        derive("fanout-flusher-saving", "fanout-fast_tls", "fanout-flusher")
 
         for mode in ("none", "required"):
             _log(f"B: {handshake_count} handshakes, client_certs={mode}...")
