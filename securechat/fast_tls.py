@@ -212,7 +212,7 @@ class DirectWriter:
         self._stream = stream
         # What finish() must do: None, flush the stream's buffer; else write these again.
         self._again: bytes | None = None
-        self._broke: trio.BrokenResourceError | trio.ClosedResourceError | None = None
+        self._broke: Exception | None = None
 
     def ready(self) -> bool:
         return ready(self._stream)
@@ -226,6 +226,12 @@ class DirectWriter:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._broke = exc  # for finish() to raise in the writer task
+        except Exception as exc:
+            # Not expected; still the connection's problem, not the flusher's (which
+            # writes for every connection): the stream is given up, and the writer task
+            # raises it where the server guards each connection.
+            cast(Any, self._stream)._state = _BROKEN
+            self._broke = exc
         self._again = None
         return False
 

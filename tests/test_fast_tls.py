@@ -19,7 +19,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -663,3 +663,19 @@ async def test_a_reset_peer_ends_the_writer_with_broken_resource(connect: Connec
     assert isinstance(raised[0].__cause__, ConnectionResetError | BrokenPipeError)
     with pytest.raises(trio.BrokenResourceError):
         await fast_tls.send_all(server, b"again")
+
+
+async def test_an_unexpected_error_in_a_direct_write_is_the_connections_not_the_flushers(
+    connect: Connect,
+) -> None:
+    server, _peer = await connect()
+    await server.send_all(b"tickets")
+    direct = fast_tls.DirectWriter(server)
+    assert direct.ready()
+    # Not bytes: SSLObject.write raises TypeError, which nothing in the path expects.
+    assert direct.write(cast(Any, "text")) is False
+    assert not direct.ready()  # the stream is given up
+    with pytest.raises(TypeError):
+        await direct.finish()  # raised in the connection's own writer task
+    with pytest.raises(trio.BrokenResourceError):
+        await fast_tls.send_all(server, b"more")
