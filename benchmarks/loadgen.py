@@ -56,8 +56,9 @@ CODE = re.compile(rb'"code":"([a-z_]+)"')
 CONNECTING, HANDSHAKE, LOGIN, JOINING, READY, CLOSED = range(6)
 
 # A receiving process tells the sender how many plan messages have reached every
-# one of its connections (feedback plans): one datagram, this layout.
-PROGRESS = struct.Struct("!I")
+# one of its connections (feedback plans): one datagram, this layout (the round
+# of feedback, so that a late datagram of an earlier plan is never taken; the count).
+PROGRESS = struct.Struct("!II")
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -203,15 +204,15 @@ class Generator:
       received a message containing ``text`` (or at the timeout).
     * ``("sync", text, timeout)``: every sender says ``text`` in its room;
       ``("synced", ok)`` when all are acknowledged.
-    * ``("arm", target, deadline, stall[, feedback_port])``: resets the
+    * ``("arm", target, deadline, stall[, feedback])``: resets the
       counters, ``("armed",)``, then ``("arrived", summary)`` when every counted
       connection has received ``target`` plan messages, or at the deadline,
-      or after ``stall`` seconds without any. With ``feedback_port``, each
-      time more plan messages have reached every counted connection, one
-      :data:`PROGRESS` datagram to that UDP port on 127.0.0.1 says how many.
+      or after ``stall`` seconds without any. With ``feedback`` (a UDP port on
+      127.0.0.1 and a round), each time more plan messages have reached every
+      counted connection, one :data:`PROGRESS` datagram there says how many.
     * ``("feedback", sources)``: a UDP port for the progress datagrams of
-      ``sources`` receiving processes, ``("feedback_port", port)``; the next
-      feedback plan is paced by them.
+      ``sources`` receiving processes, ``("feedback", (port, round))``; the
+      next feedback plan is paced by them.
     * ``("send", plan)``: every sender runs ``plan``; ``("sent", summary)``.
     * ``("ping", count, interval, timeout)``: ``count`` pings, one every
       ``interval`` seconds, from the senders in turn (each sender pings once
@@ -261,6 +262,7 @@ class Generator:
         self.paced: list[Conn] = []
         # feedback plans: the receiving side (progress of every counted connection)
         self.progress_to: tuple[str, int] | None = None
+        self.progress_round = 0
         self.progress_socket: socket.socket | None = None
         self.reached: array[int] | None = None  # per plan message: connections it reached
         self.reached_all = 0  # plan messages that reached every live counted connection
@@ -269,6 +271,7 @@ class Generator:
         self.feedback_socket: socket.socket | None = None
         self.feedback_fd = -1
         self.feedback_sources = 0
+        self.feedback_round = 0
         self.progress: dict[tuple[str, int], int] = {}
         self.fed: list[Conn] = []
         # pings
@@ -383,7 +386,7 @@ class Generator:
         elif kind == "arm":
             self.arm(command[1], command[2], command[3], *command[4:])
         elif kind == "feedback":
-            self.reply("feedback_port", self.listen_feedback(command[1]))
+            self.reply("feedback", self.listen_feedback(command[1]))
         elif kind == "send":
             self.start_plan(command[1])
         elif kind == "ping":
@@ -693,7 +696,9 @@ class Generator:
 
     # --- counted deliveries ---
 
-    def arm(self, target: int, deadline: float, stall: float, feedback_port: int = 0) -> None:
+    def arm(
+        self, target: int, deadline: float, stall: float, feedback: tuple[int, int] | None = None
+    ) -> None:
         self.latencies = array("q")
         self.target = target
         self.arm_conns = self.counted()
@@ -711,10 +716,11 @@ class Generator:
         self.arm_stall = stall
         self.last_progress = now
         self.reached = None
-        if feedback_port:
+        if feedback is not None:
             if self.progress_socket is None:
                 self.progress_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.progress_to = ("127.0.0.1", feedback_port)
+            self.progress_to = ("127.0.0.1", feedback[0])
+            self.progress_round = feedback[1]
             self.reached = array("i", bytes(4 * target))
             self.reached_all = -1  # not said yet: the first reach() says it, even if 0
             self.live = len(self.arm_conns) - self.n_dead
@@ -739,7 +745,8 @@ class Generator:
             self.reached_all = done
             assert self.progress_to is not None
             with contextlib.suppress(OSError):  # the sender is gone: its plan is over
-                self.progress_socket.sendto(PROGRESS.pack(done), self.progress_to)
+                message = PROGRESS.pack(self.progress_round, done)
+                self.progress_socket.sendto(message, self.progress_to)
 
     def check_arrived(self, now: float | None = None) -> None:
         if self.target < 0:
@@ -790,8 +797,9 @@ class Generator:
         """Plan messages just made by ``conn.sending``, in one write."""
         self.write(conn, b"".join(frames))
 
-    def listen_feedback(self, sources: int) -> int:
-        """The UDP port where ``sources`` receiving processes will say their progress."""
+    def listen_feedback(self, sources: int) -> tuple[int, int]:
+        """The UDP port where ``sources`` receiving processes will say their progress,
+        and the round of feedback they are to say it with."""
         if self.feedback_socket is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind(("127.0.0.1", 0))
@@ -800,8 +808,9 @@ class Generator:
             self.feedback_fd = sock.fileno()
             self.poller.register(self.feedback_fd, EPOLLIN)
         self.feedback_sources = sources
+        self.feedback_round += 1
         self.progress = {}
-        return int(self.feedback_socket.getsockname()[1])
+        return int(self.feedback_socket.getsockname()[1]), self.feedback_round
 
     def feedback_in(self) -> None:
         sock = self.feedback_socket
@@ -812,8 +821,9 @@ class Generator:
             except BlockingIOError:
                 break
             if len(data) == PROGRESS.size:
-                (done,) = PROGRESS.unpack(data)
-                self.progress[source] = max(done, self.progress.get(source, 0))
+                round_, done = PROGRESS.unpack(data)
+                if round_ == self.feedback_round:
+                    self.progress[source] = max(done, self.progress.get(source, 0))
         now = time.monotonic_ns()
         for conn in self.fed:
             self.feed(conn, now)

@@ -399,14 +399,14 @@ class Session:
     def deliver(self, plan: Plan, *, stall: float = 15.0) -> Delivery:
         """Run ``plan`` on every sender; receivers count ``plan.count`` messages each
         (and with ``plan.feedback`` tell the one sender process their progress)."""
-        feedback_port = 0
+        feedback = None
         if plan.feedback:
             if len(self.senders) != 1:
                 raise BenchError("a feedback plan needs exactly one sender process")
             self.senders[0].send("feedback", len(self.receivers))
-            feedback_port = self.senders[0].expect("feedback_port", 30)[1]
+            feedback = self.senders[0].expect("feedback", 30)[1]
         for worker in self.receivers:
-            worker.send("arm", plan.count, plan.deadline, stall, feedback_port)
+            worker.send("arm", plan.count, plan.deadline, stall, feedback)
         gather(self.receivers, "armed", 30)
         span = Span(self.server, self.workers)
         for worker in self.senders:
