@@ -69,7 +69,10 @@ def peers(bench: Bench) -> None:
         with bench.session(f"peers-{server}", protocol="irc" if irc else "securechat") as session:
             bench.log(f"peers: {server}: the sender and {receivers} receivers log in")
             session.open(session.senders, [ConnSpec(sender(0), sender=True)])
+            started = time.monotonic()
             session.open(session.receivers, [ConnSpec(user(i)) for i in range(receivers)])
+            # On IRC every join is told to everyone in the channel: n²/2 JOIN lines.
+            bench.log(f"peers: {server}: logged in in {time.monotonic() - started:.1f} s; sync")
             session.sync("peers")
             collected = session.collect(session.receivers)
             tls = next((data["tls"] for data in collected if data["tls"]), None)

@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--time-limit",
         type=float,
-        default=1200.0,
-        help="stop everything after this many seconds (default: 1200)",
+        default=1800.0,
+        help="stop everything after this many seconds (default: 1800)",
     )
     parser.add_argument(
         "--runs",
