@@ -36,6 +36,7 @@ test: $(STAMP)
 		apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for tests/test_browser.py (Playwright drives it; it downloads no browser)"; \
 		apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; }
+	@$(NGIRCD_INSTALL)
 	$(BIN)/pytest
 	@echo "the transport and hostile suites again on trio's own write path ([server] tls_fast_path = false)"
 	$(BIN)/pytest --tls-stock-path -q -p no:cacheprovider $(STOCK_PATH_SUITES)
@@ -77,11 +78,20 @@ scan: $(STAMP)
 # See docs/performance.md.
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
+# The peers scenario (and its tests) start private ngIRCd processes: Debian's
+# package, with the system service it brings stopped and disabled. If apt fails,
+# the peers scenario says so in one line and the rest runs.
+NGIRCD_INSTALL = command -v ngircd >/dev/null || { \
+	echo "installing Debian's ngircd for the peers scenario (it starts private instances; the package's service is stopped and disabled)"; \
+	apt-get install -y -qq ngircd || { apt-get update -qq && apt-get install -y -qq ngircd; }; \
+	systemctl disable --now ngircd.service >/dev/null 2>&1; \
+	invoke-rc.d ngircd stop >/dev/null 2>&1; update-rc.d ngircd disable >/dev/null 2>&1; true; }
 
 .PHONY: bench
 bench: $(BENCH_STAMP)
 	@command -v redis-server >/dev/null || { echo "installing Debian's redis-server for the cluster scenarios (they start private instances, never its service)"; \
 		apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+	@$(NGIRCD_INSTALL)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.plot
 

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import loadgen
 from .cluster import RedisError, RedisProcess
@@ -450,6 +450,15 @@ def spawn_context() -> Any:
 # --- measured spans -----------------------------------------------------------------
 
 
+class Measured(Protocol):
+    """What a span reads of a server: :class:`BenchServer`, or the peer's
+    (:class:`~benchmarks.ngircd.NgircdServer`)."""
+
+    def cpu_by_process(self) -> dict[str, float]: ...
+
+    def pids(self) -> list[int]: ...
+
+
 @dataclass
 class Span:
     """CPU of the server, the generators and the machine over one measured stretch.
@@ -467,7 +476,7 @@ class Span:
     are all busy, which shows as latency rather than as CPU.
     """
 
-    server: BenchServer
+    server: Measured
     workers: Sequence[Worker]
     started: float = field(init=False)
     server_cpu: dict[str, float] = field(init=False)

@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 import traceback
@@ -54,6 +55,11 @@ CODE = re.compile(rb'"code":"([a-z_]+)"')
 
 CONNECTING, HANDSHAKE, LOGIN, JOINING, READY, CLOSED = range(6)
 
+# A receiving process tells the sender how many plan messages have reached every
+# one of its connections (feedback plans): one datagram, this layout (the round
+# of feedback, so that a late datagram of an earlier plan is never taken; the count).
+PROGRESS = struct.Struct("!II")
+
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 
@@ -67,6 +73,7 @@ class Setup:
     pki: str  # directory with ca.crt and <user>.crt/.key
     password: str
     name: str = "gen"
+    protocol: str = "securechat"  # or "irc": :mod:`benchmarks.irc` speaks it
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,10 @@ class Plan:
     rate: float = 0.0  # messages per second per sender (0: as fast as the window allows)
     pad: int = 40  # characters of padding after the timestamp
     deadline: float = 120.0  # give up after this many seconds
+    # With a window: send the next message each time one more has reached every
+    # receiver (the receiving processes say so over UDP), one message per write;
+    # without, the window refills on acknowledgements, in one write.
+    feedback: bool = False
 
 
 @dataclass
@@ -193,10 +204,15 @@ class Generator:
       received a message containing ``text`` (or at the timeout).
     * ``("sync", text, timeout)``: every sender says ``text`` in its room;
       ``("synced", ok)`` when all are acknowledged.
-    * ``("arm", target, deadline, stall)``: resets the counters,
-      ``("armed",)``, then ``("arrived", summary)`` when every counted
+    * ``("arm", target, deadline, stall[, feedback])``: resets the
+      counters, ``("armed",)``, then ``("arrived", summary)`` when every counted
       connection has received ``target`` plan messages, or at the deadline,
-      or after ``stall`` seconds without any.
+      or after ``stall`` seconds without any. With ``feedback`` (a UDP port on
+      127.0.0.1 and a round), each time more plan messages have reached every
+      counted connection, one :data:`PROGRESS` datagram there says how many.
+    * ``("feedback", sources)``: a UDP port for the progress datagrams of
+      ``sources`` receiving processes, ``("feedback", (port, round))``; the
+      next feedback plan is paced by them.
     * ``("send", plan)``: every sender runs ``plan``; ``("sent", summary)``.
     * ``("ping", count, interval, timeout)``: ``count`` pings, one every
       ``interval`` seconds, from the senders in turn (each sender pings once
@@ -205,6 +221,8 @@ class Generator:
     * ``("collect",)``: ``("collected", data)`` with latencies and counters.
     * ``("close",)``: ``("closed",)``, and the process exits.
     """
+
+    sending_class: type[Sending] = Sending
 
     def __init__(self, pipe: Connection, setup: Setup) -> None:
         self.pipe = pipe
@@ -242,6 +260,20 @@ class Generator:
         self.plan_active = False
         self.plan_deadline = 0.0
         self.paced: list[Conn] = []
+        # feedback plans: the receiving side (progress of every counted connection)
+        self.progress_to: tuple[str, int] | None = None
+        self.progress_round = 0
+        self.progress_socket: socket.socket | None = None
+        self.reached: array[int] | None = None  # per plan message: connections it reached
+        self.reached_all = 0  # plan messages that reached every live counted connection
+        self.live = 0  # counted connections still open since the arm
+        # ... and the sending side
+        self.feedback_socket: socket.socket | None = None
+        self.feedback_fd = -1
+        self.feedback_sources = 0
+        self.feedback_round = 0
+        self.progress: dict[tuple[str, int], int] = {}
+        self.fed: list[Conn] = []
         # pings
         self.ping_conns: list[Conn] = []  # pinged in turn
         self.ping_turn = 0
@@ -303,6 +335,8 @@ class Generator:
                     continue
                 conn = conns.get(fd)
                 if conn is None:
+                    if fd == self.feedback_fd:
+                        self.feedback_in()
                     continue
                 if conn.state == CONNECTING:
                     self.connected(conn)
@@ -350,7 +384,9 @@ class Generator:
         elif kind == "sync":
             self.start_sync(command[1], command[2])
         elif kind == "arm":
-            self.arm(command[1], command[2], command[3])
+            self.arm(command[1], command[2], command[3], *command[4:])
+        elif kind == "feedback":
+            self.reply("feedback", self.listen_feedback(command[1]))
         elif kind == "send":
             self.start_plan(command[1])
         elif kind == "ping":
@@ -411,6 +447,10 @@ class Generator:
             return
         conn.t_hs = time.monotonic_ns()
         conn.state = LOGIN
+        self.hello(conn)
+
+    def hello(self, conn: Conn) -> None:
+        """Log in: the first bytes once TLS is up."""
         if conn.spec.cert:
             hello = b'{"type":"hello","username":"%s","id":"h"}\n' % conn.spec.user.encode()
         else:
@@ -576,6 +616,8 @@ class Generator:
         for _, sent in matches:
             append(now - int(sent))
         self.last_progress = now / 1e9
+        if self.reached is not None:
+            self.reach(first, count)
         if not conn.done and conn.count >= self.target:
             conn.done = True
             self.n_done += 1
@@ -601,6 +643,9 @@ class Generator:
             conn.done = True
             self.n_dead += 1
             self.check_arrived()
+        if self.reached is not None and conn in self.arm_conns:
+            self.live -= 1  # the others no longer wait for it
+            self.reach(0, 0)
         if self.marker is not None and not conn.marker_seen:
             conn.marker_seen = True  # it never will: do not wait for it
             self.marker_count += 1
@@ -611,6 +656,11 @@ class Generator:
             conn.state = CLOSED
             conn.sock.close()
         self.conns.clear()
+        for sock in (self.feedback_socket, self.progress_socket):
+            if sock is not None:
+                sock.close()
+        self.feedback_socket = self.progress_socket = None
+        self.feedback_fd = -1
 
     # --- markers and syncs ---
 
@@ -626,15 +676,15 @@ class Generator:
         self.syncing = True
         self.sync_deadline = time.monotonic() + timeout
         for conn in senders:
-            room = (conn.spec.room or "lobby").encode()
             conn.sync_pending += 1
             conn.next_id += 1
-            self.write(
-                conn,
-                b'{"type":"say","room":"%s","text":"%s","id":"z%d"}\n'
-                % (room, text.encode(), conn.next_id),
-            )
+            self.say_sync(conn, text.encode(), conn.next_id)
         self.check_sync()
+
+    def say_sync(self, conn: Conn, text: bytes, number: int) -> None:
+        """Say ``text`` in the sender's room; its acknowledgement is ``z<number>``."""
+        frame = b'{"type":"say","room":"%s","text":"%s","id":"z%d"}\n'
+        self.write(conn, frame % (self.room(conn), text, number))
 
     def check_sync(self) -> None:
         if not self.syncing:
@@ -646,7 +696,9 @@ class Generator:
 
     # --- counted deliveries ---
 
-    def arm(self, target: int, deadline: float, stall: float) -> None:
+    def arm(
+        self, target: int, deadline: float, stall: float, feedback: tuple[int, int] | None = None
+    ) -> None:
         self.latencies = array("q")
         self.target = target
         self.arm_conns = self.counted()
@@ -663,8 +715,38 @@ class Generator:
         self.arm_deadline = now + deadline
         self.arm_stall = stall
         self.last_progress = now
+        self.reached = None
+        if feedback is not None:
+            if self.progress_socket is None:
+                self.progress_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.progress_to = ("127.0.0.1", feedback[0])
+            self.progress_round = feedback[1]
+            self.reached = array("i", bytes(4 * target))
+            self.reached_all = -1  # not said yet: the first reach() says it, even if 0
+            self.live = len(self.arm_conns) - self.n_dead
         self.reply("armed")
+        if self.reached is not None:
+            self.reach(0, 0)
         self.check_arrived()
+
+    def reach(self, first: int, count: int) -> None:
+        """Plan messages ``first`` .. ``first + count - 1`` reached one more connection;
+        tell the sender when more of them have now reached every live one."""
+        reached = self.reached
+        assert reached is not None
+        assert self.progress_socket is not None
+        end = len(reached)
+        for seq in range(first, min(first + count, end)):
+            reached[seq] += 1
+        done = max(0, self.reached_all)
+        while done < end and reached[done] >= self.live:
+            done += 1
+        if done != self.reached_all:
+            self.reached_all = done
+            assert self.progress_to is not None
+            with contextlib.suppress(OSError):  # the sender is gone: its plan is over
+                message = PROGRESS.pack(self.progress_round, done)
+                self.progress_socket.sendto(message, self.progress_to)
 
     def check_arrived(self, now: float | None = None) -> None:
         if self.target < 0:
@@ -690,21 +772,78 @@ class Generator:
 
     # --- sending ---
 
+    def room(self, conn: Conn) -> bytes:
+        return (conn.spec.room or "lobby").encode()
+
     def start_plan(self, plan: Plan) -> None:
         self.plan_active = True
         self.plan_deadline = time.monotonic() + plan.deadline
         self.paced = []
+        self.fed = []
         now = time.monotonic_ns()
         for conn in self.senders():
-            conn.sending = Sending(
-                plan, (conn.spec.room or "lobby").encode(), conn.next_id + 1, t_first=now
-            )
+            conn.sending = self.sending_class(plan, self.room(conn), conn.next_id + 1, t_first=now)
             conn.next_id += plan.count
             if plan.rate > 0:
                 self.paced.append(conn)
+            elif plan.feedback:
+                self.fed.append(conn)
+                self.feed(conn, now)
             else:
                 self.fill(conn, now)
         self.pace()
+
+    def send_messages(self, conn: Conn, frames: list[bytes]) -> None:
+        """Plan messages just made by ``conn.sending``, in one write."""
+        self.write(conn, b"".join(frames))
+
+    def listen_feedback(self, sources: int) -> tuple[int, int]:
+        """The UDP port where ``sources`` receiving processes will say their progress,
+        and the round of feedback they are to say it with."""
+        if self.feedback_socket is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            self.feedback_socket = sock
+            self.feedback_fd = sock.fileno()
+            self.poller.register(self.feedback_fd, EPOLLIN)
+        self.feedback_sources = sources
+        self.feedback_round += 1
+        self.progress = {}
+        return int(self.feedback_socket.getsockname()[1]), self.feedback_round
+
+    def feedback_in(self) -> None:
+        sock = self.feedback_socket
+        assert sock is not None
+        while True:
+            try:
+                data, source = sock.recvfrom(64)
+            except BlockingIOError:
+                break
+            if len(data) == PROGRESS.size:
+                round_, done = PROGRESS.unpack(data)
+                if round_ == self.feedback_round:
+                    self.progress[source] = max(done, self.progress.get(source, 0))
+        now = time.monotonic_ns()
+        for conn in self.fed:
+            self.feed(conn, now)
+
+    def feed(self, conn: Conn, now: int) -> None:
+        """Feedback plan: keep ``window`` messages beyond those that reached every
+        receiver in flight, each in its own write."""
+        sending = conn.sending
+        if sending is None or conn.state != READY:
+            return
+        plan = sending.plan
+        reached = 0
+        if len(self.progress) >= self.feedback_sources:
+            reached = min(self.progress.values(), default=plan.count)
+        limit = min(plan.count, reached + plan.window)
+        while sending.sent < limit:
+            frame = sending.frame(sending.sent, now)
+            sending.sent += 1
+            self.send_messages(conn, [frame])
+            now = time.monotonic_ns()
 
     def fill(self, conn: Conn, now: int) -> None:
         sending = conn.sending
@@ -720,7 +859,7 @@ class Generator:
         while sending.sent < limit:
             frames.append(sending.frame(sending.sent, now))
             sending.sent += 1
-        self.write(conn, b"".join(frames))
+        self.send_messages(conn, frames)
 
     def pace(self) -> None:
         now = time.monotonic_ns()
@@ -736,7 +875,7 @@ class Generator:
                     frames.append(sending.frame(sending.sent, now))
                     sending.sent += 1
                     due = sending.t_first + int(sending.sent * 1e9 / plan.rate)
-                self.write(conn, b"".join(frames))
+                self.send_messages(conn, frames)
 
     def acked(self, conn: Conn, refs: list[tuple[bytes, bytes]], now: int) -> None:
         sending = conn.sending
@@ -754,7 +893,7 @@ class Generator:
         if self.syncing:
             self.check_sync()
         if sending is not None and refs:
-            if sending.plan.rate == 0:
+            if sending.plan.rate == 0 and not sending.plan.feedback:
                 self.fill(conn, now)
             self.check_plan()
 
@@ -773,6 +912,7 @@ class Generator:
             return
         self.plan_active = False
         self.paced = []
+        self.fed = []
         ack_ns = array("q")
         rows = []
         for conn in senders:
@@ -873,7 +1013,16 @@ class Generator:
             "frames": sum(conn.frames for conn in self.all),
             "open_connections": sum(1 for conn in self.all if conn.state == READY),
             "counted": len(counted),
+            "tls": self.tls_in_use(),
         }
+
+    def tls_in_use(self) -> str | None:
+        """The TLS version and cipher suite of an open connection (all are alike)."""
+        for conn in self.all:
+            if conn.state == READY:
+                cipher = conn.tls.cipher()
+                return f"{conn.tls.version()} {cipher[0] if cipher else '?'}"
+        return None
 
 
 def _codes(data: bytes) -> str:
@@ -896,7 +1045,13 @@ def main(pipe: Connection, setup: Setup) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    generator = Generator(pipe, setup)
+    generator: Generator
+    if setup.protocol == "irc":
+        from .irc import IrcGenerator  # here: it builds on this module
+
+        generator = IrcGenerator(pipe, setup)
+    else:
+        generator = Generator(pipe, setup)
     try:
         generator.run()
     except BaseException:

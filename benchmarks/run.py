@@ -2,7 +2,7 @@
 
 Prints one JSON line per measured result on stdout as it is done, progress
 on stderr, and a table comparing every figure with the targets of issues 5,
-9 and 12 at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
+9, 12 and 14 at the end; writes the JSON lines to ``benchmarks/results/latest.jsonl``
 (``--output``), the tables in Markdown beside it (``latest.md``), and
 appends the lines to ``benchmarks/results/history.jsonl``. Exit code 0
 when every scenario ran (targets may be missed), 1 when one could not run,
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Benchmark a real securechat server on loopback: fanout, rooms, connect, idle,"
             " durable, freeze, and the same on a cluster (--workers N + Redis): cluster-fanout,"
-            " cluster-connect-certs, cluster-durable (default: all, in that order)."
+            " cluster-connect-certs, cluster-durable, and securechat beside ngIRCd: peers"
+            " (default: all, in that order)."
         ),
     )
     parser.add_argument(
@@ -79,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--time-limit",
         type=float,
-        default=1200.0,
-        help="stop everything after this many seconds (default: 1200)",
+        default=1800.0,
+        help="stop everything after this many seconds (default: 1800)",
     )
     parser.add_argument(
         "--runs",

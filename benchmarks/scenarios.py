@@ -18,6 +18,7 @@ measuring that first if the run does not have it yet.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -42,6 +43,7 @@ from .driver import BenchError, BenchServer, Span, Worker, gather, spawn_context
 from .freeze import freeze
 from .loadgen import ConnSpec, Plan, Setup
 from .machine import describe, git_revision
+from .ngircd import NgircdServer
 from .stats import latency_ms, per_second
 
 OPEN_TIMEOUT = 180.0  # for one batch of connections to log in
@@ -174,14 +176,22 @@ class Bench:
 
     @contextmanager
     def session(
-        self, name: str, *, receivers: int | None = None, senders: int = 1, cluster: bool = False
+        self,
+        name: str,
+        *,
+        receivers: int | None = None,
+        senders: int = 1,
+        cluster: bool = False,
+        protocol: str = "securechat",
     ) -> Iterator[Session]:
+        """A server and its generators; with ``protocol="irc"``, ngIRCd and IRC ones."""
         session = Session(
             self,
             name,
             self.workers if receivers is None else receivers,
             senders,
             self.server_workers if cluster else 0,
+            protocol,
         )
         try:
             session.start()
@@ -191,14 +201,14 @@ class Bench:
             for record in session.records:
                 self.finish(record, session.server)
 
-    def finish(self, record: dict[str, Any], server: BenchServer) -> None:
+    def finish(self, record: dict[str, Any], server: BenchServer | NgircdServer) -> None:
         record["server"] = server.stopped
         record["server_settings"] = server.settings
         if self.quick:
             record["target_key"] = ""  # reduced sizes: not comparable with the targets
         record["targets"] = targets.evaluate(record)
         record["machine"] = self.machine
-        if self.server_code is not None:
+        if self.server_code is not None and isinstance(server, BenchServer):
             record["server_code"] = {
                 "path": str(self.server_code),
                 "revision": git_revision(self.server_code),
@@ -266,12 +276,19 @@ class Session:
     n_receivers: int
     n_senders: int
     cluster_workers: int = 0  # > 0: --workers N on a private Redis
+    protocol: str = "securechat"  # or "irc": a private ngIRCd instead
+    server: BenchServer | NgircdServer = field(init=False)
     receivers: list[Worker] = field(default_factory=list)
     senders: list[Worker] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     after_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.protocol == "irc":
+            self.server = NgircdServer(
+                self.bench.root / self.name, self.bench.pki, self.bench.password
+            )
+            return
         self.server = BenchServer(
             self.bench.root / self.name,
             self.bench.pki,
@@ -282,11 +299,19 @@ class Session:
         )
 
     @property
+    def chat_server(self) -> BenchServer:
+        """The server, known to be securechat's."""
+        assert isinstance(self.server, BenchServer)
+        return self.server
+
+    @property
     def workers(self) -> list[Worker]:
         return [*self.receivers, *self.senders]
 
     def start(self) -> None:
         what = f"{self.cluster_workers} workers and Redis" if self.cluster_workers else "the server"
+        if self.protocol == "irc":
+            what = "ngIRCd"
         self.bench.log(f"{self.name}: starting {what}")
         self.server.start()
         if self.server.redis is not None:
@@ -297,7 +322,13 @@ class Session:
             )
         else:
             self.bench.log(f"{self.name}: server pid {self.server.pid} on port {self.server.port}")
-        setup = Setup("127.0.0.1", self.server.port, str(self.bench.pki), self.bench.password)
+        setup = Setup(
+            "127.0.0.1",
+            self.server.port,
+            str(self.bench.pki),
+            self.bench.password,
+            protocol=self.protocol,
+        )
         context = self.bench.context
         for index in range(self.n_receivers):
             self.receivers.append(Worker(context, _named(setup, f"{self.name}-recv{index}")))
@@ -366,9 +397,16 @@ class Session:
                 return
 
     def deliver(self, plan: Plan, *, stall: float = 15.0) -> Delivery:
-        """Run ``plan`` on every sender; receivers count ``plan.count`` messages each."""
+        """Run ``plan`` on every sender; receivers count ``plan.count`` messages each
+        (and with ``plan.feedback`` tell the one sender process their progress)."""
+        feedback = None
+        if plan.feedback:
+            if len(self.senders) != 1:
+                raise BenchError("a feedback plan needs exactly one sender process")
+            self.senders[0].send("feedback", len(self.receivers))
+            feedback = self.senders[0].expect("feedback", 30)[1]
         for worker in self.receivers:
-            worker.send("arm", plan.count, plan.deadline, stall)
+            worker.send("arm", plan.count, plan.deadline, stall, feedback)
         gather(self.receivers, "armed", 30)
         span = Span(self.server, self.workers)
         for worker in self.senders:
@@ -399,7 +437,7 @@ class Session:
 
 
 def _named(setup: Setup, name: str) -> Setup:
-    return Setup(setup.host, setup.port, setup.pki, setup.password, name)
+    return dataclasses.replace(setup, name=name)
 
 
 # --- fanout and rooms -------------------------------------------------------------------
@@ -851,7 +889,7 @@ def durable(bench: Bench, *, cluster: bool = False) -> None:
             "database": "SQLite WAL, synchronous=FULL, in the temp dir",
             "runs": bench.runs,
         }
-        server = session.server
+        server = session.chat_server
         if cluster:
             params.update(cluster_params(session))
             params["database"] = (
@@ -949,6 +987,14 @@ def _say_result(bench: Bench, record: dict[str, Any]) -> None:
     bench.log(f"{record['name']}: {shown}")
 
 
+def peers(bench: Bench) -> None:
+    """The fan-out patterns on securechat and on ngIRCd side by side
+    (:mod:`benchmarks.peers`)."""
+    from .peers import peers as run  # here: it builds on this module
+
+    run(bench)
+
+
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "fanout": fanout,
     "rooms": rooms,
@@ -959,6 +1005,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "cluster-fanout": cluster_fanout,
     "cluster-connect-certs": cluster_connect,
     "cluster-durable": cluster_durable,
+    "peers": peers,
 }
 """Everything ``python -m benchmarks`` runs by default, in this order."""
 

@@ -1,11 +1,13 @@
-"""The targets of issues 5, 9 and 12, how a result compares with them, and the tables.
+"""The targets of issues 5, 9, 12 and 14, how a result compares with them, and the tables.
 
 A target names a figure of a result (a dotted path into its ``results``),
 a comparison and a bound, with the reference it came from. Each record
 carries a ``target_key`` saying which targets apply (the quick run keeps the
 key of the size it stands in for, and says that it is quick). Some of issue
 12's targets are ratios to the one-process result of the same run: the
-cluster scenarios compute them into ``vs_one_process``.
+cluster scenarios compute them into ``vs_one_process``. Issue 14's are ratios to
+ngIRCd's result of the same pattern in the same run (``vs_ngircd``, from the
+``peers`` scenario).
 """
 
 from __future__ import annotations
@@ -72,6 +74,22 @@ TARGETS = (
     Target("cluster-connect-certs", "vs_one_process.logins_per_s", ">=", 1.6, "x one process"),
     Target("cluster-durable", "acked_per_s", ">=", 10_000, "acks after Redis's fsync"),
     Target("cluster-durable", "every_ack_stored", "==", 1, "after SIGKILL of Redis"),
+    # Issue 14: securechat / ngIRCd 26, 1000 receivers, the same generator, the same run.
+    Target("peers-paced", "vs_ngircd.deliveries_per_s", ">=", 0.99, "x ngIRCd: keeps up"),
+    Target("peers-paced", "vs_ngircd.server_cpu_us_per_delivery", "<=", 1.0, "x ngIRCd"),
+    Target("peers-paced", "vs_ngircd.latency_ms_p99", "<=", 2.0, "x ngIRCd"),
+    Target("peers-paced", "latency_ms.p99", "<=", 60, "issue 14"),
+    Target("peers-paced", "lost", "==", 0),
+    Target(
+        "peers-per-delivery",
+        "vs_ngircd.server_cpu_us_per_delivery",
+        "<=",
+        1.0,
+        "x ngIRCd (issue 14: 1.49x)",
+    ),
+    Target("peers-per-delivery", "lost", "==", 0),
+    Target("peers-burst", "vs_ngircd.server_cpu_us_per_delivery", "<=", 0.6, "x ngIRCd"),
+    Target("peers-burst", "lost", "==", 0),
 )
 
 # The figures the table shows for each scenario, besides those with targets.
@@ -188,6 +206,21 @@ HEADLINES: dict[str, tuple[str, ...]] = {
         "cpu.other_cpu_share",
         "workers.split",
     ),
+    "peers": (
+        "deliveries_per_s",
+        "vs_ngircd.deliveries_per_s",
+        "server_cpu_us_per_delivery",
+        "vs_ngircd.server_cpu_us_per_delivery",
+        "latency_ms.p50",
+        "latency_ms.p99",
+        "vs_ngircd.latency_ms_p99",
+        "latency_ms.max",
+        "lost",
+        "generator_cpu_us_per_delivery",
+        "cpu.server_cpu_share",
+        "cpu.generator_cpu_share",
+        "cpu.other_cpu_share",
+    ),
     "freeze": (
         "ping_rtt_ms.p50",
         "ping_rtt_ms.p99",
@@ -295,7 +328,7 @@ def markdown_table(records: Iterable[dict[str, Any]]) -> str:
 
 
 def markdown_targets(records: Iterable[dict[str, Any]]) -> str:
-    """One row per target of issues 5, 9 and 12: the figure measured, the bound, met or
+    """One row per target of issues 5, 9, 12 and 14: the figure measured, the bound, met or
     not."""
     lines = ["| scenario | figure | measured | target | |", "|---|---|---:|---|---|"]
     for record in records:

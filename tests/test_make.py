@@ -64,6 +64,17 @@ def test_make_test_brings_redis_server_when_missing(clone: Path) -> None:
     assert "apt-get install -y -qq redis-server" in guard[: guard.index(".venv/bin/pytest")]
 
 
+def test_make_test_and_bench_bring_ngircd_with_its_service_off(clone: Path) -> None:
+    # tests/test_bench_peers.py and the peers scenario start private ngircds.
+    for target, runs in (("test", ".venv/bin/pytest"), ("bench", ".venv/bin/python -m benchmarks")):
+        commands = "\n".join(dry_run(clone, target))
+        guard = commands[commands.index("command -v ngircd >/dev/null || {") :]
+        guard = guard[: guard.index(runs)]
+        assert "apt-get install -y -qq ngircd" in guard
+        assert "systemctl disable --now ngircd.service" in guard
+        assert "update-rc.d ngircd disable" in guard
+
+
 def test_make_run_port_and_config(clone: Path) -> None:
     commands = dry_run(clone, "run", "PORT=9000")
     assert commands[-1] == ".venv/bin/securechat server --config config.example.toml --port 9000"
