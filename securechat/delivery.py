@@ -333,10 +333,35 @@ class Peer:
             await self._all_settled.wait()
 
 
-# The adaptive tick: the share of the last ticks the event loop's thread was busy
-# (smoothed), above which the tick grows; at full load it is the longest one.
+# The adaptive tick: the share of the last ticks the event loop was busy (smoothed),
+# above which the tick grows; when it never waits for I/O the tick is the longest one.
 BUSY_LOW = 0.5
 BUSY_SMOOTHING = 0.25  # weight of the newest tick
+
+
+class LoopBusy(trio.abc.Instrument):
+    """Seconds the event loop has spent on anything but waiting for I/O since it was made.
+
+    Wall time, not CPU time: a loop whose thread waits for a core (another
+    process has it) is as far behind as one that computes.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self._idle = 0.0
+        self._since = self._start
+
+    # A wait with no timeout is only a look at what is ready: the loop has tasks to run.
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout:
+            self._since = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        if timeout:
+            self._idle += time.perf_counter() - self._since
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self._start - self._idle
 
 
 class FlushTicker:
@@ -348,12 +373,14 @@ class FlushTicker:
     on it gets the connections it held back for the next tick at every tick.
 
     The tick adapts to load between ``interval`` and ``max_interval``: while
-    the event loop's thread is busy less than half the time, it is
-    ``interval``; above that it grows in proportion, to ``max_interval`` when
-    the thread never rests. A busy server then writes several messages to a
-    connection in one write, which is what frees it (a write costs about the
-    same for one message as for several); an idle one stays quick.
-    ``cpu_clock`` is the thread's CPU time (a test passes its own).
+    the event loop is busy (not waiting for I/O) less than half the time, it
+    is ``interval``; above that it grows in proportion, to ``max_interval``
+    when the loop never waits. A busy server then writes several messages to
+    a connection in one write, which is what frees it (a write costs about
+    the same for one message as for several); an idle one stays quick.
+    ``busy_clock`` gives the loop's busy seconds so far; by default a
+    :class:`LoopBusy` instrument installed while the ticker runs (a test
+    passes its own).
     """
 
     def __init__(
@@ -361,30 +388,41 @@ class FlushTicker:
         interval: float,
         presence_delay: float,
         max_interval: float | None = None,
-        cpu_clock: Callable[[], float] = time.thread_time,
+        busy_clock: Callable[[], float] | None = None,
     ) -> None:
         self.interval = interval
         self.max_interval = interval if max_interval is None else max(interval, max_interval)
         self.current = interval  # the length of the tick now under way
-        self.busy = 0.0  # smoothed share of the event loop's thread that was busy
+        self.busy = 0.0  # smoothed share of the time the event loop was busy
         self.count = 0
         self.later: DeferredWakeups | None = DeferredWakeups() if presence_delay else None
         self._presence_delay = presence_delay
-        self._cpu_clock = cpu_clock
+        self._busy_clock = busy_clock
         self._waiting = trio.lowlevel.ParkingLot()
         self._stopped = False
         self.flusher: Flusher | None = None
 
-    def _next_interval(self, cpu: float, wall: float) -> float:
+    def _next_interval(self, busy: float, wall: float) -> float:
         if wall > 0:
-            share = min(1.0, cpu / wall)
+            share = min(1.0, max(0.0, busy / wall))
             self.busy += BUSY_SMOOTHING * (share - self.busy)
         over = max(0.0, self.busy - BUSY_LOW) / (1 - BUSY_LOW)
         return self.interval + (self.max_interval - self.interval) * over
 
     async def run(self) -> None:
+        if self.max_interval > self.interval and self._busy_clock is None:
+            busy_clock = LoopBusy()
+            trio.lowlevel.add_instrument(busy_clock)
+            try:
+                await self._run(busy_clock)
+            finally:
+                trio.lowlevel.remove_instrument(busy_clock)
+        else:
+            await self._run(self._busy_clock)
+
+    async def _run(self, busy_clock: Callable[[], float] | None) -> None:
         presence_due = trio.current_time() + self._presence_delay
-        cpu = self._cpu_clock()
+        busy = busy_clock() if busy_clock is not None else 0.0
         now = trio.current_time()
         while not self._stopped:
             await trio.sleep(self.current)
@@ -397,9 +435,9 @@ class FlushTicker:
             if self.later is not None and now >= presence_due:
                 presence_due = now + self._presence_delay
                 self.later.wake_all()
-            if self.max_interval > self.interval:
-                used, cpu = cpu, self._cpu_clock()
-                self.current = self._next_interval(cpu - used, now - then)
+            if busy_clock is not None and self.max_interval > self.interval:
+                before, busy = busy, busy_clock()
+                self.current = self._next_interval(busy - before, now - then)
 
     def stop(self) -> None:
         self._stopped = True

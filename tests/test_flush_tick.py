@@ -1,24 +1,26 @@
 """The flush tick (securechat.delivery.FlushTicker) on trio's MockClock: its length
-follows the load of the event loop's thread, and presence wake-ups keep their delay.
+follows the load of the event loop, and presence wake-ups keep their delay.
 
-The thread's CPU clock is the one thing replaced: ``Load`` reports that the thread was
-busy a given share of the (virtual) time, which is what the ticker reads from
-``time.thread_time`` in the server.
+In virtual time the loop is never busy, so ``Load`` says it was busy a given share of
+the (virtual) time, which is what the ticker reads from a ``LoopBusy`` instrument in the
+server; ``LoopBusy`` itself is tested on the real clock.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import trio
 import trio.testing
 
-from securechat.delivery import FlushTicker, Outbox
+from securechat.delivery import FlushTicker, LoopBusy, Outbox
 
 MS = 0.001
 
 
 class Load:
-    """A CPU clock for the ticker: busy ``share`` of the virtual time since it last changed."""
+    """A busy clock for the ticker: busy ``share`` of the virtual time since it last changed."""
 
     def __init__(self) -> None:
         self.share = 0.0
@@ -48,7 +50,7 @@ async def test_the_tick_grows_with_the_load_of_the_event_loop(
     autojump_clock: trio.testing.MockClock, share: float, expected: float
 ) -> None:
     load = Load()
-    ticker = FlushTicker(10 * MS, 0, 50 * MS, cpu_clock=load)
+    ticker = FlushTicker(10 * MS, 0, 50 * MS, busy_clock=load)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker.run)
         load.set(share)
@@ -68,7 +70,7 @@ async def test_the_tick_shrinks_again_when_the_load_goes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     load = Load()
-    ticker = FlushTicker(10 * MS, 0, 50 * MS, cpu_clock=load)
+    ticker = FlushTicker(10 * MS, 0, 50 * MS, busy_clock=load)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker.run)
         load.set(1.0)
@@ -80,7 +82,7 @@ async def test_the_tick_shrinks_again_when_the_load_goes(
         ticker.stop()
 
 
-async def test_a_fixed_tick_does_not_read_the_cpu_clock(
+async def test_a_fixed_tick_does_not_read_the_busy_clock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     reads: list[float] = []
@@ -89,7 +91,7 @@ async def test_a_fixed_tick_does_not_read_the_cpu_clock(
         reads.append(trio.current_time())
         return trio.current_time()  # always busy: would stretch an adaptive tick
 
-    ticker = FlushTicker(20 * MS, 0, cpu_clock=clock)
+    ticker = FlushTicker(20 * MS, 0, busy_clock=clock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker.run)
         await ticks(ticker, 20)
@@ -104,7 +106,7 @@ async def test_presence_waits_its_delay_whatever_the_tick(
 ) -> None:
     load = Load()
     load.share = share
-    ticker = FlushTicker(10 * MS, 200 * MS, 50 * MS, cpu_clock=load)
+    ticker = FlushTicker(10 * MS, 200 * MS, 50 * MS, busy_clock=load)
     assert ticker.later is not None
     woken: list[float] = []
 
@@ -124,3 +126,20 @@ async def test_presence_waits_its_delay_whatever_the_tick(
         # never later than one delay plus one (longest) tick.
         assert woken[0] - added <= 200 * MS + ticker.max_interval + 1 * MS
         ticker.stop()
+
+
+async def test_loop_busy_counts_what_is_not_waiting_for_io() -> None:
+    busy = LoopBusy()
+    trio.lowlevel.add_instrument(busy)
+    try:
+        start = busy()
+        await trio.sleep(0.05)  # waiting for I/O (the timeout): not busy
+        sleeping = busy() - start
+        deadline = time.perf_counter() + 0.05
+        while time.perf_counter() < deadline:  # computing (and yielding): busy
+            await trio.lowlevel.checkpoint()
+        computing = busy() - start - sleeping
+    finally:
+        trio.lowlevel.remove_instrument(busy)
+    assert sleeping < 0.04
+    assert computing >= 0.05
