@@ -67,6 +67,9 @@ class Setup:
     pki: str  # directory with ca.crt and <user>.crt/.key
     password: str
     name: str = "gen"
+    # Ask for presence lists in hello (as securechat's clients do); off for a server
+    # that predates hello's ``features`` (``--server-code`` of an older commit).
+    presence_lists: bool = True
 
 
 @dataclass(frozen=True)
@@ -411,12 +414,17 @@ class Generator:
             return
         conn.t_hs = time.monotonic_ns()
         conn.state = LOGIN
+        features = b',"features":["presence_lists"]' if self.setup.presence_lists else b""
         if conn.spec.cert:
-            hello = b'{"type":"hello","username":"%s","id":"h"}\n' % conn.spec.user.encode()
+            hello = b'{"type":"hello","username":"%s"%s,"id":"h"}\n' % (
+                conn.spec.user.encode(),
+                features,
+            )
         else:
-            hello = b'{"type":"hello","username":"%s","password":"%s","id":"h"}\n' % (
+            hello = b'{"type":"hello","username":"%s","password":"%s"%s,"id":"h"}\n' % (
                 conn.spec.user.encode(),
                 self.setup.password.encode(),
+                features,
             )
         self.write(conn, hello)
 

@@ -29,7 +29,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +297,13 @@ class Session:
             )
         else:
             self.bench.log(f"{self.name}: server pid {self.server.pid} on port {self.server.port}")
-        setup = Setup("127.0.0.1", self.server.port, str(self.bench.pki), self.bench.password)
+        setup = Setup(
+            "127.0.0.1",
+            self.server.port,
+            str(self.bench.pki),
+            self.bench.password,
+            presence_lists=self.bench.server_code is None,
+        )
         context = self.bench.context
         for index in range(self.n_receivers):
             self.receivers.append(Worker(context, _named(setup, f"{self.name}-recv{index}")))
@@ -399,7 +405,7 @@ class Session:
 
 
 def _named(setup: Setup, name: str) -> Setup:
-    return Setup(setup.host, setup.port, setup.pki, setup.password, name)
+    return replace(setup, name=name)
 
 
 # --- fanout and rooms -------------------------------------------------------------------
@@ -966,6 +972,8 @@ ALIASES: dict[str, Callable[[Bench], None]] = {
     "cluster-fanout-full": functools.partial(cluster_fanout, variants=("full",)),
     "cluster-fanout-paced": functools.partial(cluster_fanout, variants=("paced",)),
     "fanout-largest-full": fanout_largest_full,
+    "connect-certs": functools.partial(connect, variants=("certs",)),
+    "connect-passwords": functools.partial(connect, variants=("passwords",)),
 }
 """Parts of a scenario that can be asked for by name (never run by default)."""
 
