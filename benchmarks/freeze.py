@@ -98,7 +98,7 @@ def seed(bench: Bench, users: dict[str, str | None]) -> Path:
             str(bench.pki),
             bench.password,
             "freeze-seed",
-            presence_lists=bench.server_code is None,
+            presence_lists=bench.presence_lists,
         )
         worker = Worker(bench.context, setup)
         worker.send("open", [ConnSpec(SEEDER, sender=True)], 1, LOGIN_TIMEOUT)
@@ -147,7 +147,7 @@ def measure(
             server.port,
             str(bench.pki),
             bench.password,
-            presence_lists=bench.server_code is None,
+            presence_lists=bench.presence_lists,
         )
         alice = Worker(bench.context, _named(setup, f"freeze-{name}-alice"))
         workers.append(alice)

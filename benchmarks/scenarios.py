@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from securechat import certs, passwords
+from securechat.protocol import PRESENCE_LISTS
 from securechat.redis_store import PREFIX as REDIS_PREFIX
 
 from . import targets
@@ -140,6 +141,11 @@ class Bench:
     ) -> None:
         self.started = time.monotonic()
         self.server_code = server_code
+        # Ask for presence lists (as securechat's clients do) unless the server's code
+        # predates them (``--server-code`` of an older commit refuses hello's features).
+        self.presence_lists = server_code is None or PRESENCE_LISTS in (
+            server_code / "securechat" / "protocol.py"
+        ).read_text(encoding="utf-8")
         self.server_workers = server_workers
         self.runs = max(1, runs)
         self.overrides = overrides or {}
@@ -302,7 +308,7 @@ class Session:
             self.server.port,
             str(self.bench.pki),
             self.bench.password,
-            presence_lists=self.bench.server_code is None,
+            presence_lists=self.bench.presence_lists,
         )
         context = self.bench.context
         for index in range(self.n_receivers):

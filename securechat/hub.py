@@ -73,6 +73,10 @@ Committed = Callable[[BaseException | None], None]
 
 # How many "stored for later" flags wait for their ack (see Hub._stored).
 STORED_FLAGS = 4096
+# In a storm of changes, held presence waits up to this many presence delays, but no
+# more than PRESENCE_STORM_MAX seconds (unless one delay is longer) (Hub.run_presence).
+PRESENCE_STORM_FACTOR = 5
+PRESENCE_STORM_MAX = 5.0
 
 
 @dataclass
@@ -228,13 +232,23 @@ class Hub:
             self.online.announce(user, self.rooms.of(user), "offline")
 
     async def run_presence(self) -> None:
-        """Send the held ``online``/``offline`` changes every presence delay, while
-        there are any (see :meth:`Online.flush_presence`); runs until cancelled."""
+        """Send the held ``online``/``offline`` changes (see :meth:`Online.flush_presence`)
+        a presence delay after the last time; runs until cancelled.
+
+        While every delay brings changes (a login storm) the wait doubles, up to
+        :data:`PRESENCE_STORM_FACTOR` delays (1 s by default): each wait ends in one write to every
+        connection that takes lists, so in a storm of N arrivals their number, not
+        N², is what costs, and it falls with a longer wait. A delay without
+        changes brings it back.
+        """
         if self.presence_delay <= 0:
             return
+        delay = self.presence_delay
+        longest = max(delay, min(PRESENCE_STORM_FACTOR * delay, PRESENCE_STORM_MAX))
+        wait = delay
         while True:
-            await trio.sleep(self.presence_delay)
-            self.online.flush_presence()
+            await trio.sleep(wait)
+            wait = min(2 * wait, longest) if self.online.flush_presence() else delay
 
     async def deliver_stored(self, peer: Peer) -> None:
         """Send ``peer`` the direct messages that arrived while its user was offline."""

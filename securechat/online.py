@@ -157,12 +157,12 @@ class Online:
             if peer.username != username and peer not in listers:
                 peer.put(frame, urgent=False)
 
-    def flush_presence(self) -> None:
+    def flush_presence(self) -> bool:
         """Send the held ``online``/``offline`` changes to the connections that take lists:
         to each, at most one frame per state, naming the users (other than its own)
-        it shares a room with, each with its latest state."""
+        it shares a room with, each with its latest state. False if none were held."""
         if not self._held:
-            return
+            return False
         held, self._held = self._held, {}
         # Users announced to the same rooms have the same audience: one pass over
         # each audience's connections, not one per user.
@@ -193,6 +193,7 @@ class Online:
                 batch = frames[key] = _presence_lists(changes, skip=mine)
             for frame in batch:
                 peer.put(frame)
+        return True
 
 
 def _presence_lists(changes: list[tuple[str, OnlineState]], *, skip: str | None) -> list[bytes]:

@@ -623,6 +623,39 @@ async def test_presence_lists_reach_each_connection_once_with_what_it_shares(
     assert await dave.take() == [Presence(users=["bob", "carol"], state="offline")]
 
 
+async def test_the_presence_clock_waits_longer_while_changes_keep_coming(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    hub = Hub(store, await load_state(store), users=USERS, rooms=ROOMS, presence_delay=0.2)
+    alice = await listing(hub, "alice")
+    hub.online.flush_presence()  # alice's own online: to nobody
+    start = trio.current_time()
+
+    async def told_at(when: float, presence: Presence) -> None:
+        await trio.sleep_until(start + when - 0.001)
+        assert alice.frames() == []
+        await trio.sleep_until(start + when + 0.001)
+        assert await alice.take() == [presence]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_presence)
+        await trio.sleep_until(start + 0.1)
+        bob = await listing(hub, "bob")
+        await told_at(0.2, Presence(users=["bob"], state="online"))  # one delay
+        await trio.sleep_until(start + 0.3)
+        await listing(hub, "carol")
+        await told_at(0.6, Presence(users=["carol"], state="online"))  # a storm: 2 delays
+        await trio.sleep_until(start + 0.7)
+        await listing(hub, "dave")
+        await told_at(1.4, Presence(users=["dave"], state="online"))  # 4 delays
+        # The next wait is 5 delays (the most), ends at 2.4 with nothing held: back to one.
+        await trio.sleep_until(start + 2.5)
+        hub.logout(bob.member)
+        await told_at(2.6, Presence(users=["bob"], state="offline"))
+        nursery.cancel_scope.cancel()
+
+
 async def test_online_and_offline_go_once_to_each_connection_sharing_a_room_same_bytes(
     hub_store: tuple[Hub, MemoryStore],
 ) -> None:
