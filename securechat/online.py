@@ -9,13 +9,15 @@ recipient gets the same ``bytes`` object.
 
 ``online``/``offline`` presence is O(N²) frames when N users arrive at once.
 Connections that asked for :data:`~securechat.protocol.PRESENCE_LISTS` get it
-coalesced: the changes are held (:meth:`Online.flush_presence` is called every
-presence delay by the hub's clock) and then each such connection gets one
-``presence`` per state naming every user whose state changed, with the user's
-final state only. The held changes go out before anything else is put to any
-connection through this class or the hub's fan-out, so order is kept as if
-they had been queued at once. Other connections get one frame per change, as
-before; those frames are not urgent (see :meth:`~securechat.delivery.Outbox.put`).
+coalesced: the changes are held (the hub's presence clock,
+:meth:`~securechat.hub.Hub.run_presence`, calls :meth:`Online.flush_presence`)
+and then each such connection gets one ``presence`` per state naming every
+user whose state changed, with the user's final state only. The held changes
+go out before any frame broadcast to a room, any direct message the hub fans
+out and any ``who`` answer, so a user's ``online`` still comes before its
+messages and an answer is never overtaken by an older change. Other
+connections get one frame per change, as before; those frames are not urgent
+(see :meth:`~securechat.delivery.Outbox.put`).
 """
 
 from __future__ import annotations
