@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,14 @@ def seed(bench: Bench, users: dict[str, str | None]) -> Path:
     worker: Worker | None = None
     try:
         server.start()
-        setup = Setup("127.0.0.1", server.port, str(bench.pki), bench.password, "freeze-seed")
+        setup = Setup(
+            "127.0.0.1",
+            server.port,
+            str(bench.pki),
+            bench.password,
+            "freeze-seed",
+            presence_lists=bench.presence_lists,
+        )
         worker = Worker(bench.context, setup)
         worker.send("open", [ConnSpec(SEEDER, sender=True)], 1, LOGIN_TIMEOUT)
         opened = worker.expect("opened", LOGIN_TIMEOUT + 30)[1]
@@ -134,7 +142,13 @@ def measure(
     try:
         server.start()
         bench.log(f"freeze-{name}: server pid {server.pid} on port {server.port}")
-        setup = Setup("127.0.0.1", server.port, str(bench.pki), bench.password)
+        setup = Setup(
+            "127.0.0.1",
+            server.port,
+            str(bench.pki),
+            bench.password,
+            presence_lists=bench.presence_lists,
+        )
         alice = Worker(bench.context, _named(setup, f"freeze-{name}-alice"))
         workers.append(alice)
         specs = [ConnSpec(bystander(i), sender=True) for i in range(sizes.freeze_bystanders)]
@@ -254,4 +268,4 @@ def wait_idle(server: BenchServer, limit: float = 15.0) -> None:
 
 
 def _named(setup: Setup, name: str) -> Setup:
-    return Setup(setup.host, setup.port, setup.pki, setup.password, name)
+    return replace(setup, name=name)

@@ -74,6 +74,9 @@ class Setup:
     password: str
     name: str = "gen"
     protocol: str = "securechat"  # or "irc": :mod:`benchmarks.irc` speaks it
+    # Ask for presence lists in hello (as securechat's clients do); off for a server
+    # that predates hello's ``features`` (``--server-code`` of an older commit).
+    presence_lists: bool = True
 
 
 @dataclass(frozen=True)
@@ -451,12 +454,17 @@ class Generator:
 
     def hello(self, conn: Conn) -> None:
         """Log in: the first bytes once TLS is up."""
+        features = b',"features":["presence_lists"]' if self.setup.presence_lists else b""
         if conn.spec.cert:
-            hello = b'{"type":"hello","username":"%s","id":"h"}\n' % conn.spec.user.encode()
+            hello = b'{"type":"hello","username":"%s"%s,"id":"h"}\n' % (
+                conn.spec.user.encode(),
+                features,
+            )
         else:
-            hello = b'{"type":"hello","username":"%s","password":"%s","id":"h"}\n' % (
+            hello = b'{"type":"hello","username":"%s","password":"%s"%s,"id":"h"}\n' % (
                 conn.spec.user.encode(),
                 self.setup.password.encode(),
+                features,
             )
         self.write(conn, hello)
 

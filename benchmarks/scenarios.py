@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from securechat import certs, passwords
+from securechat.protocol import PRESENCE_LISTS
 from securechat.redis_store import PREFIX as REDIS_PREFIX
 
 from . import targets
@@ -142,6 +143,11 @@ class Bench:
     ) -> None:
         self.started = time.monotonic()
         self.server_code = server_code
+        # Ask for presence lists (as securechat's clients do) unless the server's code
+        # predates them (``--server-code`` of an older commit refuses hello's features).
+        self.presence_lists = server_code is None or PRESENCE_LISTS in (
+            server_code / "securechat" / "protocol.py"
+        ).read_text(encoding="utf-8")
         self.server_workers = server_workers
         self.runs = max(1, runs)
         self.overrides = overrides or {}
@@ -328,6 +334,7 @@ class Session:
             str(self.bench.pki),
             self.bench.password,
             protocol=self.protocol,
+            presence_lists=self.bench.presence_lists,
         )
         context = self.bench.context
         for index in range(self.n_receivers):
@@ -1013,6 +1020,8 @@ ALIASES: dict[str, Callable[[Bench], None]] = {
     "cluster-fanout-full": functools.partial(cluster_fanout, variants=("full",)),
     "cluster-fanout-paced": functools.partial(cluster_fanout, variants=("paced",)),
     "fanout-largest-full": fanout_largest_full,
+    "connect-certs": functools.partial(connect, variants=("certs",)),
+    "connect-passwords": functools.partial(connect, variants=("passwords",)),
 }
 """Parts of a scenario that can be asked for by name (never run by default)."""
 

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from . import __version__, checks, process, service, supervisor, tls
 from .certs import CA, MAX_LEAF_DAYS, RENEW_WITHIN, SERVER, CertError, Issued, generate
-from .client import ChatConnection, ChatSession, ClientError
+from .client import FEATURES, ChatConnection, ChatSession, ClientError, FeaturesRefused
 from .config import ClientSection, Config, ConfigError, exposure_warning, load_config
 from .console import Console, PipeConsole, open_console
 from .operator_console import PROMPT, run_operator_console
@@ -865,15 +865,22 @@ def _client_password(settings: ClientSection, *, ask: bool) -> SecretStr | None:
 async def _chat(
     settings: ClientSection, username: str, password: SecretStr | None, context: ssl.SSLContext
 ) -> int:
+    features: tuple[str, ...] = FEATURES
+
     async def connect() -> tuple[ChatConnection, Welcome]:
-        connection = await ChatConnection.open(
-            settings.host, settings.port, context, certificate=settings.cert
-        )
-        try:
-            return connection, await connection.login(username, password)
-        except BaseException:
-            await trio.aclose_forcefully(connection.stream)
-            raise
+        nonlocal features
+        while True:
+            connection = await ChatConnection.open(
+                settings.host, settings.port, context, certificate=settings.cert
+            )
+            try:
+                return connection, await connection.login(username, password, features=features)
+            except FeaturesRefused:
+                features = ()  # an older server (it closed the connection): log in without
+                await trio.aclose_forcefully(connection.stream)
+            except BaseException:
+                await trio.aclose_forcefully(connection.stream)
+                raise
 
     connection, welcome = await connect()
     print("[CONNECTED]", flush=True)  # only once logged in: a refusal is an error instead

@@ -21,7 +21,7 @@ import re
 import secrets
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +42,7 @@ from .protocol import (
     MAX_TEXT_CHARS,
     MAX_TOPIC_CHARS,
     NAME_PATTERN,
+    PRESENCE_LISTS,
     SERVER_USER,
     Ack,
     Bye,
@@ -95,6 +96,14 @@ class ClientError(Exception):
 
 class LoginRefused(ClientError):
     """The server said no to our credentials: trying again will not help."""
+
+
+class FeaturesRefused(ClientError):
+    """The server predates ``hello``'s ``features``: log in again without them."""
+
+
+# What this client asks for in ``hello``: it shows presence lists too.
+FEATURES = (PRESENCE_LISTS,)
 
 
 # Refusals of a login that say "not now" rather than "not you".
@@ -163,11 +172,18 @@ class ChatConnection:
             raise ClientError(describe_tls_failure(exc, where, certificate)) from None
         return cls(stream, where=where, certificate=certificate)
 
-    async def login(self, username: str, password: SecretStr | None) -> Welcome:
-        """Send ``hello`` and wait for ``welcome``; raises :class:`ClientError`."""
+    async def login(
+        self, username: str, password: SecretStr | None, *, features: Sequence[str] = ()
+    ) -> Welcome:
+        """Send ``hello`` (asking for ``features``) and wait for ``welcome``; raises
+        :class:`ClientError` (:class:`FeaturesRefused` from a server that knows no
+        features: log in again, on a new connection, without them)."""
         with trio.move_on_after(LOGIN_TIMEOUT):
             try:
-                await self.send(Hello(username=username, password=password, id="login"))
+                wanted = list(features) or None
+                await self.send(
+                    Hello(username=username, password=password, features=wanted, id="login")
+                )
                 reply = await self.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not _closed_without_alert(exc):
@@ -183,6 +199,12 @@ class ChatConnection:
                 return reply
             if isinstance(reply, Error):
                 text = f"login refused: {sanitize(reply.message)} ({reply.code})"
+                if (
+                    features
+                    and reply.code == ErrorCode.BAD_ENVELOPE
+                    and reply.message.startswith("features: unknown field")
+                ):
+                    raise FeaturesRefused(text)
                 if reply.code in TRANSIENT_REFUSALS:
                     raise ClientError(text)  # worth trying again later
                 raise LoginRefused(text)
@@ -662,8 +684,7 @@ class Formatter:
         """A line for anything but messages, acks and history ends (None: nothing to show)."""
         if isinstance(envelope, Presence):
             where = f"[{sanitize(envelope.room)}] " if envelope.room is not None else ""
-            user = sanitize(envelope.username)
-            return self.notice(f"{where}* {user} {sanitize(envelope.state)}")
+            return self.notice(f"{where}* {_names(envelope.names)} {sanitize(envelope.state)}")
         if isinstance(envelope, Joined):
             topic = f" ({sanitize(envelope.topic)})" if envelope.topic else ""
             members = _names(envelope.members)

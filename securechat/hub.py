@@ -73,6 +73,10 @@ Committed = Callable[[BaseException | None], None]
 
 # How many "stored for later" flags wait for their ack (see Hub._stored).
 STORED_FLAGS = 4096
+# In a storm of changes, held presence waits up to this many presence delays, but no
+# more than PRESENCE_STORM_MAX seconds (unless one delay is longer) (Hub.run_presence).
+PRESENCE_STORM_FACTOR = 5
+PRESENCE_STORM_MAX = 5.0
 
 
 @dataclass
@@ -112,7 +116,10 @@ class Hub:
         rooms: Mapping[str, RoomSettings],
         allow_room_create: bool = True,
         max_rooms: int = 1000,
+        presence_delay: float = 0.0,
     ) -> None:
+        """``presence_delay``: how long ``online``/``offline`` for connections that take
+        presence lists may be held to be sent together (:meth:`run_presence`); 0: not held."""
         self.store = store
         self.rooms = Rooms(
             users,
@@ -121,7 +128,8 @@ class Hub:
             allow_create=allow_room_create,
             max_rooms=max_rooms,
         )
-        self.online = Online(state.online_elsewhere)
+        self.presence_delay = presence_delay
+        self.online = Online(state.online_elsewhere, hold_presence=presence_delay > 0)
         self.ledger = SendLedger(state.recent_sends)
         self.last_applied = state.last_message_id  # the newest message delivered here
         self.stats = ChatStats()
@@ -186,16 +194,18 @@ class Hub:
 
     # --- connections ---
 
-    async def login(self, peer: Peer) -> list[str]:
+    async def login(self, peer: Peer, *, presence_lists: bool = False) -> list[str]:
         """Attach a logged-in connection; returns the user's rooms (the lobby always among them).
 
         Refuses (auth_failed) a user who is no longer configured. The connection is
         registered before anything is awaited, so a reload from then on sees it.
+        ``presence_lists``: the client takes several users' ``online``/``offline`` in
+        one ``presence`` (it asked for :data:`~securechat.protocol.PRESENCE_LISTS`).
         """
         user = peer.username
         if user not in self.rooms.users:
             raise ProtocolError(ErrorCode.AUTH_FAILED, "invalid username, password or certificate")
-        first = self.online.add(peer)
+        first = self.online.add(peer, presence_lists=presence_lists)
         if first:
             self.store.tell(HereOnline(user, True))
         lobby = self.rooms.lobby()
@@ -220,6 +230,25 @@ class Hub:
         self.store.tell(HereOnline(user, False))
         if not self.shutting_down and user not in self.online.elsewhere:
             self.online.announce(user, self.rooms.of(user), "offline")
+
+    async def run_presence(self) -> None:
+        """Send the held ``online``/``offline`` changes (see :meth:`Online.flush_presence`)
+        a presence delay after the last time; runs until cancelled.
+
+        While every delay brings changes (a login storm) the wait doubles, up to
+        :data:`PRESENCE_STORM_FACTOR` delays (1 s by default): each wait ends in one write to every
+        connection that takes lists, so in a storm of N arrivals their number, not
+        N², is what costs, and it falls with a longer wait. A delay without
+        changes brings it back.
+        """
+        if self.presence_delay <= 0:
+            return
+        delay = self.presence_delay
+        longest = max(delay, min(PRESENCE_STORM_FACTOR * delay, PRESENCE_STORM_MAX))
+        wait = delay
+        while True:
+            await trio.sleep(wait)
+            wait = min(2 * wait, longest) if self.online.flush_presence() else delay
 
     async def deliver_stored(self, peer: Peer) -> None:
         """Send ``peer`` the direct messages that arrived while its user was offline."""
@@ -278,6 +307,7 @@ class Hub:
         await self._persist(RemoveMember(name, user))
 
     def who(self, peer: Peer, name: str, ref: str | None) -> Members:
+        self.online.flush_presence()  # what it was told before comes before this answer
         members = self._members(self.rooms.visible(peer.username, name))
         return Members.model_construct(
             room=name,
@@ -427,6 +457,7 @@ class Hub:
             self.online.broadcast(message.room, frame)
             return
         sender, to = message.sender, message.to
+        self.online.flush_presence()  # the sender's "online" before its message
         if to != sender:  # a note to self is delivered once, below
             own_peers = self.online.peers_of(sender)
             self.stats.deliveries["direct"] += len(own_peers)

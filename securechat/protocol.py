@@ -59,6 +59,12 @@ TEXT_PATTERN = rf"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{{1,{MAX_TEXT_CHARS}}}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """A username or a room name."""
+# Optional features a client asks for in ``hello`` (unknown ones are ignored, so
+# that a client may ask for features a newer server offers).
+Feature = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,32}$")]
+MAX_FEATURES = 16
+PRESENCE_LISTS = "presence_lists"
+"""Feature: ``online``/``offline`` may come as one ``presence`` with a ``users`` list."""
 ClientId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Text = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN)
@@ -147,6 +153,14 @@ class Hello(_Envelope):
         min_length=1,
         max_length=MAX_PASSWORD_CHARS,
         description="Omitted when a client certificate authenticates the user.",
+    )
+    features: list[Feature] | None = Field(
+        default=None,
+        max_length=MAX_FEATURES,
+        description=(
+            "Optional protocol features the client understands (e.g. "
+            f"{PRESENCE_LISTS!r}); names the server does not know are ignored."
+        ),
     )
     id: ClientId | None = None
 
@@ -350,18 +364,35 @@ PresenceState = Literal["joined", "left", "online", "offline"]
 
 class Presence(_Envelope):
     """``username`` joined or left ``room`` (with ``room``), or came online or went offline
-    (without: sent once to each connection that shares a room with the user)."""
+    (without: sent once to each connection that shares a room with the user).
+
+    To a client that asked for :data:`PRESENCE_LISTS`, ``online`` and ``offline``
+    may instead name several users at once in ``users`` (never empty; then
+    ``username`` is absent)."""
 
     type: Literal["presence"] = "presence"
     room: Name | None = None
-    username: Name
+    username: Name | None = None
+    users: list[Name] | None = Field(default=None, min_length=1)
     state: PresenceState
 
     @model_validator(mode="after")
     def _room_for_joined_and_left_only(self) -> Presence:
         if (self.room is not None) != (self.state in ("joined", "left")):
             raise ValueError("room: given with joined and left only")
+        if (self.username is None) == (self.users is None):
+            raise ValueError("presence: exactly one of username and users")
+        if self.users is not None and self.room is not None:
+            raise ValueError("users: with online and offline only")
         return self
+
+    @property
+    def names(self) -> list[str]:
+        """The users whose state changed: ``users``, or ``[username]``."""
+        if self.users is not None:
+            return self.users
+        assert self.username is not None  # the validator saw to it
+        return [self.username]
 
 
 class Members(_Envelope):

@@ -243,6 +243,7 @@ class ChatServer:
             rooms=self.config.room_settings(),
             allow_room_create=settings.allow_room_create,
             max_rooms=settings.max_rooms,
+            presence_delay=settings.presence_delay_ms / 1000,
         )
         if self.store.shared:
             self._sharing = LimitSharing(
@@ -439,10 +440,11 @@ class ChatServer:
         )
 
     async def _background(self, scope: trio.CancelScope) -> None:
-        """What runs beside the connections until ``scope`` is cancelled: retention, and
-        on a cluster node the sharing of limits."""
+        """What runs beside the connections until ``scope`` is cancelled: the presence
+        clock, retention, and on a cluster node the sharing of limits."""
         with scope:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.hub.run_presence)
                 if self.retention.enabled:
                     nursery.start_soon(self._prune_periodically)
                 if self._sharing is not None:

@@ -26,6 +26,7 @@ from .delivery import DirectWrite, Flusher, FlushTicker, Outbox, Peer, write_loo
 from .hub import Hub
 from .limits import RateKind, RateLimiter, Verdict, address_key
 from .protocol import (
+    PRESENCE_LISTS,
     Bye,
     ClientEnvelope,
     Dm,
@@ -477,7 +478,7 @@ class Session:
         # From here on a reload sees this connection (login registers it
         # before it awaits anything) and can let it go.
         try:
-            rooms = await hub.login(member)
+            rooms = await hub.login(member, presence_lists=PRESENCE_LISTS in (hello.features or ()))
         except ProtocolError:  # a reload removed the user meanwhile
             self._refuse_login(hello, "account removed during login", LoginFailure.ACCOUNT_CHANGED)
             return None

@@ -259,11 +259,20 @@ def hostile_envelopes() -> list[ServerEnvelope]:
         Joined.model_construct(room=bad, topic=bad, members=[bad, bad]),
         Left.model_construct(room=bad),
         Presence.model_construct(room=bad, username=bad, state=untyped),
+        Presence.model_construct(users=[bad, bad], state=untyped),
         Members.model_construct(room=bad, online=[bad], members=[bad]),
         RoomList.model_construct(rooms=[RoomInfo.model_construct(name=bad, topic=bad, members=3)]),
         Kicked.model_construct(username=bad),
         Error.model_construct(code=untyped, message=bad),
     ]
+
+
+def test_formatter_shows_a_presence_list_on_one_line() -> None:
+    formatter = Formatter(me="alice", colour=False)
+    listed = Presence(users=["bob", "carol"], state="online")
+    assert formatter.describe(listed) == formatter.notice("* bob, carol online")
+    single = Presence(username="bob", state="offline")
+    assert formatter.describe(single) == formatter.notice("* bob offline")
 
 
 @pytest.mark.parametrize("colour", [False, True])

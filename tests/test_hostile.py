@@ -369,6 +369,9 @@ BASE: dict[str, dict[str, Any]] = {
 NOT_STRINGS: list[Any] = [0, -1, 1.5, True, False, {}, {"value": "lobby"}, [], ["lobby"]]
 NOT_INTS: list[Any] = ["5", "", 5.0, 1.5, True, False, {}, {"value": 5}, [], [5]]
 NOT_BOOLS: list[Any] = [1, 0, "true", "", 1.0, {}, {"value": True}, [], [True]]
+# For a list of strings (hello's features): anything but a list (a list of the wrong
+# items names the item: "features.0: ...").
+NOT_LISTS: list[Any] = [0, -1, 1.5, True, False, {}, {"value": ["x"]}, "presence_lists", ""]
 
 
 @dataclass(frozen=True)
@@ -378,9 +381,18 @@ class FieldSpec:
     integer: bool
     nullable: bool
     boolean: bool = False
+    listed: bool = False
 
     def wrong_values(self) -> list[Any]:
-        wrong = NOT_BOOLS if self.boolean else NOT_INTS if self.integer else NOT_STRINGS
+        wrong = (
+            NOT_LISTS
+            if self.listed
+            else NOT_BOOLS
+            if self.boolean
+            else NOT_INTS
+            if self.integer
+            else NOT_STRINGS
+        )
         return [*wrong, *([] if self.nullable else [None])]
 
 
@@ -400,6 +412,7 @@ def client_fields() -> list[FieldSpec]:
                     int in options,
                     type(None) in options,
                     boolean=bool in options,
+                    listed=any(typing.get_origin(option) is list for option in options),
                 )
             )
     return specs
@@ -426,6 +439,9 @@ def test_every_client_envelope_is_attacked() -> None:
             envelope, "action", integer=False, nullable=True, boolean=True
         )
     assert {name for envelope, name in fields if envelope == "topic"} == {"room", "topic", "id"}
+    assert fields["hello", "features"] == FieldSpec(
+        "hello", "features", integer=False, nullable=True, listed=True
+    )
 
 
 @pytest.mark.parametrize("phase", PHASES)

@@ -512,6 +512,150 @@ async def test_offline_presence_only_when_the_last_connection_logs_out(
     assert await alice2.take() == []
 
 
+async def listing(hub: Hub, username: str) -> Conn:
+    """A connection that asked for presence lists (``hello`` ``features``)."""
+    conn = Conn(username)
+    await hub.login(conn.member, presence_lists=True)
+    return conn
+
+
+@pytest.fixture
+async def holding_hub() -> tuple[Hub, MemoryStore]:
+    """A hub that holds presence for list-takers until ``online.flush_presence()``."""
+    store = MemoryStore()
+    hub = Hub(store, await load_state(store), users=USERS, rooms=ROOMS, presence_delay=1.0)
+    return hub, store
+
+
+async def test_presence_lists_hold_changes_then_one_frame_per_state_with_final_states(
+    holding_hub: tuple[Hub, MemoryStore],
+) -> None:
+    hub, store = holding_hub
+    alice = await listing(hub, "alice")
+    carol = await online(hub, "carol")  # an older client: one frame per change, as before
+    hub.online.flush_presence()
+    await drain(store, alice, carol)
+
+    bob1 = await listing(hub, "bob")
+    bob2 = await listing(hub, "bob")  # a second connection: no change
+    dave = await listing(hub, "dave")
+    hub.logout(dave.member)  # came and went within the window: told as offline
+    await flush(store)
+    assert await alice.take() == []  # held
+    assert await carol.take() == [
+        Presence(username="bob", state="online"),
+        Presence(username="dave", state="online"),
+        Presence(username="dave", state="offline"),
+    ]
+
+    hub.online.flush_presence()
+    assert await alice.take() == [
+        Presence(users=["bob"], state="online"),
+        Presence(users=["dave"], state="offline"),
+    ]
+    # Never told about itself; the same bytes for both of bob's connections.
+    assert bob1.frames() == bob2.frames()
+    assert await bob1.take() == [Presence(users=["dave"], state="offline")]
+    assert await carol.take() == []
+    hub.online.flush_presence()  # nothing held: nothing sent
+    assert await alice.take() == []
+
+    hub.logout(bob1.member)
+    hub.logout(carol.member)
+    hub.online.flush_presence()
+    assert await alice.take() == [Presence(users=["carol"], state="offline")]
+    hub.logout(bob2.member)
+    hub.online.flush_presence()
+    assert await alice.take() == [Presence(users=["bob"], state="offline")]
+
+
+async def test_held_presence_goes_before_a_message_and_a_who_answer(
+    holding_hub: tuple[Hub, MemoryStore],
+) -> None:
+    hub, store = holding_hub
+    alice = await listing(hub, "alice")
+    await drain(store, alice)
+
+    bob = await listing(hub, "bob")
+    await drain(store, bob)
+    await hub.say(bob.member, LOBBY, "hi", "m1")
+    await flush(store)
+    received = await alice.take()
+    assert received[0] == Presence(users=["bob"], state="online")
+    assert isinstance(received[1], Message)
+    assert received[1].text == "hi"
+
+    hub.logout(bob.member)
+    await flush(store)
+    assert await alice.take() == []  # held
+    members = hub.who(alice.member, LOBBY, "w1")
+    assert members.online == ["alice"]
+    # The change was put before the answer is returned (the session sends it then).
+    assert await alice.take() == [Presence(users=["bob"], state="offline")]
+
+
+async def test_presence_lists_reach_each_connection_once_with_what_it_shares(
+    holding_hub: tuple[Hub, MemoryStore],
+) -> None:
+    hub, store = holding_hub
+    alice = await listing(hub, "alice")
+    bob = await listing(hub, "bob")
+    carol = await listing(hub, "carol")
+    for conn in (alice, bob):
+        await hub.join(conn.member, "dev", None)
+    await hub.leave(carol.member, LOBBY, None)
+    await hub.join(carol.member, "news", None)  # shares no room with alice and bob
+    await drain(store, alice, bob, carol)
+    hub.online.flush_presence()
+    await drain(store, alice, bob, carol)
+
+    dave = await listing(hub, "dave")
+    await hub.join(dave.member, "news", None)  # sent after dave's held "online"
+    await drain(store, dave)
+    assert await alice.take() == [Presence(users=["dave"], state="online")]
+    # Not in the lobby when dave came: not told (as an older client would not be).
+    assert await carol.take() == [Presence(room="news", username="dave", state="joined")]
+
+    hub.logout(bob.member)  # lobby and dev
+    hub.logout(carol.member)  # news
+    hub.online.flush_presence()
+    assert await alice.take() == [Presence(users=["bob"], state="offline")]  # once, not twice
+    assert await dave.take() == [Presence(users=["bob", "carol"], state="offline")]
+
+
+async def test_the_presence_clock_waits_longer_while_changes_keep_coming(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    hub = Hub(store, await load_state(store), users=USERS, rooms=ROOMS, presence_delay=0.2)
+    alice = await listing(hub, "alice")
+    hub.online.flush_presence()  # alice's own online: to nobody
+    start = trio.current_time()
+
+    async def told_at(when: float, presence: Presence) -> None:
+        await trio.sleep_until(start + when - 0.001)
+        assert alice.frames() == []
+        await trio.sleep_until(start + when + 0.001)
+        assert await alice.take() == [presence]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_presence)
+        await trio.sleep_until(start + 0.1)
+        bob = await listing(hub, "bob")
+        await told_at(0.2, Presence(users=["bob"], state="online"))  # one delay
+        await trio.sleep_until(start + 0.3)
+        await listing(hub, "carol")
+        await told_at(0.6, Presence(users=["carol"], state="online"))  # a storm: 2 delays
+        await trio.sleep_until(start + 0.7)
+        await listing(hub, "dave")
+        await told_at(1.4, Presence(users=["dave"], state="online"))  # 4 delays
+        # The next wait is 5 delays (the most), ends at 2.4 with nothing held: back to one.
+        await trio.sleep_until(start + 2.5)
+        hub.logout(bob.member)
+        await told_at(2.6, Presence(users=["bob"], state="offline"))
+        nursery.cancel_scope.cancel()
+
+
 async def test_online_and_offline_go_once_to_each_connection_sharing_a_room_same_bytes(
     hub_store: tuple[Hub, MemoryStore],
 ) -> None:

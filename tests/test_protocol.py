@@ -798,6 +798,40 @@ def test_presence_has_a_room_for_joined_and_left_only() -> None:
         assert info.value.code is ErrorCode.BAD_ENVELOPE
 
 
+def test_presence_lists_name_several_users_for_online_and_offline_only() -> None:
+    listed = Presence(users=["bob", "carol"], state="offline")
+    assert encode(listed) == b'{"type":"presence","users":["bob","carol"],"state":"offline"}\n'
+    assert parse_server_frame(encode(listed)) == listed
+    assert listed.names == ["bob", "carol"]
+    assert Presence(username="bob", state="online").names == ["bob"]
+    for bad in [
+        b'{"type":"presence","users":[],"state":"online"}',
+        b'{"type":"presence","users":["bob"],"username":"bob","state":"online"}',
+        b'{"type":"presence","state":"online"}',
+        b'{"type":"presence","room":"dev","users":["bob"],"state":"joined"}',
+        b'{"type":"presence","users":["Bob!"],"state":"online"}',
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            parse_server_frame(bad)
+        assert info.value.code is ErrorCode.BAD_ENVELOPE
+
+
+def test_hello_features_are_optional_names_and_bounded() -> None:
+    hello = parse_client_frame(b'{"type":"hello","username":"bob","features":["presence_lists"]}')
+    assert isinstance(hello, Hello)
+    assert hello.features == ["presence_lists"]
+    assert parse_client_frame(b'{"type":"hello","username":"bob"}') == Hello(username="bob")
+    many = ",".join(f'"f{n}"' for n in range(17))
+    for bad in [
+        b'{"type":"hello","username":"bob","features":"presence_lists"}',
+        b'{"type":"hello","username":"bob","features":["Presence Lists"]}',
+        b'{"type":"hello","username":"bob","features":[' + many.encode() + b"]}",
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            parse_client_frame(bad)
+        assert info.value.code is ErrorCode.BAD_ENVELOPE
+
+
 # --- encode ---------------------------------------------------------------------------
 
 TS = "2026-11-24T07:00:00.123Z"

@@ -10,11 +10,13 @@ with close_notify. These tests look at the cache with the documented
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
+import trio
 
 from securechat import tls
 from securechat.client import ChatConnection
@@ -113,3 +115,41 @@ def test_pointer_check_accepts_only_writable_memory() -> None:
     ]
     assert read_only
     assert not any(tls._in_writable_mapping(start, 16) for start in read_only)
+
+
+# --- the certificate chain -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("client_certs", "after_leaf"), [("none", 0), ("optional", 1)])
+def test_the_chain_is_built_once_at_start_up_not_in_every_handshake(
+    pki: Pki, client_certs: ClientCertMode, after_leaf: int
+) -> None:
+    # Without a chain of its own OpenSSL builds one from the trust store in every
+    # handshake (a verification of the server's own certificate, ~0.1 ms).
+    context = tls.server_context(pki.cert("server"), pki.key("server"), pki.ca, client_certs)
+    native = tls._Native.of(context)
+    assert native is not None
+    assert native.chain_certs() == after_leaf
+    client = tls.client_context(pki.ca, pki.cert("carol"), pki.key("carol"))
+    assert _memory_handshake(context, client) == "TLSv1.3"
+
+
+@pytest.mark.parametrize(("client_certs", "sent"), [("none", 1), ("optional", 2)])
+async def test_the_server_sends_the_same_certificates_as_before(
+    start_server: StartServer, pki: Pki, client_certs: ClientCertMode, sent: int
+) -> None:
+    # As documented (docs/security.md): with client certificates on, the CA from
+    # [server] ca follows the server's certificate; without, the leaf alone.
+    server = await start_server(client_certs=client_certs)
+    shown = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"{server.host}:{server.port}", "-showcerts"],
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    pem = rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----"
+    pems = re.findall(pem, shown.stdout, re.S)
+    assert len(pems) == sent
+    assert pems[0] == pki.cert("server").read_bytes().strip()
+    if sent == 2:
+        assert pems[1] == pki.ca.read_bytes().strip()

@@ -362,7 +362,13 @@
     ws.addEventListener("open", () => {
       if (state.ws !== ws) return;
       clearTimeout(state.loginTimer);
-      const hello = { type: "hello", username: state.credentials.username, id: "login" };
+      // presence_lists: several users' online/offline may come in one presence.
+      const hello = {
+        type: "hello",
+        username: state.credentials.username,
+        features: ["presence_lists"],
+        id: "login",
+      };
       if (state.credentials.password) hello.password = state.credentials.password;
       ws.send(JSON.stringify(hello));
       state.loginTimer = setTimeout(() => {
@@ -709,6 +715,20 @@
   };
 
   const presence = (envelope) => {
+    if (Array.isArray(envelope.users)) {
+      // A list (we asked for presence_lists): online or offline of several users.
+      for (const user of envelope.users) {
+        if (envelope.state === "online") state.online.add(user);
+        if (envelope.state === "offline") state.online.delete(user);
+      }
+      const conv = state.conversations.get(state.current);
+      const verb = envelope.users.length === 1 ? "is" : "are";
+      const names = envelope.users.flatMap((name, i) => (i ? [", ", { name }] : [{ name }]));
+      if (conv) notice(conv, [...names, ` ${verb} ${envelope.state}`], "presence");
+      renderMembers();
+      renderConversationList();
+      return;
+    }
     const who = { name: envelope.username };
     if (envelope.state === "online") state.online.add(envelope.username);
     if (envelope.state === "offline") state.online.delete(envelope.username);
