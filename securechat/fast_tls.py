@@ -19,11 +19,15 @@ would have done:
   standard-library socket could be found.
 
 Everything else goes to ``stream.send_all``. When the kernel takes only part
-of the bytes, the rest goes back to the stream's (empty) outgoing buffer,
-where trio's own code would have left it; :func:`flush` then takes the inner
-send lock and sends it through the transport, as ``SSLStream`` does, so
-records from a concurrent reader (a KeyUpdate answer) or a later write queue
-behind it in order. Reads, the handshake, KeyUpdate and ``aclose`` stay
+of the bytes, the rest becomes the stream's ``_delayed_outgoing``: the bytes
+trio itself holds back (for TLS 1.3 session tickets) and puts in front of
+whatever it sends next, under its inner send lock. So records that a
+concurrent read encrypts (a KeyUpdate answer), a later write, or ``aclose``'s
+close_notify queue behind the rest in order, and :func:`flush` sends it
+under that lock. It must not go back to the outgoing BIO: a read empties
+that BIO and sends what it finds, so a reading task would then wait on a
+peer that does not read, and stop reading (the peer, writing, would wait
+for it in turn). Reads, the handshake, KeyUpdate and ``aclose`` stay
 trio's.
 
 :func:`write_now` is the synchronous core, for a caller that writes for
@@ -127,8 +131,9 @@ class WantRead(Exception):
 def write_now(stream: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> bool:
     """Encrypt ``data`` and hand the records to the kernel, without waiting; only when
     :func:`ready` says so. True when the kernel took everything; False when it took only
-    part: the rest waits, in order, in the stream's own outgoing buffer, where the next
-    operation on the stream (or :func:`flush`) sends it under trio's inner send lock.
+    part: the rest waits in the stream's ``_delayed_outgoing`` (module docstring), where
+    the next send on the stream (or :func:`flush`) sends it first, under trio's inner
+    send lock.
 
     Raises :class:`WantRead` (nothing written; send ``data`` by the stock path), and
     ``trio.BrokenResourceError`` or ``trio.ClosedResourceError`` (the stream is broken
@@ -151,16 +156,16 @@ def write_now(stream: trio.SSLStream[Any], data: bytes | bytearray | memoryview)
         raise
     if sent == len(records):
         return True
-    # The outgoing buffer was empty (ready()), and nothing has run since it was read:
-    # the rest goes back as its head, ahead of anything encrypted later.
-    s._outgoing.write(memoryview(records)[sent:])
+    # Nothing was delayed (ready()), and nothing has run since the records were read.
+    s._delayed_outgoing = records[sent:]
     return False
 
 
 async def flush(stream: trio.SSLStream[Any]) -> None:
-    """Send what :func:`write_now` left in the stream's outgoing buffer, under trio's
-    inner send lock as SSLStream sends its records (so a KeyUpdate answer that a read
-    encrypts meanwhile queues behind it). Raises what ``send_all`` would on a broken or
+    """Send what :func:`write_now` left (the stream's ``_delayed_outgoing``), under
+    trio's inner send lock as SSLStream sends its records (so a KeyUpdate answer that a
+    read encrypts meanwhile queues behind it; if a read had something to send first, it
+    sent the rest in front of it, and nothing is left here). Raises what ``send_all`` would on a broken or
     closed stream; cancelled while bytes are half sent, the stream is broken, as with
     SSLStream (python-trio/trio#198)."""
     s: Any = stream
@@ -174,7 +179,8 @@ async def flush(stream: trio.SSLStream[Any]) -> None:
             # reach the socket before the rest.
             lock.acquire_nowait()
         try:
-            records: bytes = s._outgoing.read()
+            records: bytes | None = s._delayed_outgoing
+            s._delayed_outgoing = None
             if records:
                 try:
                     await stream.transport_stream.send_all(records)

@@ -679,3 +679,41 @@ async def test_an_unexpected_error_in_a_direct_write_is_the_connections_not_the_
         await direct.finish()  # raised in the connection's own writer task
     with pytest.raises(trio.BrokenResourceError):
         await fast_tls.send_all(server, b"more")
+
+
+async def test_after_a_partial_direct_write_reading_still_reads(connect: Connect) -> None:
+    # A peer that writes and does not read until its writes are taken (as a client
+    # uploading before it reads) must still be read from while the rest of a direct
+    # write waits for it: the rest must not be left where a read would try to send it.
+    server, peer = await connect(sndbuf=4096, rcvbuf=4096)
+    await server.send_all(b"tickets")
+    direct = fast_tls.DirectWriter(server)
+    chunks = [bytes([index]) * 16000 for index in range(1, 41)]
+    written = []
+    for chunk in chunks:
+        written.append(chunk)
+        if not direct.write(chunk):
+            break
+    else:
+        pytest.fail("the kernel took everything: the buffers are not small")
+    upload = os.urandom(200_000)
+    received = bytearray()
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+
+            async def upload_all() -> None:
+                await peer.send(upload)
+
+            nursery.start_soon(upload_all)
+            while len(received) < len(upload):
+                received += await server.receive_some()
+    assert received == upload
+    # The rest goes once the peer reads, before anything written after it.
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direct.finish)
+            expected = b"tickets" + b"".join(written)
+            await peer.read_until(lambda p: len(p.plaintext) >= len(expected))
+    await fast_tls.send_all(server, b"after")
+    await peer.read_until(lambda p: p.plaintext.endswith(b"after"))
+    assert peer.plaintext == b"tickets" + b"".join(written) + b"after"
