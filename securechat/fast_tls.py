@@ -165,9 +165,9 @@ async def flush(stream: trio.SSLStream[Any]) -> None:
     """Send what :func:`write_now` left (the stream's ``_delayed_outgoing``), under
     trio's inner send lock as SSLStream sends its records (so a KeyUpdate answer that a
     read encrypts meanwhile queues behind it; if a read had something to send first, it
-    sent the rest in front of it, and nothing is left here). Raises what ``send_all`` would on a broken or
-    closed stream; cancelled while bytes are half sent, the stream is broken, as with
-    SSLStream (python-trio/trio#198)."""
+    sent the rest in front of it, and nothing is left here). Raises what ``send_all``
+    would on a broken or closed stream; cancelled while bytes are half sent, the stream
+    is broken, as with SSLStream (python-trio/trio#198)."""
     s: Any = stream
     with s._outer_send_conflict_detector:
         s._check_status()
