@@ -79,7 +79,7 @@ class ServerSection(_Section):
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024, le=16 * 1024 * 1024)
     allow_room_create: bool = True
     flush_interval_ms: float = Field(10.0, ge=0, le=1000)
-    flush_interval_max_ms: float = Field(50.0, ge=0, le=1000)
+    flush_interval_max_ms: float = Field(80.0, ge=0, le=1000)
     presence_delay_ms: float = Field(200.0, ge=0, le=5000)
     max_rooms: int = Field(1000, ge=1)
     tls_fast_path: bool = True

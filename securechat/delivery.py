@@ -335,7 +335,7 @@ class Peer:
 
 # The adaptive tick: the share of the last ticks the event loop was busy (smoothed),
 # above which the tick grows; when it never waits for I/O the tick is the longest one.
-BUSY_LOW = 0.5
+BUSY_LOW = 0.25
 BUSY_SMOOTHING = 0.25  # weight of the newest tick
 
 
@@ -373,11 +373,12 @@ class FlushTicker:
     on it gets the connections it held back for the next tick at every tick.
 
     The tick adapts to load between ``interval`` and ``max_interval``: while
-    the event loop is busy (not waiting for I/O) less than half the time, it
-    is ``interval``; above that it grows in proportion, to ``max_interval``
-    when the loop never waits. A busy server then writes several messages to
-    a connection in one write, which is what frees it (a write costs about
-    the same for one message as for several); an idle one stays quick.
+    the event loop is busy (not waiting for I/O) less than a quarter of the
+    time (``BUSY_LOW``), it is ``interval``; above that it grows in
+    proportion, to ``max_interval`` when the loop never waits. A busy server
+    then writes several messages to a connection in one write, which is what
+    frees it (a write costs about the same for one message as for several);
+    an idle one stays quick.
     ``busy_clock`` gives the loop's busy seconds so far; by default a
     :class:`LoopBusy` instrument installed while the ticker runs (a test
     passes its own).

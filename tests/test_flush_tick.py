@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from securechat.delivery import FlushTicker, LoopBusy, Outbox
+from securechat.delivery import BUSY_LOW, FlushTicker, LoopBusy, Outbox
 
 MS = 0.001
 
@@ -42,13 +42,12 @@ async def ticks(ticker: FlushTicker, count: int) -> None:
         await trio.sleep(ticker.interval / 4)
 
 
-@pytest.mark.parametrize(
-    ("share", "expected"),
-    [(0.0, 10 * MS), (0.3, 10 * MS), (0.5, 10 * MS), (0.75, 30 * MS), (1.0, 50 * MS)],
-)
+@pytest.mark.parametrize("share", [0.0, BUSY_LOW / 2, BUSY_LOW, 0.5, 0.75, 1.0])
 async def test_the_tick_grows_with_the_load_of_the_event_loop(
-    autojump_clock: trio.testing.MockClock, share: float, expected: float
+    autojump_clock: trio.testing.MockClock, share: float
 ) -> None:
+    # interval below BUSY_LOW, max_interval when never waiting, in proportion between.
+    expected = 10 * MS + 40 * MS * max(0.0, share - BUSY_LOW) / (1 - BUSY_LOW)
     load = Load()
     ticker = FlushTicker(10 * MS, 0, 50 * MS, busy_clock=load)
     async with trio.open_nursery() as nursery:
