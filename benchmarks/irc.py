@@ -129,28 +129,4 @@ class IrcGenerator(Generator):
             if b" PONG " in data:
                 self.ponged_acks(conn, PONG.findall(data), now)
             return
-        if self.marker is not None and not conn.marker_seen and self.marker in data:
-            conn.marker_seen = True
-            self.marker_count += 1
-            self.check_marker()
-        matches = MESSAGE.findall(data)
-        if not matches or self.target < 0:
-            return
-        count = len(matches)
-        first = int(matches[0][0])
-        last = int(matches[-1][0]) if count > 1 else first
-        if first != conn.next_seq or last != first + count - 1:
-            conn.disorder += 1
-        conn.next_seq = last + 1
-        conn.count += count
-        conn.last_ns = now
-        append = self.latencies.append
-        for _, sent in matches:
-            append(now - int(sent))
-        self.last_progress = now / 1e9
-        if self.reached is not None:
-            self.reach(first, count)
-        if not conn.done and conn.count >= self.target:
-            conn.done = True
-            self.n_done += 1
-            self.check_arrived()
+        self.delivered(conn, data, MESSAGE.findall(data), now)

@@ -605,11 +605,17 @@ class Generator:
             if b'"type":"pong"' in data and conn in self.ping_conns:
                 self.ponged(PONG.findall(data), now)
             return
+        self.delivered(conn, data, MESSAGE.findall(data), now)
+
+    def delivered(
+        self, conn: Conn, data: bytes, matches: list[tuple[bytes, bytes]], now: int
+    ) -> None:
+        """A receiver's chunk: the sync marker, and the plan messages in it (``matches``:
+        sequence number and send time of each, in order), whatever the protocol."""
         if self.marker is not None and not conn.marker_seen and self.marker in data:
             conn.marker_seen = True
             self.marker_count += 1
             self.check_marker()
-        matches = MESSAGE.findall(data)
         if not matches or self.target < 0:
             return
         count = len(matches)
