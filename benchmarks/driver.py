@@ -91,6 +91,8 @@ BENCH_LIMITS: dict[str, Any] = {
     "max_connections_per_ip": 100_000,
     "messages_per_second": 1e9,
     "message_burst": 1_000_000_000,
+    "requests_per_second": 1e9,
+    "request_burst": 1_000_000_000,
     "login_failures_allowed": 1_000_000,
     "max_outbound_queue": 1_000_000,
     "max_outbound_bytes": 1 << 30,
