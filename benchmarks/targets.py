@@ -90,6 +90,10 @@ TARGETS = (
     Target("peers-per-delivery", "lost", "==", 0),
     Target("peers-burst", "vs_ngircd.server_cpu_us_per_delivery", "<=", 0.6, "x ngIRCd"),
     Target("peers-burst", "lost", "==", 0),
+    # Issue 14, one process: the cost of a login, durable throughput, idle memory.
+    Target("connect-certs", "server_cpu_ms_per_login", "<=", 1.6, "issue 14"),
+    Target("durable", "acked_per_s", ">=", 25_000, "issue 14"),
+    Target("idle-10000", "rss_kib_per_connection", "<=", 48, "issue 14"),
 )
 
 # The figures the table shows for each scenario, besides those with targets.
