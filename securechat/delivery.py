@@ -17,7 +17,7 @@ that sends bytes, and maybe a :class:`DirectWrite`.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,10 +72,13 @@ class Outbox:
     comes back for the next one, having sent it: what is queued plus what the
     writer holds never exceeds ``max_bytes``.
 
-    With a ``flusher`` and a ``direct`` write, frames put while the writer task
-    waits are written by the :class:`Flusher` instead of waking the writer; the
+    With a ``flusher`` and a ``direct`` write, frames put while the writer is
+    idle are written by the :class:`Flusher` instead of waking the writer; the
     writer runs only when a direct write cannot be done or completed at once,
-    and to send the last frames when the outbox is closed.
+    and to send the last frames when the outbox is closed. Given
+    ``start_writer`` too, an idle writer is no task at all (the memory of an
+    idle connection): the outbox calls ``start_writer`` when one is needed,
+    and the writer task ends when it would wait (:meth:`wait_for_frames`).
     """
 
     def __init__(
@@ -89,8 +92,12 @@ class Outbox:
         batch_bytes: int = BATCH_BYTES,
         flusher: Flusher | None = None,
         direct: DirectWrite | None = None,
+        start_writer: Callable[[], bool] | None = None,
     ) -> None:
-        self._frames: deque[bytes] = deque()
+        # Frames from _head on are queued: a list and an index, not a deque, which
+        # costs an idle connection ~0.7 KiB more (docs/performance.md, idle).
+        self._frames: list[bytes] = []
+        self._head = 0
         self._later = later
         self._wake_pending = False
         self._room = trio.lowlevel.ParkingLot()  # woken when the writer frees room
@@ -101,13 +108,16 @@ class Outbox:
         self._max_bytes = max_bytes
         self._on_overflow = on_overflow
         self.batch_bytes = batch_bytes
-        # The one writer task, while it waits for frames. Woken with a plain
-        # reschedule: a ParkingLot costs more per wake-up (docs/performance.md),
-        # and a put to every member of a room wakes every member's writer.
-        self._writer: trio.lowlevel.Task | None = None
         self.closed = False
         self._flusher = flusher if direct is not None else None
         self.direct = direct if flusher is not None else None
+        self._start_writer = start_writer if self.direct is not None else None
+        # The writer while it is idle: its task, waiting for frames (woken with a
+        # plain reschedule: a ParkingLot costs more per wake-up, docs/performance.md,
+        # and a put to every member of a room wakes every member's writer), or
+        # NO_TASK (started on demand); None while it runs (the first one is started
+        # with the connection).
+        self._writer: trio.lowlevel.Task | _NoTask | None = None
         self._flush_due = False  # in the flusher's list
         # A direct write left something for the writer task to complete (DirectWrite.finish).
         self.unfinished = False
@@ -115,7 +125,7 @@ class Outbox:
         self.flushed_in = -1
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames) - self._head
 
     @property
     def queued_bytes(self) -> int:
@@ -131,7 +141,7 @@ class Outbox:
         """
         if self.closed:
             return
-        if len(self._frames) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
+        if len(self) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
             self._overflow()
             return
         self._frames.append(frame)
@@ -160,9 +170,15 @@ class Outbox:
 
     def _wake_task(self) -> None:
         writer = self._writer
-        if writer is not None:
-            self._writer = None
-            trio.lowlevel.reschedule(writer)
+        if writer is None:
+            return
+        if isinstance(writer, _NoTask):
+            assert self._start_writer is not None
+            if self._start_writer():
+                self._writer = None
+            return
+        self._writer = None
+        trio.lowlevel.reschedule(writer)
 
     def write_direct(self, tick: int) -> None:
         """Write what is queued through the direct write (the :class:`Flusher` calls this),
@@ -184,6 +200,7 @@ class Outbox:
 
     def _overflow(self) -> None:
         self._frames.clear()
+        self._head = 0
         self._bytes = self._in_flight = 0
         self.close()
         self._on_overflow()
@@ -202,25 +219,31 @@ class Outbox:
         """
         with trio.move_on_after(self._drain_timeout):
             while not self.closed and (
-                2 * len(self._frames) > self._max_frames or 2 * self._bytes > self._max_bytes
+                2 * len(self) > self._max_frames or 2 * self._bytes > self._max_bytes
             ):
                 await self._room.park()
             return
         self._overflow()
 
-    async def wait_for_frames(self) -> None:
-        """Return when there is something to take, or the outbox is closed (one writer only).
+    async def wait_for_frames(self) -> bool:
+        """Return True when there is something to take, or the outbox is closed (one
+        writer only); with ``start_writer``, False at once instead of waiting: the
+        writer task should end, and the outbox starts another when it needs one.
 
         The writer calls this when it has sent its last batch: that batch
         stops counting against the limit. It also returns when a direct write
         left something :attr:`unfinished` for the writer.
         """
         self._release()
-        while not self._frames and not self.closed and not self.unfinished:
+        while not len(self) and not self.closed and not self.unfinished:
             if self._writer is not None:
                 raise RuntimeError("another task is already waiting on this outbox")
+            if self._start_writer is not None:
+                self._writer = NO_TASK
+                return False
             self._writer = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+        return True
 
     def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._writer = None
@@ -235,21 +258,29 @@ class Outbox:
         :meth:`wait_for_frames` (the previous one is released now).
         """
         self._release()
-        frames = self._frames
-        if not frames:
+        frames, head = self._frames, self._head
+        count = len(frames) - head
+        if not count:
             return None
-        if len(frames) == 1:
-            batch = frames.popleft()
-        elif self._bytes <= self.batch_bytes:
-            batch = b"".join(frames)
+        if count == 1:
+            batch = frames[head]
             frames.clear()
+            head = 0
+        elif self._bytes <= self.batch_bytes:
+            batch = b"".join(frames[head:] if head else frames)
+            frames.clear()
+            head = 0
         else:
-            parts = [frames.popleft()]
-            size = len(parts[0])
-            while frames and size + len(frames[0]) <= self.batch_bytes:
-                size += len(frames[0])
-                parts.append(frames.popleft())
-            batch = parts[0] if len(parts) == 1 else b"".join(parts)
+            end, size = head + 1, len(frames[head])
+            while end < len(frames) and size + len(frames[end]) <= self.batch_bytes:
+                size += len(frames[end])
+                end += 1
+            batch = frames[head] if end == head + 1 else b"".join(frames[head:end])
+            head = end
+            if head * 2 > len(frames):  # drop what was taken, in amortised O(1)
+                del frames[:head]
+                head = 0
+        self._head = head
         self._in_flight = len(batch)
         return batch
 
@@ -260,6 +291,13 @@ class Outbox:
             self._in_flight = 0
             if self._room:
                 self._room.unpark_all()
+
+
+class _NoTask:
+    """The writer of an :class:`Outbox` that starts it on demand, while it is idle."""
+
+
+NO_TASK = _NoTask()
 
 
 class DeferredWakeups:
@@ -522,8 +560,10 @@ class Flusher:
 
 async def write_loop(
     outbox: Outbox, send: Callable[[bytes], Awaitable[None]], ticker: FlushTicker | None
-) -> None:
-    """Drain ``outbox`` into ``send`` until it is closed and empty.
+) -> bool:
+    """Drain ``outbox`` into ``send`` until it is closed and empty (returns False), or,
+    for an outbox that starts its writer on demand, until it has nothing to write
+    (returns True: the outbox starts a writer again when it needs one).
 
     The flush tick: a connection already flushed in the current tick waits
     for the next one, so that under load its frames coalesce into one write
@@ -535,7 +575,8 @@ async def write_loop(
     :attr:`~Outbox.unfinished` is completed first. Transport errors propagate.
     """
     while True:
-        await outbox.wait_for_frames()
+        if not await outbox.wait_for_frames():
+            return True
         if outbox.unfinished:
             assert outbox.direct is not None
             outbox.unfinished = False
@@ -547,7 +588,7 @@ async def write_loop(
             await ticker.next_tick()
         batch = outbox.take()
         if batch is None:
-            return  # closed, and everything was sent
+            return False  # closed, and everything was sent
         cut = len(outbox) > 0
         await send(batch)
         if ticker is not None:

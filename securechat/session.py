@@ -207,10 +207,14 @@ class Session:
             later=services.ticker.later if services.ticker is not None else None,
             flusher=services.flusher,
             direct=direct,
+            start_writer=self._start_writer,
         )
         self.member: Peer | None = None
         self.clean = True  # False when the stream may be mid-write and cannot say goodbye
-        self._scope = trio.CancelScope()
+        # While run() is under way: where the writer task runs (its cancel scope is
+        # the session's); _cancelled if the session was condemned before that.
+        self._nursery: trio.Nursery | None = None
+        self._cancelled = False
 
     def send(self, envelope: ServerEnvelope) -> None:
         if type(envelope) is Error:
@@ -244,26 +248,42 @@ class Session:
             self.peer,
         )
         self.clean = False
-        self._scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        else:
+            self._cancelled = True
 
     async def run(self) -> None:
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                    try:
-                        await self._read_loop()
-                    finally:
-                        self.outbox.close()
-                        nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._cancelled:
+                    nursery.cancel_scope.cancel()
+                # The writer: with a direct write it ends whenever it has nothing to
+                # write, and the outbox starts it again (an idle connection has no
+                # writer task); without, it waits for frames.
+                nursery.start_soon(self._write_loop)
+                try:
+                    await self._read_loop()
+                finally:
+                    self.outbox.close()
+                    nursery.cancel_scope.deadline = trio.current_time() + FLUSH_TIMEOUT
         finally:
+            self._nursery = None
             if self.member is not None:  # however the connection ended
                 self.services.hub.logout(self.member)
                 log.info("logout user=%s peer=%s", self.member.username, self.peer)
 
-    async def _write_loop(self, scope: trio.CancelScope) -> None:
+    def _start_writer(self) -> bool:
+        if self._nursery is None:
+            return False  # not running (any more): nothing to write to
+        self._nursery.start_soon(self._write_loop)
+        return True
+
+    async def _write_loop(self) -> None:
+        idle = False
         try:
-            await write_loop(self.outbox, self.transport.send, self.services.ticker)
+            idle = await write_loop(self.outbox, self.transport.send, self.services.ticker)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.Cancelled:
@@ -271,7 +291,8 @@ class Session:
             raise
         finally:
             # Writer done (farewell sent, or the peer is gone): stop reading too.
-            scope.cancel()
+            if not idle and self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         try:
@@ -287,6 +308,7 @@ class Session:
                 return
             # Attached outside the login deadline; run() detaches it however it ends.
             member = await self._attach(*login)
+            del login  # not needed from here on: an idle connection's memory
             if member is None:
                 return
             while (frame := await self._next_frame()) is not None:

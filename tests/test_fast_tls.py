@@ -535,6 +535,36 @@ async def test_a_message_to_idle_connections_wakes_no_writer_task(
         assert steps.count >= 3 * len(receivers)  # a writer wake-up per delivery
 
 
+def _writer_tasks() -> int:
+    """How many sessions' writer tasks exist now, anywhere in this run."""
+    count, tasks = 0, [trio.lowlevel.current_root_task()]
+    while tasks:
+        task = tasks.pop()
+        if task is None:
+            continue
+        count += task.name.endswith("Session._write_loop")
+        tasks.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return count
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_an_idle_connection_has_no_writer_task_and_still_gets_its_frames(
+    start_server: StartServer, enabled: bool
+) -> None:
+    """With the fast path, a connection's writer task ends whenever it has nothing left to
+    write (an idle connection's memory, docs/performance.md); frames still arrive, and a
+    write that cannot be done at once starts one again (test below and test_hostile)."""
+    running = await start_server(tls_fast_path=enabled, presence_delay_ms=0)
+    alice = await running.login("alice")
+    bob = await running.login("bob")
+    await trio.testing.wait_all_tasks_blocked()
+    assert _writer_tasks() == (0 if enabled else 2)
+    await alice.send(Say(room="lobby", text="still there?", id="c1"))
+    assert (await receive_type(bob, Message)).text == "still there?"
+    await trio.testing.wait_all_tasks_blocked()
+    assert _writer_tasks() == (0 if enabled else 2)
+
+
 Direct = tuple[Outbox, fast_tls.DirectWriter]
 
 

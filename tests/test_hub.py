@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securechat.config import RoomSettings
 from securechat.delivery import DeferredWakeups, Outbox, Peer
@@ -98,7 +100,7 @@ def member(name: str, max_frames: int = 100, max_bytes: int = 1 << 20) -> Peer:
 
 def queued(box: Outbox) -> list[bytes]:
     """Everything in ``box`` right now, as the frames that were put (white-box peek)."""
-    return list(box._frames)
+    return box._frames[box._head :]
 
 
 # --- Outbox ----------------------------------------------------------------------
@@ -293,6 +295,38 @@ def test_take_returns_at_most_batch_bytes_and_leaves_the_rest_in_order() -> None
     assert len(box) == 2
     assert box.take() == b"cccc\nd\n"
     assert box.take() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.integers(min_value=1, max_value=25), st.none()), min_size=1, max_size=200)
+)
+def test_take_keeps_order_and_batch_bounds_whatever_the_puts_and_takes(
+    steps: list[int | None],
+) -> None:
+    """Puts (a frame of that many bytes) and takes (None) in any order: every frame comes
+    out once, in order, in batches of at most batch_bytes or one larger frame, and the
+    queue's length and bytes agree with what is left (the queue is a list and an index)."""
+    box = Outbox(10_000, 1 << 20, OverflowCounter(), batch_bytes=20)
+    put: list[bytes] = []
+    taken: list[bytes] = []
+    for number, step in enumerate(steps):
+        if step is None:
+            batch = box.take()
+            if batch is not None:
+                assert len(batch) <= 20 or batch in put
+                taken.append(batch)
+        else:
+            frame = bytes([65 + number % 26]) * step
+            put.append(frame)
+            box.put(frame)
+        assert b"".join(taken) + b"".join(queued(box)) == b"".join(put)
+        assert len(box) == len(queued(box))
+    while (batch := box.take()) is not None:
+        taken.append(batch)
+    assert b"".join(taken) == b"".join(put)
+    assert len(box) == 0
+    assert box.queued_bytes == 0
 
 
 def test_a_frame_larger_than_batch_bytes_is_taken_whole_and_as_is() -> None:
