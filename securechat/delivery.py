@@ -139,16 +139,23 @@ class Outbox:
         server's clock) wakes the writer: at most a presence delay after.
         Order is kept either way: there is one queue.
         """
+        # The hot path of every fan-out (one call per delivery): hence the inlining.
         if self.closed:
             return
-        if len(self) >= self._max_frames or self._bytes + len(frame) > self._max_bytes:
+        frames = self._frames
+        size = self._bytes + len(frame)
+        if len(frames) - self._head >= self._max_frames or size > self._max_bytes:
             self._overflow()
             return
-        self._frames.append(frame)
-        self._bytes += len(frame)
+        frames.append(frame)
+        self._bytes = size
         if self._writer is not None:
             if urgent or self._later is None:
-                self._wake_writer()
+                if self._flusher is None:
+                    self._wake_task()
+                elif not self._flush_due:
+                    self._flush_due = True
+                    self._flusher.add(self)
             elif not self._wake_pending:
                 self._wake_pending = True
                 self._later.add(self)
