@@ -115,8 +115,7 @@ class Outbox:
         # The writer while it is idle: its task, waiting for frames (woken with a
         # plain reschedule: a ParkingLot costs more per wake-up, docs/performance.md,
         # and a put to every member of a room wakes every member's writer), or
-        # NO_TASK (started on demand); None while it runs (the first one is started
-        # with the connection).
+        # NO_TASK (started on demand: writer_on_demand); None while it runs.
         self._writer: trio.lowlevel.Task | _NoTask | None = None
         self._flush_due = False  # in the flusher's list
         # A direct write left something for the writer task to complete (DirectWrite.finish).
@@ -159,6 +158,17 @@ class Outbox:
             elif not self._wake_pending:
                 self._wake_pending = True
                 self._later.add(self)
+
+    def writer_on_demand(self) -> bool:
+        """Whether the outbox starts its writer task itself when it needs one (it has a
+        ``start_writer``); the connection then starts none. Called once, before the
+        first writer; with something already queued, a writer is started now."""
+        if self._start_writer is None:
+            return False
+        self._writer = NO_TASK
+        if len(self) or self.closed:
+            self._wake_task()
+        return True
 
     def wake(self) -> None:
         """Wake the writer for frames that were not urgent (called by :class:`DeferredWakeups`)."""

@@ -259,10 +259,11 @@ class Session:
                 self._nursery = nursery
                 if self._cancelled:
                     nursery.cancel_scope.cancel()
-                # The writer: with a direct write it ends whenever it has nothing to
-                # write, and the outbox starts it again (an idle connection has no
-                # writer task); without, it waits for frames.
-                nursery.start_soon(self._write_loop)
+                # The writer: with a direct write there is none until the outbox needs
+                # one, and it ends whenever it has nothing to write (an idle connection
+                # has no writer task); without, it runs throughout, waiting for frames.
+                if not self.outbox.writer_on_demand():
+                    nursery.start_soon(self._write_loop)
                 try:
                     await self._read_loop()
                 finally:
