@@ -38,6 +38,7 @@ from .redis_server import redis_server as private_redis_server
 PASSWORDS = {"alice": "alice-test-password", "bob": "bob-test-password", "dave": "dave-pw-1234"}
 CERT_USERS = ("alice", "bob", "carol")  # carol has a certificate and no password
 WAIT = 10.0  # upper bound for anything a test waits on; passing tests never get near it
+LOG_TAIL = 3000  # characters of a server's log shown when a wait for a line fails
 
 
 @dataclass(frozen=True)
@@ -395,10 +396,16 @@ class ServerProcess:
     ) -> re.Match[str]:
         """Wait (at most ``within`` seconds) until ``pattern`` appears in the log (from
         the character ``since`` on: the match's positions count from there)."""
-        with trio.fail_after(within):
+        with trio.move_on_after(within):
             while (match := re.search(pattern, self.log()[since:])) is None:
                 await self._grew.wait()
-        return match
+            return match
+        # Say what the server did say: a timeout alone tells nothing (a rare failure
+        # is understood from this, or not at all).
+        tail = self.log()[-LOG_TAIL:]
+        raise AssertionError(
+            f"{pattern!r} not in the server's log within {within} s; it ends with:\n{tail}"
+        )
 
     async def wait(self) -> int:
         with trio.fail_after(WAIT):
