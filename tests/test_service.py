@@ -259,8 +259,9 @@ _IN_A_TERMINAL = """
 import fcntl, os, signal, sys, termios
 os.setsid()
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-if sys.argv[1] == "nohup":
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# As a shell in a terminal starts it: SIGHUP ignored only under nohup (the test run
+# itself may be under nohup, and an ignored signal stays ignored across exec).
+signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[1] == "nohup" else signal.SIG_DFL)
 os.execv(sys.executable, [sys.executable, "-m", "securechat", *sys.argv[2:]])
 """
 
