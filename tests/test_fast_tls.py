@@ -553,7 +553,7 @@ async def test_an_idle_connection_has_no_writer_task_and_still_gets_its_frames(
 ) -> None:
     """With the fast path, a connection's writer task ends whenever it has nothing left to
     write (an idle connection's memory, docs/performance.md); frames still arrive, and a
-    write that cannot be done at once starts one again (test below and test_hostile)."""
+    write that cannot be done at once starts one again (the next test)."""
     running = await start_server(tls_fast_path=enabled, presence_delay_ms=0)
     alice = await running.login("alice")
     bob = await running.login("bob")
@@ -563,6 +563,44 @@ async def test_an_idle_connection_has_no_writer_task_and_still_gets_its_frames(
     assert (await receive_type(bob, Message)).text == "still there?"
     await trio.testing.wait_all_tasks_blocked()
     assert _writer_tasks() == (0 if enabled else 2)
+
+
+async def test_a_write_that_cannot_go_at_once_starts_a_writer_that_ends_when_done(
+    start_server: StartServer,
+) -> None:
+    """A receiver that stops reading (small socket buffers at both ends) while ~400 KB of
+    messages come: the flusher's writes stop part-way, a writer task is started to finish
+    them, everything arrives in order once the receiver reads, and then the connection
+    has no writer task again."""
+    running = await start_server(
+        tls_fast_path=True,
+        presence_delay_ms=0,
+        limits={"message_burst": 1000, "messages_per_second": 1000},
+    )
+    alice = await running.login("alice")
+    bob = await running.login("bob")
+    # Room in flight: about 150 KB (the kernel doubles these), so most of 400 KB waits.
+    bob.stream.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    (session,) = [s for s in running.server._sessions if s.member and s.member.username == "bob"]
+    server_side: Any = session.transport
+    server_side.stream.transport_stream.raw_socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 16384
+    )
+    await trio.testing.wait_all_tasks_blocked()
+    assert _writer_tasks() == 0
+    for n in range(100):
+        await alice.send(Say(room="lobby", text=f"{n} " + "x" * 3900, id=f"c{n}"))
+    # Alice's own copy of the last one: every message has been handed to bob's connection.
+    while not (await receive_type(alice, Message)).text.startswith("99 "):
+        pass
+    await trio.testing.wait_all_tasks_blocked()
+    assert _writer_tasks() == 1  # blocked on bob's full socket, the rest queued behind it
+    texts = [(await receive_type(bob, Message)).text for _ in range(100)]
+    assert [text.split(" ")[0] for text in texts] == [str(n) for n in range(100)]
+    await trio.testing.wait_all_tasks_blocked()
+    assert _writer_tasks() == 0
+    await alice.send(Say(room="lobby", text="and after", id="after"))
+    assert (await receive_type(bob, Message)).text == "and after"
 
 
 Direct = tuple[Outbox, fast_tls.DirectWriter]

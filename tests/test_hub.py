@@ -306,7 +306,7 @@ def test_take_keeps_order_and_batch_bounds_whatever_the_puts_and_takes(
 ) -> None:
     """Puts (a frame of that many bytes) and takes (None) in any order: every frame comes
     out once, in order, in batches of at most batch_bytes or one larger frame, and the
-    queue's length and bytes agree with what is left (the queue is a list and an index)."""
+    queue's length agrees with what is left (the queue is a list and an index)."""
     box = Outbox(10_000, 1 << 20, OverflowCounter(), batch_bytes=20)
     put: list[bytes] = []
     taken: list[bytes] = []
