@@ -138,7 +138,6 @@ class Outbox:
         server's clock) wakes the writer: at most a presence delay after.
         Order is kept either way: there is one queue.
         """
-        # The hot path of every fan-out (one call per delivery): hence the inlining.
         if self.closed:
             return
         frames = self._frames
@@ -150,11 +149,7 @@ class Outbox:
         self._bytes = size
         if self._writer is not None:
             if urgent or self._later is None:
-                if self._flusher is None:
-                    self._wake_task()
-                elif not self._flush_due:
-                    self._flush_due = True
-                    self._flusher.add(self)
+                self._wake_writer()
             elif not self._wake_pending:
                 self._wake_pending = True
                 self._later.add(self)
