@@ -55,7 +55,9 @@ NAME_PATTERN = r"^[a-z0-9_][a-z0-9_.-]{0,31}$"
 ID_PATTERN = r"^[\x21-\x7e]{1,64}$"
 # Message text: any Unicode except C0/C1 control characters (tab and newline
 # are allowed). Lone surrogates never get this far: the JSON parser rejects them.
-TEXT_PATTERN = rf"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]{{1,{MAX_TEXT_CHARS}}}$"
+# The length is Text's min_length/max_length: a bounded repetition here made the
+# regex cost 2.6 µs per message instead of 0.5.
+TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """A username or a room name."""
