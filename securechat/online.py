@@ -123,13 +123,14 @@ class Online:
         # No copy needed: an overflowing put() only cancels that connection's
         # tasks; it leaves the room later, from its own task (logout).
         peers = self._rooms.get(room, ())
-        if skip_user is None and skip is None and urgent:  # a message: the hot path
+        if skip_user is None and skip is None and urgent:  # a message: the hot path,
+            # straight into each outbox (a call less per delivery)
             for peer in peers:
                 peer.outbox.put(frame)
             return
         for peer in peers:
             if peer.username != skip_user and peer is not skip:
-                peer.outbox.put(frame, urgent=urgent)
+                peer.put(frame, urgent=urgent)
 
     def room_presence(self, room: str, username: str, state: Literal["joined", "left"]) -> None:
         """Tell the room's connections, other than ``username``'s own, that it joined or left."""
